@@ -1,0 +1,24 @@
+"""raytseg: TotalSegmentator's segmentation as a distributed service on Ray.
+
+Importing raytseg is cheap: torch, nnU-Net and Ray load only when a stage needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from raytseg.errors import RaytsegError
+
+if TYPE_CHECKING:
+    from raytseg.pipeline.run import segment
+
+__all__ = ["RaytsegError", "segment"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "segment":
+        from raytseg.pipeline.run import segment
+
+        return segment
+    raise AttributeError(f"module 'raytseg' has no attribute {name!r}")

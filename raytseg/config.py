@@ -1,0 +1,91 @@
+"""Settings, and the only module that reads the environment.
+
+TotalSegmentator users already have weights and a license where TotalSegmentator put
+them, so the same variables are honoured with the same precedence:
+
+- ``TOTALSEG_WEIGHTS_PATH``: the weights folder itself (nnU-Net "results" layout);
+- ``TOTALSEG_HOME_DIR``: TotalSegmentator's home; weights in ``<home>/nnunet/results``,
+  the license in ``<home>/config.json``; default ``~/.totalsegmentator``
+  (``/tmp/.totalsegmentator`` when HOME is ``/``, as in TotalSegmentator's images).
+
+raytseg adds ``RAYTSEG_*`` variables; ``RAYTSEG_WEIGHTS`` (a folder or an fsspec URI such
+as ``s3://bucket/prefix``) wins over the TotalSegmentator ones when set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GITHUB_RELEASES = "https://github.com/wasserth/TotalSegmentator/releases/download"
+LICENSE_SERVER = "https://backend.totalsegmentator.com:443"
+# 512 x 512 x 2048: a whole-body CT at sub-millimetre slices. Loading needs 8 bytes per
+# voxel (TotalSegmentator's float64 copy), so this is the 4 GB point; raise it knowingly.
+DEFAULT_MAX_VOXELS = 512 * 512 * 2048
+
+
+class Settings(BaseModel):
+    """Where raytseg finds weights and what it accepts; built once at the edge."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    totalseg_home: Path = Field(description="TotalSegmentator home (license config.json lives here).")
+    weights_dir: Path = Field(description="Local weights folder in nnU-Net results layout.")
+    weights_uri: str | None = Field(
+        default=None, description="Remote weights (s3://…, https://…zip); fetched into cache_dir."
+    )
+    cache_dir: Path = Field(description="Where remote weights and inputs are cached.")
+    weights_base_url: str = Field(
+        default=GITHUB_RELEASES, description="Base of TotalSegmentator's release URLs for downloads."
+    )
+    license_server: str = Field(default=LICENSE_SERVER, description="Server for licensed weights.")
+    max_voxels: int = Field(default=DEFAULT_MAX_VOXELS, gt=0, description="Refuse larger images.")
+    max_archive_bytes: int = Field(
+        default=8 * 1024**3, gt=0, description="Refuse zips that expand past this many bytes."
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from the environment (``os.environ`` unless given)."""
+        env = os.environ if environ is None else environ
+        home = _totalseg_home(env)
+        weights = env.get("RAYTSEG_WEIGHTS")
+        weights_uri = weights if weights and "://" in weights else None
+        if weights and weights_uri is None:
+            weights_dir = Path(weights).expanduser()
+        elif "TOTALSEG_WEIGHTS_PATH" in env:
+            weights_dir = Path(env["TOTALSEG_WEIGHTS_PATH"]).expanduser()
+        else:
+            weights_dir = home / "nnunet" / "results"
+        cache = Path(env.get("RAYTSEG_CACHE_DIR", str(_user_home(env) / ".cache" / "raytseg")))
+        extra: dict[str, object] = {}
+        if "RAYTSEG_WEIGHTS_URL" in env:
+            extra["weights_base_url"] = env["RAYTSEG_WEIGHTS_URL"]
+        if "RAYTSEG_LICENSE_SERVER" in env:
+            extra["license_server"] = env["RAYTSEG_LICENSE_SERVER"]
+        if "RAYTSEG_MAX_VOXELS" in env:
+            extra["max_voxels"] = int(env["RAYTSEG_MAX_VOXELS"])
+        if "RAYTSEG_MAX_ARCHIVE_BYTES" in env:
+            extra["max_archive_bytes"] = int(env["RAYTSEG_MAX_ARCHIVE_BYTES"])
+        return cls(
+            totalseg_home=home,
+            weights_dir=weights_dir,
+            weights_uri=weights_uri,
+            cache_dir=cache.expanduser(),
+            **extra,  # type: ignore[arg-type]
+        )
+
+
+def _user_home(env: Mapping[str, str]) -> Path:
+    home = Path(env.get("HOME", str(Path.home())))
+    # TotalSegmentator's rule for containers whose HOME is "/".
+    return Path("/tmp") if str(home) == "/" else home
+
+
+def _totalseg_home(env: Mapping[str, str]) -> Path:
+    if "TOTALSEG_HOME_DIR" in env:
+        return Path(env["TOTALSEG_HOME_DIR"]).expanduser()
+    return _user_home(env) / ".totalsegmentator"

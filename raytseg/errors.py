@@ -1,0 +1,132 @@
+"""Every error raytseg raises on purpose, in one tree.
+
+Each class carries the HTTP status the service answers with, and each message tells
+the user what to do next. Exceptions hold only a message string, so they pickle
+cleanly when Ray re-raises them in another process.
+
+    RaytsegError (500)
+    ├── InputError (400)                 the request or the image is wrong
+    │   ├── UnreadableImageError (400)   not NIfTI/DICOM, truncated, corrupt
+    │   ├── InvalidImageError (422)      readable but unusable: 2D, 4D, bad spacing
+    │   ├── ImageTooLargeError (413)     more voxels or bytes than configured
+    │   ├── UnsafeArchiveError (400)     zip with path traversal or a zip bomb
+    │   ├── AmbiguousDicomError (422)    several DICOM series in one input
+    │   ├── UnknownTaskError (404)       task name not in the catalogue
+    │   ├── UnknownClassError (422)      roi_subset / crop names the task lacks
+    │   └── InvalidOptionError (422)     option combination the task refuses
+    ├── LicenseError (403)               licensed task without a license key
+    ├── WeightsError (503)               model weights missing or unusable
+    │   ├── MissingWeightsError (503)    folder absent: names it and the fix
+    │   └── WeightsIntegrityError (503)  checksum mismatch, bad archive, bad plans
+    ├── StorageError (502)               fsspec/S3 read or write failed
+    ├── ModelError (500)                 the network failed at run time
+    ├── Overloaded (503)                 more queued work than configured
+    └── RequestTimeout (504)             the request ran past its deadline
+"""
+
+from __future__ import annotations
+
+
+class RaytsegError(Exception):
+    """Base of every error raytseg raises on purpose."""
+
+    status_code = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InputError(RaytsegError):
+    """The request or the image cannot be processed as given."""
+
+    status_code = 400
+
+
+class UnreadableImageError(InputError):
+    """The bytes are not a readable NIfTI image or DICOM series."""
+
+
+class InvalidImageError(InputError):
+    """The image was read but cannot be segmented (dimensions, spacing, dtype)."""
+
+    status_code = 422
+
+
+class ImageTooLargeError(InputError):
+    """The image (or the upload) exceeds a configured size limit."""
+
+    status_code = 413
+
+
+class UnsafeArchiveError(InputError):
+    """A zip archive tries to escape its folder or expands past the limit."""
+
+
+class AmbiguousDicomError(InputError):
+    """A DICOM input holds more than one series."""
+
+    status_code = 422
+
+
+class UnknownTaskError(InputError):
+    """The task name is not in the catalogue."""
+
+    status_code = 404
+
+
+class UnknownClassError(InputError):
+    """A class name is not part of the task."""
+
+    status_code = 422
+
+
+class InvalidOptionError(InputError):
+    """Options that the task or each other exclude."""
+
+    status_code = 422
+
+
+class LicenseError(RaytsegError):
+    """A licensed task was requested without a license key."""
+
+    status_code = 403
+
+
+class WeightsError(RaytsegError):
+    """Model weights are missing or unusable."""
+
+    status_code = 503
+
+
+class MissingWeightsError(WeightsError):
+    """A model folder is not in the weights store."""
+
+
+class WeightsIntegrityError(WeightsError):
+    """Downloaded or imported weights failed a check."""
+
+
+class StorageError(RaytsegError):
+    """Reading from or writing to storage failed."""
+
+    status_code = 502
+
+
+class ModelError(RaytsegError):
+    """The network failed while predicting."""
+
+
+class Overloaded(RaytsegError):
+    """More work is queued than the service is configured to hold."""
+
+    status_code = 503
+
+
+class RequestTimeout(RaytsegError):
+    """The request ran past its deadline."""
+
+    status_code = 504

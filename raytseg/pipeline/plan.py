@@ -1,0 +1,170 @@
+"""Decide which model passes a request needs, as TotalSegmentator's ``python_api`` does.
+
+A request runs at most two passes over the image:
+
+1. a *crop pass* when the task works in a region (``lung_vessels`` in the lungs) or the
+   user asked for ``--roi_subset`` or ``--body_seg``: a small, coarse model (6 mm
+   ``total``, 3 mm with ``--robust_crop``, 6 mm ``body``) finds the region;
+2. the *main pass*: the task's models on the image cropped to that region.
+
+Planning is pure: it reads the catalogue and the options, never the image or the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from raytseg.errors import InvalidOptionError, UnknownClassError
+from raytseg.pipeline.records import SegmentOptions, Spacing
+from raytseg.tasks import ModelSpec, TaskSpec, get_task
+
+# TotalSegmentator overrides each task's crop margin with 20 mm whenever the default
+# crop models find the region (python_api.py: ``crop_addon = [20,20,20] if crop_model is None``).
+DEFAULT_CROP_MARGIN_MM: Spacing = (20.0, 20.0, 20.0)
+BODY_ROIS = ("body_trunc", "body_extremities")
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One pass of one or more models over the image."""
+
+    task: str  # whose class map and postprocessing apply
+    models: tuple[ModelSpec, ...]
+    resample_mm: Spacing | None
+    step_size: float
+    classes: dict[int, str]  # the task's full class map (part labels map into it)
+    force_split: bool = False
+    binarize: bool = False  # --body_seg keeps only foreground/background
+
+    @property
+    def multi_model(self) -> bool:
+        return len(self.models) > 1
+
+
+@dataclass(frozen=True)
+class CropPass:
+    """Find a region with ``plan`` and crop the main pass to its bounding box."""
+
+    plan: RunPlan
+    rois: tuple[str, ...] | None  # class names of the region; None: all foreground
+    margin_mm: Spacing
+    remove_outside: tuple[tuple[str, ...], float] | None = None  # (rois, dilation mm)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything the pipeline will run for one request, decided before any pixel is read."""
+
+    main: ModelRun
+    crop: CropPass | None
+    output_classes: dict[int, str]  # classes reported (roi_subset applied)
+    roi_ids: tuple[int, ...] | None
+    fast_statistics: bool  # statistics on the model grid, as TotalSegmentator does with --fast
+
+    @property
+    def all_models(self) -> tuple[ModelSpec, ...]:
+        inner = self.crop.plan.all_models if self.crop else ()
+        return inner + self.main.models
+
+
+def plan_run(options: SegmentOptions) -> RunPlan:
+    """The passes ``options`` needs; raises ``InputError`` subclasses for bad requests."""
+    task = get_task(options.task)
+    _, mode = task.select_mode(fast=options.fast, fastest=options.fastest)
+    rois = _validated_rois(task, options)
+    models = tuple(mode.models)
+    if rois is not None and len(models) > 1:
+        models = tuple(m for m in models if set(m.labels.values()) & set(rois))
+    main = ModelRun(
+        task=task.name,
+        models=models,
+        resample_mm=mode.resample_mm,
+        step_size=task.step_size,
+        classes=task.classes,
+        force_split=options.force_split,
+    )
+    output = task.classes if rois is None else {k: v for k, v in task.classes.items() if v in rois}
+    return RunPlan(
+        main=main,
+        crop=_crop_pass(task, options, rois),
+        output_classes=output,
+        roi_ids=None if rois is None else tuple(output),
+        fast_statistics=options.statistics and options.fast,
+    )
+
+
+def _validated_rois(task: TaskSpec, options: SegmentOptions) -> tuple[str, ...] | None:
+    if options.roi_subset is None:
+        return None
+    if not task.name.startswith("total"):
+        raise InvalidOptionError(
+            f"--roi_subset works only with the total tasks (total, total_mr, total_v3), not {task.name!r}."
+        )
+    if not options.roi_subset:
+        raise InvalidOptionError("--roi_subset needs at least one class name.")
+    task.class_ids(list(options.roi_subset))
+    return tuple(options.roi_subset)
+
+
+def _is_mr(task: TaskSpec) -> bool:
+    # TotalSegmentator decides crop models by the task's name suffix, not its modality.
+    return task.name.endswith("_mr")
+
+
+def _crop_pass(task: TaskSpec, options: SegmentOptions, rois: tuple[str, ...] | None) -> CropPass | None:
+    if task.crop is not None or rois is not None:
+        return _region_crop(task, options, rois)
+    if options.body_seg and not _is_mr(task):
+        body = _pass_with_model("body", 300)
+        body_run = replace(body.main, binarize=True)
+        plan = RunPlan(body_run, None, body.output_classes, None, False)
+        return CropPass(plan=plan, rois=None, margin_mm=task.body_crop_addon_mm)
+    return None
+
+
+def _region_crop(task: TaskSpec, options: SegmentOptions, rois: tuple[str, ...] | None) -> CropPass:
+    crop_rois = tuple(task.crop.rois) if task.crop is not None else rois
+    assert crop_rois is not None
+    if task.crop is not None and task.crop.crop_task is not None:
+        # Only ``teeth``: another task (with its own crop pass) finds the region.
+        inner = plan_run(SegmentOptions(task=task.crop.crop_task))
+        margin = task.crop.addon_mm
+    else:
+        inner = _default_crop_plan(task, options, crop_rois)
+        margin = DEFAULT_CROP_MARGIN_MM
+    _check_rois_known(inner, crop_rois)
+    remove = None
+    if task.remove_outside is not None:
+        remove = (tuple(task.remove_outside.rois), task.remove_outside.dilation_mm)
+        _check_rois_known(inner, remove[0])
+    return CropPass(plan=inner, rois=crop_rois, margin_mm=margin, remove_outside=remove)
+
+
+def _default_crop_plan(task: TaskSpec, options: SegmentOptions, rois: tuple[str, ...]) -> RunPlan:
+    if any(r in BODY_ROIS for r in rois):
+        return _pass_with_model("body", 300)
+    robust = options.robust_crop or (task.crop is not None and task.crop.robust)
+    if _is_mr(task):
+        # MR always uses the 3 mm model: "6mm too bad results" (python_api.py).
+        return _pass_with_model("total_mr", 852)
+    return _pass_with_model("total", 297 if robust else 298)
+
+
+def _pass_with_model(task_name: str, dataset_id: int) -> RunPlan:
+    """A plain multilabel run of the mode of ``task_name`` that uses ``dataset_id``."""
+    task = get_task(task_name)
+    for mode in task.modes.values():
+        if [m.dataset_id for m in mode.models] == [dataset_id]:
+            run = ModelRun(task_name, tuple(mode.models), mode.resample_mm, task.step_size, task.classes)
+            return RunPlan(run, None, task.classes, None, False)
+    raise AssertionError(f"catalogue has no {task_name} mode with dataset {dataset_id}")
+
+
+def _check_rois_known(plan: RunPlan, rois: tuple[str, ...]) -> None:
+    known = set(plan.main.classes.values())
+    unknown = [r for r in rois if r not in known]
+    if unknown:
+        raise UnknownClassError(
+            f"The crop model ({plan.main.task}) has no class {', '.join(map(repr, unknown))}; "
+            f"choose classes from: raytseg tasks --classes {plan.main.task}"
+        )

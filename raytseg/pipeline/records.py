@@ -1,0 +1,173 @@
+"""Typed records that flow between the pipeline stages.
+
+    load ──Volume──▶ preprocess ──NetworkInput×n──▶ model ──NetworkOutput×n──▶ postprocess
+                         │                                                     ▲
+                         └───────────────── InverseRecord ─────────────────────┘
+    postprocess ──Segmentation──▶ export
+
+Axis convention: every array outside the model stage is indexed in the image's voxel
+order (i, j, k) as nibabel reads it, with a 4x4 voxel-to-RAS affine beside it. The
+network sees nnU-Net's (channel, z, y, x) order; ``raytseg.pipeline.axes`` is the one
+place that converts. Records are frozen and picklable: the model stage may run in
+another process (a Ray actor) than the stages around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+Spacing = tuple[float, float, float]
+Shape3 = tuple[int, int, int]
+# Half-open voxel ranges [lo, hi) per axis.
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Volume:
+    """An image as loaded: its voxels, affine and header.
+
+    ``data`` holds the stored values with NIfTI scaling applied (nibabel's ``dataobj``):
+    the file's integer dtype when unscaled, float64 otherwise. ``header`` is copied into
+    every output so masks line up with the input in any viewer.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    modality: str | None = None  # DICOM Modality tag ("CT", "MR") when known
+    source: str = "<memory>"
+
+    @property
+    def shape(self) -> Shape3:
+        s = self.data.shape
+        return (int(s[0]), int(s[1]), int(s[2]))
+
+    @property
+    def zooms(self) -> Spacing:
+        z = self.header.get_zooms()
+        return (float(z[0]), float(z[1]), float(z[2]))
+
+    def to_nifti(self) -> nib.Nifti1Image:
+        return nib.Nifti1Image(self.data, self.affine, self.header)
+
+
+class SegmentOptions(BaseModel):
+    """What the user asked for, with TotalSegmentator's option names and defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str = Field(default="total", description="Task name, e.g. total, total_mr, body, lung_vessels.")
+    fast: bool = Field(default=False, description="3 mm model (total, total_mr) / 6 mm (body).")
+    fastest: bool = Field(default=False, description="6 mm model (total, total_mr).")
+    roi_subset: tuple[str, ...] | None = Field(default=None, description="Only predict these classes.")
+    robust_crop: bool = Field(default=False, description="Find crop regions with the 3 mm model.")
+    body_seg: bool = Field(default=False, description="Crop to the body first (CT only).")
+    force_split: bool = Field(default=False, description="Predict in three overlapping z chunks.")
+    statistics: bool = Field(default=False, description="Compute volume and mean intensity per class.")
+    stats_include_incomplete: bool = Field(
+        default=False, description="Also compute statistics for classes touching the image border."
+    )
+    stats_aggregation: Literal["mean", "median"] = "mean"
+    remove_small_blobs: float | None = Field(
+        default=None, gt=0, description="Remove connected components smaller than this (mm³)."
+    )
+
+
+@dataclass(frozen=True)
+class CaseGeometry:
+    """nnU-Net's bookkeeping for one network input, in network (z, y, x) axes."""
+
+    spacing: Spacing
+    shape_before_cropping: Shape3
+    bbox_used_for_cropping: Box
+    shape_after_cropping_and_before_resampling: Shape3
+
+    def as_nnunet_properties(self) -> dict[str, Any]:
+        return {
+            "spacing": list(self.spacing),
+            "shape_before_cropping": self.shape_before_cropping,
+            "bbox_used_for_cropping": [list(b) for b in self.bbox_used_for_cropping],
+            "shape_after_cropping_and_before_resampling": self.shape_after_cropping_and_before_resampling,
+        }
+
+
+@dataclass(frozen=True)
+class NetworkInput:
+    """One normalised array for one network: the model stage's whole input."""
+
+    model_key: str
+    chunk: int  # index of the z chunk when the image is split, else 0
+    data: np.ndarray  # float32 (channels, z, y, x), cropped to non-zero and normalised
+    geometry: CaseGeometry
+
+
+@dataclass(frozen=True)
+class NetworkOutput:
+    """Labels one network predicted for one chunk, back in canonical voxel order."""
+
+    model_key: str
+    chunk: int
+    labels: np.ndarray  # uint8 (i, j, k) of the resampled canonical chunk; model-local ids
+
+
+@dataclass(frozen=True)
+class ChunkSplit:
+    """TotalSegmentator's three z chunks: [0, third+m), [third+1-m, 2*third+m), [2*third+1-m, end)."""
+
+    third: int
+    margin: int = 20
+
+
+@dataclass(frozen=True)
+class InverseRecord:
+    """What postprocessing needs to put model-grid labels back on the input grid."""
+
+    original_shape: Shape3
+    original_affine: np.ndarray
+    original_header: nib.Nifti1Header
+    crop_box: Box | None  # in original voxels; None when not cropped
+    canonical_shape: Shape3  # after crop and reorientation, before resampling
+    canonical_affine: np.ndarray
+    model_shape: Shape3  # the grid the networks saw (resampled canonical)
+    model_affine: np.ndarray
+    model_zooms: Spacing  # as a NIfTI header stores them (float32)
+    resampled: bool
+    split: ChunkSplit | None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Preprocessing result: network inputs plus what is needed to undo it.
+
+    ``model_image`` (the resampled canonical image, before normalisation) is kept only
+    when statistics are computed on the model grid (``--fast --statistics``).
+    """
+
+    inputs: tuple[NetworkInput, ...]
+    inverse: InverseRecord
+    model_image: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """A label map on the input's voxel grid, ready to export."""
+
+    labels: np.ndarray  # uint8 (i, j, k), same shape as the input
+    affine: np.ndarray
+    header: nib.Nifti1Header  # input header, data dtype uint8
+    label_map: dict[int, str]  # the classes this output reports (roi_subset applied)
+    task: str
+    statistics: dict[str, dict[str, float]] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_nifti(self, *, with_label_table: bool = True) -> nib.Nifti1Image:
+        """The multilabel image; with TotalSegmentator's XML label table when asked."""
+        from raytseg.pipeline.export import add_label_table
+
+        img = nib.Nifti1Image(self.labels, self.affine, self.header.copy())
+        return add_label_table(img, self.label_map) if with_label_table else img

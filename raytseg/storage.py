@@ -1,0 +1,93 @@
+"""Paths and fsspec URIs behind one small interface.
+
+Inputs and outputs may be local paths or any fsspec URI (``s3://``, ``gs://``,
+``memory://``, ``https://``). Writes never leave a partial object: local files are
+written under a temporary name in the same folder and renamed; object stores get one
+whole-object PUT, which readers see entirely or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from raytseg.errors import StorageError
+
+
+def is_uri(location: str | os.PathLike[str]) -> bool:
+    """True for ``scheme://…`` locations other than ``file://``."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(location: str | os.PathLike[str]) -> Path:
+    text = str(location)
+    return Path(text[len("file://") :] if text.startswith("file://") else text)
+
+
+def filesystem(uri: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for a URI; errors become ``StorageError``."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"Cannot open {uri!r}: {exc}. Install the filesystem's package (e.g. s3fs).") from exc
+    return fs, path
+
+
+def join(location: str, *names: str) -> str:
+    """Join path components onto a path or URI with '/'."""
+    base = str(location).rstrip("/")
+    return "/".join([base, *names])
+
+
+def read_bytes(location: str | os.PathLike[str]) -> bytes:
+    """The whole content of a file or object."""
+    try:
+        if is_uri(location):
+            fs, path = filesystem(str(location))
+            data: bytes = fs.cat_file(path)
+            return data
+        return local_path(location).read_bytes()
+    except FileNotFoundError as exc:
+        raise StorageError(f"{location} does not exist. Check the path or URI.") from exc
+    except OSError as exc:
+        raise StorageError(f"Could not read {location}: {exc}") from exc
+
+
+def write_bytes(location: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` so that readers see either the old object or the whole new one."""
+    try:
+        if is_uri(location):
+            fs, path = filesystem(str(location))
+            fs.pipe_file(path, data)
+        else:
+            _write_local_atomically(local_path(location), data)
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"Could not write {location}: {exc}") from exc
+
+
+def make_dirs(location: str | os.PathLike[str]) -> None:
+    """Create a local folder (object stores have no folders to create)."""
+    if not is_uri(location):
+        try:
+            local_path(location).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"Could not create folder {location}: {exc}") from exc
+
+
+def _write_local_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
