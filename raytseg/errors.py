@@ -20,8 +20,8 @@ cleanly when Ray re-raises them in another process.
     │   └── WeightsIntegrityError (503)  checksum mismatch, bad archive, bad plans
     ├── StorageError (502)               fsspec/S3 read or write failed
     ├── ModelError (500)                 the network failed at run time
-    ├── Overloaded (503)                 more queued work than configured
-    └── RequestTimeout (504)             the request ran past its deadline
+    ├── OverloadedError (503)            more queued work than configured
+    └── RequestTimeoutError (504)             the request ran past its deadline
 """
 
 from __future__ import annotations
@@ -120,13 +120,13 @@ class ModelError(RaytsegError):
     """The network failed while predicting."""
 
 
-class Overloaded(RaytsegError):
+class OverloadedError(RaytsegError):
     """More work is queued than the service is configured to hold."""
 
     status_code = 503
 
 
-class RequestTimeout(RaytsegError):
+class RequestTimeoutError(RaytsegError):
     """The request ran past its deadline."""
 
     status_code = 504

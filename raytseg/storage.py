@@ -34,7 +34,9 @@ def filesystem(uri: str) -> tuple[Any, str]:
     try:
         fs, path = fsspec.core.url_to_fs(uri)
     except (ImportError, ValueError) as exc:
-        raise StorageError(f"Cannot open {uri!r}: {exc}. Install the filesystem's package (e.g. s3fs).") from exc
+        raise StorageError(
+            f"Cannot open {uri!r}: {exc}. Install the filesystem's package (e.g. s3fs)."
+        ) from exc
     return fs, path
 
 

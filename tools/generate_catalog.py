@@ -89,7 +89,10 @@ def _task(task: str) -> dict[str, Any]:
         }
     remove_outside = None
     if base["remove_outside"] is not None:
-        remove_outside = {"rois": list(base["remove_outside"]), "dilation_mm": float(base["remove_outside_dilation"])}
+        remove_outside = {
+            "rois": list(base["remove_outside"]),
+            "dilation_mm": float(base["remove_outside_dilation"]),
+        }
     return {
         "modality": task_modality(task),
         "license_required": task in maps.commercial_models,

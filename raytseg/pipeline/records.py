@@ -104,6 +104,7 @@ class NetworkInput:
     chunk: int  # index of the z chunk when the image is split, else 0
     data: np.ndarray  # float32 (channels, z, y, x), cropped to non-zero and normalised
     geometry: CaseGeometry
+    step_size: float  # sliding-window step as a fraction of the patch (0.8 for total*)
 
 
 @dataclass(frozen=True)

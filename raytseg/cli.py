@@ -1,0 +1,316 @@
+"""``raytseg`` command line: TotalSegmentator's flags, spelled the same, on raytseg's pipeline.
+
+    raytseg segment -i ct.nii.gz -o segmentations [--fast] [-ta TASK] [--ml] ...
+    raytseg stats -i ct.nii.gz --seg seg.nii.gz -o statistics.json
+    raytseg combine-masks -i segmentations -o lung.nii.gz -m lung
+    raytseg tasks [--json] [--classes TASK]
+    raytseg weights download|import|synth ...
+    raytseg set-license -l aca_XXXXXXXXXXXXXX
+
+The CLI only parses arguments, sets process-wide knobs (logging, torch threads) and
+calls library functions; user errors print one line and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from raytseg.errors import RaytsegError
+
+log = logging.getLogger("raytseg")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(quiet=getattr(args, "quiet", False), verbose=getattr(args, "verbose", False))
+    try:
+        result: int = args.handler(args)
+    except RaytsegError as exc:
+        print(f"raytseg: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("raytseg: interrupted", file=sys.stderr)
+        return 130
+    return result
+
+
+def _configure_logging(*, quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("raytseg")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raytseg", description="TotalSegmentator-compatible segmentation, scalable on Ray."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_segment(sub)
+    _add_stats(sub)
+    _add_combine(sub)
+    _add_tasks(sub)
+    _add_weights(sub)
+    lic = sub.add_parser("set-license", help="Store a TotalSegmentator license key (licensed tasks).")
+    lic.add_argument("-l", "--license_number", required=True)
+    lic.add_argument("--validate", action="store_true", help="Also check the key with the license server.")
+    lic.set_defaults(handler=_cmd_set_license)
+    return parser
+
+
+def _add_segment(sub: Any) -> None:
+    p = sub.add_parser("segment", help="Segment a CT/MR image (TotalSegmentator's flags).")
+    p.add_argument("-i", dest="input", required=True, help="NIfTI file, DICOM folder/zip, or fsspec URI.")
+    p.add_argument("-o", dest="output", required=True, help="Output folder (or .nii.gz file with --ml).")
+    p.add_argument("-ta", "--task", default="total", help="Task name (see: raytseg tasks).")
+    p.add_argument(
+        "-ml", "--ml", action="store_true", help="One multilabel file instead of a file per class."
+    )
+    p.add_argument("-f", "--fast", action="store_true", help="Lower-resolution model (3 mm).")
+    p.add_argument("-ff", "--fastest", action="store_true", help="Lowest-resolution model (6 mm).")
+    p.add_argument("-rs", "--roi_subset", nargs="+", help="Only predict these classes.")
+    p.add_argument("-rsr", "--roi_subset_robust", nargs="+", help="Like --roi_subset, cropping with 3 mm.")
+    p.add_argument("-rc", "--robust_crop", action="store_true", help="Find crop regions with the 3 mm model.")
+    p.add_argument(
+        "-s", "--statistics", action="store_true", help="Write statistics.json (volume, intensity)."
+    )
+    p.add_argument(
+        "-sii", "--stats_include_incomplete", action="store_true", help="Stats for border classes."
+    )
+    p.add_argument("-sa", "--stats_aggregation", choices=["mean", "median"], default="mean")
+    p.add_argument("-bs", "--body_seg", action="store_true", help="Crop to the body first (CT).")
+    p.add_argument("-fs", "--force_split", action="store_true", help="Predict in three z chunks.")
+    p.add_argument("-rmb", "--remove_small_blobs", nargs="?", const=200.0, type=float, default=None)
+    p.add_argument("-ndm", "--no_derived_masks", action="store_true", help="No body.nii.gz/skin.nii.gz.")
+    p.add_argument("-d", "--device", default="gpu", help="cpu, gpu, gpu:N or mps (default gpu, else cpu).")
+    p.add_argument("-l", "--license_number", help="Store this license key first (licensed tasks).")
+    p.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
+    p.add_argument("-v", "--verbose", action="store_true", help="More progress output.")
+    p.set_defaults(handler=_cmd_segment)
+
+
+def _add_stats(sub: Any) -> None:
+    p = sub.add_parser("stats", help="TotalSegmentator statistics for an existing segmentation.")
+    p.add_argument("-i", dest="input", required=True, help="The image the masks belong to.")
+    p.add_argument("--seg", required=True, help="Multilabel NIfTI (or a folder of per-class masks).")
+    p.add_argument("-o", dest="output", required=True, help="statistics.json to write.")
+    p.add_argument("-ta", "--task", default="total", help="Class map when the file has no label table.")
+    p.add_argument("-sii", "--stats_include_incomplete", action="store_true")
+    p.add_argument("-sa", "--stats_aggregation", choices=["mean", "median"], default="mean")
+    p.add_argument("-sx", "--statistics_extra", action="store_true", help="Also voxels, std, min, max, bbox.")
+    p.set_defaults(handler=_cmd_stats)
+
+
+def _add_combine(sub: Any) -> None:
+    p = sub.add_parser("combine-masks", help="Combine class masks into one (totalseg_combine_masks).")
+    p.add_argument("-i", dest="source", required=True, help="Output folder or multilabel file.")
+    p.add_argument("-o", dest="output", required=True)
+    p.add_argument("-m", "--masks", required=True, help="lung, lung_left, lung_right, vertebrae, ribs, ...")
+    p.add_argument("-ml", "--multilabel", action="store_true", help="Add a label table to the output.")
+    p.set_defaults(handler=_cmd_combine)
+
+
+def _add_tasks(sub: Any) -> None:
+    p = sub.add_parser("tasks", help="List tasks and their classes.")
+    p.add_argument("--json", action="store_true", help="Machine-readable output.")
+    p.add_argument("--classes", metavar="TASK", help="List the classes of one task.")
+    p.set_defaults(handler=_cmd_tasks)
+
+
+def _add_weights(sub: Any) -> None:
+    p = sub.add_parser("weights", help="Download, import or synthesize model weights.")
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    dl = wsub.add_parser("download", help="Download a task's models (TotalSegmentator's release URLs).")
+    dl.add_argument("-t", "--task", required=True)
+    _mode_flags(dl)
+    dl.set_defaults(handler=_cmd_weights_download)
+    imp = wsub.add_parser("import", help="Import a weights zip (totalseg_import_weights).")
+    imp.add_argument("zip", type=Path)
+    imp.set_defaults(handler=_cmd_weights_import)
+    syn = wsub.add_parser("synth", help="Write random-weight model folders (tests, benchmarks only).")
+    syn.add_argument("-t", "--task", required=True)
+    _mode_flags(syn)
+    syn.add_argument("--tiny", action="store_true", help="Very small networks (fast tests).")
+    syn.add_argument("-o", dest="output", required=True, type=Path, help="Weights folder to write into.")
+    syn.set_defaults(handler=_cmd_weights_synth)
+
+
+def _mode_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--fast", action="store_true")
+    group.add_argument("--fastest", action="store_true")
+
+
+def _settings() -> Any:
+    from raytseg.config import Settings
+
+    return Settings.from_env()
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from raytseg.pipeline.export import write_segmentation
+    from raytseg.pipeline.load import LoadLimits, load_volume
+    from raytseg.pipeline.model import configure_torch_threads
+    from raytseg.pipeline.records import SegmentOptions
+    from raytseg.pipeline.run import default_segmenter, derived_files
+
+    settings = _settings()
+    if args.license_number:
+        from raytseg.weights.license import set_license
+
+        set_license(args.license_number, settings)
+    rois = args.roi_subset_robust or args.roi_subset
+    options = SegmentOptions(
+        task=args.task,
+        fast=args.fast,
+        fastest=args.fastest,
+        roi_subset=tuple(rois) if rois else None,
+        robust_crop=args.robust_crop or bool(args.roi_subset_robust),
+        body_seg=args.body_seg,
+        force_split=args.force_split,
+        statistics=args.statistics,
+        stats_include_incomplete=args.stats_include_incomplete,
+        stats_aggregation=args.stats_aggregation,
+        remove_small_blobs=args.remove_small_blobs,
+    )
+    volume = load_volume(args.input, LoadLimits.from_settings(settings))
+    log.info("Loaded %s: shape %s, voxel size %s mm", volume.source, volume.shape, volume.zooms)
+    options = _auto_mr(options, volume.modality)
+    segmenter = default_segmenter(args.device, settings)
+    configure_torch_threads(segmenter.device)
+    seg = segmenter.segment(volume, options)
+    extra = None if args.no_derived_masks else derived_files(seg, volume, args.ml)
+    written = write_segmentation(seg, args.output, ml=args.ml, extra_files=extra)
+    log.info("Wrote %d file(s) to %s in %.1f s", len(written), args.output, seg.timings.get("total", 0.0))
+    return 0
+
+
+def _auto_mr(options: Any, modality: str | None) -> Any:
+    """TotalSegmentator switches ``total`` to ``total_mr`` for DICOM series tagged MR."""
+    if modality == "MR" and options.task == "total":
+        log.info("DICOM modality is MR: using task total_mr.")
+        return options.model_copy(update={"task": "total_mr"})
+    return options
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from raytseg import storage
+    from raytseg.pipeline.load import LoadLimits, load_volume
+    from raytseg.pipeline.stats import basic_statistics, read_segmentation_labels, statistics_json
+
+    settings = _settings()
+    image = load_volume(args.input, LoadLimits.from_settings(settings))
+    labels, classes = read_segmentation_labels(args.seg, args.task, image.shape)
+    stats = basic_statistics(
+        labels,
+        image.data,
+        image.zooms,
+        classes,
+        include_incomplete=args.stats_include_incomplete,
+        aggregation=args.stats_aggregation,
+        extra=args.statistics_extra,
+    )
+    storage.write_bytes(args.output, statistics_json(stats))
+    return 0
+
+
+def _cmd_combine(args: argparse.Namespace) -> int:
+    from raytseg import storage
+    from raytseg.masks import combine_masks
+    from raytseg.pipeline.export import nifti_gz_bytes
+
+    img = combine_masks(args.source, args.masks, multilabel=args.multilabel)
+    gz = str(args.output).endswith(".gz")
+    storage.write_bytes(args.output, nifti_gz_bytes(img) if gz else img.to_bytes())
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from raytseg.tasks import get_task, load_catalog
+
+    if args.classes:
+        task = get_task(args.classes)
+        if args.json:
+            print(json.dumps({str(k): v for k, v in task.classes.items()}, indent=2))
+        else:
+            print(f"Task {task.name!r} [{task.modality}, {len(task.classes)} classes]")
+            for idx, name in task.classes.items():
+                print(f"{idx:>4}  {name}")
+        return 0
+    tasks = load_catalog().tasks
+    if args.json:
+        out = {
+            name: {
+                "modality": t.modality,
+                "license_required": t.license_required,
+                "modes": sorted(t.modes),
+                "classes": {str(k): v for k, v in t.classes.items()},
+            }
+            for name, t in tasks.items()
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    width = max(map(len, tasks))
+    print(f"{'TASK'.ljust(width)}  MODALITY  LICENSE  CLASSES  MODES")
+    for name, t in tasks.items():
+        lic = "yes" if t.license_required else "no"
+        modes = ",".join(sorted(t.modes))
+        print(f"{name.ljust(width)}  {t.modality:<8}  {lic:<7}  {len(t.classes):>7}  {modes}")
+    return 0
+
+
+def _cmd_weights_download(args: argparse.Namespace) -> int:
+    from raytseg.weights.fetch import download_task
+    from raytseg.weights.license import read_license
+
+    settings = _settings()
+    paths = download_task(
+        args.task, settings, fast=args.fast, fastest=args.fastest, license_key=read_license(settings)
+    )
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _cmd_weights_import(args: argparse.Namespace) -> int:
+    from raytseg.weights.fetch import import_zip
+
+    settings = _settings()
+    for path in import_zip(args.zip, settings.weights_dir, settings):
+        print(path)
+    return 0
+
+
+def _cmd_weights_synth(args: argparse.Namespace) -> int:
+    from raytseg.weights.synth import synthesize_task
+
+    paths = synthesize_task(args.task, args.output, fast=args.fast, fastest=args.fastest, tiny=args.tiny)
+    for path in paths:
+        print(path)
+    print(
+        "These weights are random: their output is meaningless and only for tests and benchmarks.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_set_license(args: argparse.Namespace) -> int:
+    from raytseg.weights.license import set_license
+
+    set_license(args.license_number, _settings(), validate_online=args.validate)
+    print("License stored.", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

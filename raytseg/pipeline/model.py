@@ -1,0 +1,219 @@
+"""Model stage: one resident nnU-Net network turns a NetworkInput into labels.
+
+The network is built once from plans.json with nnU-Net's ``get_network_from_plans``
+(skipping nnU-Net's trainer-class search, which imports half of nnU-Net's training
+stack) and handed to ``nnUNetPredictor.manual_initialization``. Prediction is nnU-Net's
+own sliding window with TotalSegmentator's settings: Gaussian weighting, no mirroring,
+the task's step size. When the logits are already on the output grid (TotalSegmentator
+resampled the input itself), the argmax runs on the device and only uint8 labels leave
+it; otherwise nnU-Net's own export resamples the logits first, exactly as in
+TotalSegmentator.
+
+Input and output are plain arrays plus small picklable records, so this stage can run
+in a GPU actor while the stages around it run elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from raytseg.errors import InvalidOptionError, ModelError, WeightsIntegrityError
+from raytseg.pipeline.axes import from_network
+from raytseg.pipeline.preprocess import ModelPlans
+from raytseg.pipeline.records import NetworkInput, NetworkOutput
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+def select_device(name: str) -> torch.device:
+    """TotalSegmentator's ``-d`` values: cpu, gpu, gpu:N, mps; no GPU falls back to CPU."""
+    import torch
+
+    if name == "cpu" or name == "mps":
+        return torch.device(name)
+    if name != "gpu" and not (name.startswith("gpu:") and name[4:].isdigit()):
+        raise InvalidOptionError(f"Invalid device {name!r}: use cpu, gpu, gpu:N (e.g. gpu:1) or mps.")
+    index = int(name[4:]) if ":" in name else 0
+    if not torch.cuda.is_available():
+        log.warning("No GPU detected; running on the CPU. --fast or --roi_subset keep this fast.")
+        return torch.device("cpu")
+    if index >= torch.cuda.device_count():
+        log.warning("GPU %d does not exist; running on the CPU.", index)
+        return torch.device("cpu")
+    return torch.device(f"cuda:{index}")
+
+
+def configure_torch_threads(device: torch.device) -> None:
+    """Process-wide torch threads as TotalSegmentator sets them: all cores on CPU, 1 with CUDA.
+
+    Called by entry points (CLI, Ray actors), never inside a library call.
+    """
+    import os
+
+    import torch
+
+    torch.set_num_threads((os.cpu_count() or 1) if device.type == "cpu" else 1)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What the weights store hands the model stage: plans plus checkpoint paths."""
+
+    plans: ModelPlans
+    checkpoints: tuple[Path, ...]
+
+
+class LoadedModel:
+    """An nnU-Net network resident on one device, ready to predict."""
+
+    def __init__(self, key: str, predictor: Any, device: torch.device) -> None:
+        self.key = key
+        self._predictor = predictor
+        self.device = device
+
+    @classmethod
+    def load(cls, files: ModelFiles, device: torch.device) -> LoadedModel:
+        """Build the network from plans.json and load its weights (once)."""
+        parameters, checkpoint = _read_checkpoints(files)
+        predictor = _build_predictor(files.plans, parameters, checkpoint, device)
+        return cls(files.plans.model_key, predictor, device)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self._predictor.network.parameters())
+
+    def predict(self, item: NetworkInput) -> NetworkOutput:
+        """Sliding-window prediction of one input; returns labels in canonical voxel order."""
+        import torch
+
+        if item.model_key != self.key:
+            raise ModelError(f"Input for {item.model_key} was sent to model {self.key}.")
+        self._predictor.tile_step_size = item.step_size
+        try:
+            with torch.inference_mode():
+                labels = self._labels(torch.from_numpy(item.data), item)
+        except RuntimeError as exc:
+            raise ModelError(f"Model {self.key} failed: {exc}") from exc
+        return NetworkOutput(model_key=self.key, chunk=item.chunk, labels=labels)
+
+    def _labels(self, data: torch.Tensor, item: NetworkInput) -> np.ndarray:
+        import torch
+
+        predictor = self._predictor
+        if len(predictor.list_of_parameters) == 1:
+            logits = predictor.predict_sliding_window_return_logits(data)
+        else:  # several folds: nnU-Net averages them, reloading each fold's weights
+            logits = predictor.predict_logits_from_preprocessed_data(data)
+        geometry = item.geometry
+        if tuple(logits.shape[1:]) == geometry.shape_after_cropping_and_before_resampling:
+            # Same values as nnU-Net's numpy argmax (first maximum wins), but on the device.
+            cropped = logits.argmax(0).to(torch.uint8).cpu().numpy()
+            seg = _uncrop(cropped, geometry.shape_before_cropping, geometry.bbox_used_for_cropping)
+            seg = seg.transpose(predictor.plans_manager.transpose_backward)
+        else:
+            seg = _export_with_resampling(predictor, logits, item)
+        return np.ascontiguousarray(from_network(seg).astype(np.uint8, copy=False))
+
+
+def _uncrop(cropped: np.ndarray, shape: tuple[int, ...], bbox: Any) -> np.ndarray:
+    full = np.zeros(shape, dtype=np.uint8)
+    slices = tuple(slice(lo, hi) for lo, hi in bbox)
+    full[slices] = cropped
+    return full
+
+
+def _export_with_resampling(predictor: Any, logits: torch.Tensor, item: NetworkInput) -> np.ndarray:
+    """nnU-Net's export: resample logits to the input grid, argmax, un-crop, un-transpose."""
+    from nnunetv2.inference.export_prediction import (
+        convert_predicted_logits_to_segmentation_with_correct_shape,
+    )
+
+    seg: np.ndarray = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits.cpu().numpy(),
+        predictor.plans_manager,
+        predictor.configuration_manager,
+        predictor.label_manager,
+        item.geometry.as_nnunet_properties(),
+    )
+    return seg
+
+
+def _read_checkpoints(files: ModelFiles) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    import torch
+
+    parameters = []
+    first: dict[str, Any] | None = None
+    for path in files.checkpoints:
+        try:
+            # Checkpoints are pickles (nnU-Net saves numpy objects in them). The weights
+            # store only hands out files from inside the configured weights folder.
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise WeightsIntegrityError(
+                f"Cannot read checkpoint {path}: {exc}. Re-download the model (raytseg weights download)."
+            ) from exc
+        parameters.append(checkpoint["network_weights"])
+        first = first or checkpoint
+    if first is None:
+        raise WeightsIntegrityError(f"No checkpoints listed for {files.plans.model_key}.")
+    return parameters, first
+
+
+def _build_predictor(
+    plans: ModelPlans, parameters: list[dict[str, Any]], checkpoint: dict[str, Any], device: torch.device
+) -> Any:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(plans.plans)
+    configuration = checkpoint.get("init_args", {}).get("configuration", plans.configuration)
+    config = manager.get_configuration(configuration)
+    labels = manager.get_label_manager(plans.dataset_json)
+    network = get_network_from_plans(
+        config.network_arch_class_name,
+        config.network_arch_init_kwargs,
+        config.network_arch_init_kwargs_req_import,
+        determine_num_input_channels(manager, config, plans.dataset_json),
+        labels.num_segmentation_heads,
+        allow_init=False,
+        deep_supervision=False,
+    )
+    try:
+        network.load_state_dict(parameters[0])
+    except RuntimeError as exc:
+        raise WeightsIntegrityError(
+            f"Weights of {plans.model_key} do not match its plans.json: {exc}"
+        ) from exc
+    network.to(device).eval()
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a CPU notice here
+        predictor = nnUNetPredictor(
+            tile_step_size=0.5,
+            use_gaussian=True,
+            use_mirroring=False,  # TotalSegmentator never uses test-time mirroring
+            perform_everything_on_device=device.type == "cuda",
+            device=device,
+            verbose=False,
+            allow_tqdm=False,
+        )
+    predictor.manual_initialization(
+        network,
+        manager,
+        config,
+        parameters,
+        plans.dataset_json,
+        checkpoint["trainer_name"],
+        checkpoint.get("inference_allowed_mirroring_axes"),
+    )
+    return predictor

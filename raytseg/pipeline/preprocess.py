@@ -1,0 +1,192 @@
+"""Preprocess stage: Volume -> normalised network inputs, as TotalSegmentator prepares them.
+
+TotalSegmentator (``nnunet.py: nnUNet_predict_image``) crops the image to a region,
+reorients it to RAS (``nib.as_closest_canonical``), resamples it with
+``scipy.ndimage.zoom`` (order 1, ``mode="nearest"``, cast to int32, which truncates HU
+towards zero), writes it to NIfTI and lets nnU-Net read, crop-to-nonzero and normalise it
+per model. This module does the same in memory and calls nnU-Net's own
+``DefaultPreprocessor.run_case_npy`` for the per-model part, so every model sees exactly
+the array it would see under TotalSegmentator. Huge images and ``--force_split`` are
+cut into TotalSegmentator's three overlapping z chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from raytseg.pipeline.axes import nifti_zooms, spacing_to_network, to_network
+from raytseg.pipeline.plan import ModelRun
+from raytseg.pipeline.records import (
+    Box,
+    CaseGeometry,
+    ChunkSplit,
+    InverseRecord,
+    NetworkInput,
+    Prepared,
+    Shape3,
+    Spacing,
+    Volume,
+)
+from raytseg.tasks import ModelSpec
+
+# nnunet.py: images above this many voxels (and > 200 slices) run as three z chunks
+# when several models are applied.
+SPLIT_VOXELS = 512 * 512 * 900
+SPLIT_MIN_SLICES = 200
+
+
+@dataclass(frozen=True)
+class ModelPlans:
+    """A model's plans.json and dataset.json, as read from its folder."""
+
+    model_key: str
+    configuration: str
+    plans: dict[str, Any]
+    dataset_json: dict[str, Any]
+
+
+def model_key(spec: ModelSpec) -> str:
+    """Stable name of a model: ``<dataset id>/<trainer>__<plans>__<configuration>``."""
+    return f"{spec.dataset_id}/{spec.trainer_folder}"
+
+
+def preprocess(
+    volume: Volume,
+    run: ModelRun,
+    plans: Mapping[str, ModelPlans],
+    *,
+    crop_box: Box | None = None,
+    keep_model_image: bool = False,
+) -> Prepared:
+    """Crop, reorient, resample and normalise ``volume`` for every model of ``run``."""
+    cropped = _cropped_image(volume, crop_box)
+    canonical = nib.as_closest_canonical(cropped)
+    model_img, resampled = _resampled(canonical, run.resample_mm)
+    model_data = np.asanyarray(model_img.dataobj)
+    split = _split_for(model_data.shape, run)
+    chunks = _chunks(model_data, split)
+    spacing = spacing_to_network(nifti_zooms(model_img.affine))
+    inputs = tuple(
+        _network_input(model_key(spec), index, chunk, spacing, plans[model_key(spec)], run.step_size)
+        for spec in run.models
+        for index, chunk in enumerate(chunks)
+    )
+    inverse = InverseRecord(
+        original_shape=volume.shape,
+        original_affine=volume.affine,
+        original_header=volume.header,
+        crop_box=crop_box,
+        canonical_shape=_shape3(canonical.shape),
+        canonical_affine=canonical.affine,
+        model_shape=_shape3(model_data.shape),
+        model_affine=model_img.affine,
+        model_zooms=nifti_zooms(model_img.affine),
+        resampled=resampled,
+        split=split,
+    )
+    return Prepared(inputs=inputs, inverse=inverse, model_image=model_data if keep_model_image else None)
+
+
+def crop_box_from_mask(mask: np.ndarray, margin_mm: Spacing, affine: np.ndarray) -> Box:
+    """Bounding box of ``mask`` grown by ``margin_mm`` and clipped to the image.
+
+    Ported from TotalSegmentator ``cropping.py`` (``crop_to_mask``/``get_bbox_from_mask``):
+    the margin becomes ``int(mm / voxel size)`` voxels per axis.
+    """
+    zooms = np.array(nifti_zooms(affine))
+    addon = (np.array(margin_mm) / zooms).astype(int)
+    coords = np.nonzero(mask > 0)
+    box = []
+    for axis in range(3):
+        lo = int(np.min(coords[axis])) - int(addon[axis])
+        hi = int(np.max(coords[axis])) + 1 + int(addon[axis])
+        box.append((max(0, lo), min(mask.shape[axis], hi)))
+    return (box[0], box[1], box[2])
+
+
+def _shape3(shape: tuple[int, ...]) -> Shape3:
+    return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
+def _cropped_image(volume: Volume, box: Box | None) -> nib.Nifti1Image:
+    """The image TotalSegmentator resamples: float values, cropped ones cast to int32.
+
+    TotalSegmentator converts to float64 (``get_fdata``) and casts a cropped region to
+    int32. The float64 copy is deferred to resampling, where it is needed; for unscaled
+    integer data the values are the same.
+    """
+    if box is None:
+        return nib.Nifti1Image(volume.data, volume.affine)
+    (x0, x1), (y0, y1), (z0, z1) = box
+    region = volume.data[x0:x1, y0:y1, z0:z1]
+    if not np.issubdtype(region.dtype, np.integer):
+        region = region.astype(np.float64)
+    affine = volume.affine.copy()
+    affine[:3, 3] = (volume.affine @ np.array([x0, y0, z0, 1]))[:3]
+    return nib.Nifti1Image(region.astype(np.int32), affine)
+
+
+def _resampled(img: nib.Nifti1Image, target_mm: Spacing | None) -> tuple[nib.Nifti1Image, bool]:
+    """TotalSegmentator's ``change_spacing(img, target, order=1, dtype=int32)``."""
+    if target_mm is None:
+        return img, False
+    current = np.array(img.header.get_zooms()[:3])
+    target = np.array(target_mm, dtype=np.float64)
+    if np.array_equal(current, target):
+        return img, False
+    from scipy import ndimage
+
+    zoom = current / target
+    data = np.asanyarray(img.dataobj).astype(np.float64, copy=False)
+    resampled = ndimage.zoom(data, zoom, order=1, mode="nearest").astype(np.int32)
+    affine = img.affine.copy()
+    for axis in range(3):
+        affine[:3, axis] = affine[:3, axis] / zoom[axis]
+    return nib.Nifti1Image(resampled, affine), True
+
+
+def _split_for(shape: tuple[int, ...], run: ModelRun) -> ChunkSplit | None:
+    big = int(np.prod(shape)) > SPLIT_VOXELS and shape[2] > SPLIT_MIN_SLICES and run.multi_model
+    return ChunkSplit(third=shape[2] // 3) if (big or run.force_split) else None
+
+
+def _chunks(data: np.ndarray, split: ChunkSplit | None) -> list[np.ndarray]:
+    if split is None:
+        return [data]
+    t, m = split.third, split.margin
+    return [data[:, :, : t + m], data[:, :, t + 1 - m : 2 * t + m], data[:, :, 2 * t + 1 - m :]]
+
+
+def _network_input(
+    key: str, chunk: int, data: np.ndarray, spacing: Spacing, plans: ModelPlans, step_size: float
+) -> NetworkInput:
+    """nnU-Net's own preprocessing (transpose, crop to non-zero, normalise) for one model."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(plans.plans)
+    config = manager.get_configuration(plans.configuration)
+    properties: dict[str, Any] = {"spacing": list(spacing)}
+    normalised, _, props = DefaultPreprocessor(verbose=False).run_case_npy(
+        to_network(data), None, properties, manager, config, plans.dataset_json
+    )
+    geometry = CaseGeometry(
+        spacing=spacing,
+        shape_before_cropping=_shape3(tuple(props["shape_before_cropping"])),
+        bbox_used_for_cropping=tuple((int(lo), int(hi)) for lo, hi in props["bbox_used_for_cropping"]),  # type: ignore[arg-type]
+        shape_after_cropping_and_before_resampling=_shape3(
+            tuple(props["shape_after_cropping_and_before_resampling"])
+        ),
+    )
+    return NetworkInput(
+        model_key=key,
+        chunk=chunk,
+        data=np.ascontiguousarray(normalised, dtype=np.float32),
+        geometry=geometry,
+        step_size=step_size,
+    )

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: sets up both environments, then runs pytest.
+# Extra arguments go to pytest (e.g. scripts/test.sh tests/unit -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup-env.sh
+scripts/setup-reference-env.sh
+export RAYTSEG_REQUIRE_REFERENCE=${RAYTSEG_REQUIRE_REFERENCE:-1}
+.venv/bin/ruff check raytseg tests tools bench
+.venv/bin/ruff format --check raytseg tests tools bench
+.venv/bin/mypy
+exec .venv/bin/pytest -q "$@"

@@ -1,0 +1,118 @@
+"""Fixtures that run the reference implementation: the TotalSegmentator 2.18 package.
+
+TotalSegmentator lives in its own virtual environment (``.venv-ref``, made by
+``scripts/setup-reference-env.sh``) because it needs torchvision, which the CPU torch
+build raytseg uses cannot load. Both tools get the same synthetic weights folder: raytseg
+through ``RAYTSEG_WEIGHTS``, TotalSegmentator through ``TOTALSEG_HOME_DIR`` — the
+official layout, unchanged.
+
+Without the reference environment these tests skip, unless ``RAYTSEG_REQUIRE_REFERENCE=1``
+(set by ``.ci/run``), which turns the skip into a failure so CI cannot pass vacuously.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+REFERENCE_DATA = REPO.parent / "shared" / "data" / "totalseg-reference"
+
+
+def reference_python() -> Path | None:
+    candidate = Path(os.environ.get("RAYTSEG_REF_PYTHON", REPO / ".venv-ref" / "bin" / "python"))
+    return candidate if candidate.exists() else None
+
+
+@pytest.fixture(scope="session")
+def ts_python() -> Path:
+    python = reference_python()
+    if python is None:
+        message = "TotalSegmentator reference env missing: run scripts/setup-reference-env.sh"
+        if os.environ.get("RAYTSEG_REQUIRE_REFERENCE") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+@pytest.fixture(scope="session")
+def reference_data() -> Path:
+    if not REFERENCE_DATA.exists():
+        pytest.fail(f"Reference data not found at {REFERENCE_DATA}")
+    return REFERENCE_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random-weight models for every task the parity tests run."""
+    from raytseg.weights.synth import synthesize_task
+
+    root = tmp_path_factory.mktemp("weights")
+    for task, modes in {
+        "total": ("default", "fast"),
+        "total_mr": ("default", "fast"),
+        "body": ("default", "fast"),
+    }.items():
+        for mode in modes:
+            synthesize_task(task, root, fast=mode == "fast", tiny=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ts_home(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Path:
+    """A TotalSegmentator home whose nnunet/results is the shared weights folder."""
+    home = tmp_path_factory.mktemp("totalseg_home")
+    (home / "nnunet").mkdir()
+    (home / "nnunet" / "results").symlink_to(tiny_weights, target_is_directory=True)
+    config = {
+        "totalseg_id": "totalseg_raytsegci",
+        "send_usage_stats": False,  # nothing may leave 127.0.0.1
+        "prediction_counter": 0,
+        "statistics_disclaimer_shown": True,
+    }
+    (home / "config.json").write_text(json.dumps(config))
+    return home
+
+
+class TotalSegmentatorRunner:
+    """Runs the ``TotalSegmentator`` CLI of the reference env, caching outputs per argument list."""
+
+    def __init__(self, python: Path, home: Path, workdir: Path) -> None:
+        self.python, self.home, self.workdir = python, home, workdir
+        self._cache: dict[tuple[str, ...], Path] = {}
+
+    def run(self, input_path: Path, *flags: str, ml: bool = False) -> Path:
+        key = (str(input_path), *flags, str(ml))
+        if key not in self._cache:
+            out_dir = self.workdir / f"ts_{len(self._cache)}"
+            out = out_dir / "seg.nii.gz" if ml else out_dir
+            cli = self.python.parent / "TotalSegmentator"
+            args = [str(cli), "-i", str(input_path), "-o", str(out), "-d", "cpu", "-q", *flags]
+            if ml:
+                args.append("--ml")
+            env = {**os.environ, "TOTALSEG_HOME_DIR": str(self.home)}
+            env.pop("TOTALSEG_WEIGHTS_PATH", None)
+            done = subprocess.run(
+                args, env=env, cwd=self.workdir, capture_output=True, text=True, timeout=900
+            )
+            if done.returncode != 0:
+                raise AssertionError(
+                    f"TotalSegmentator failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+                )
+            self._cache[key] = out
+        return self._cache[key]
+
+
+@pytest.fixture(scope="session")
+def totalsegmentator(
+    ts_python: Path, ts_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TotalSegmentatorRunner]:
+    workdir = tmp_path_factory.mktemp("ts_runs")
+    yield TotalSegmentatorRunner(ts_python, ts_home, workdir)
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""Postprocessing rules ported from TotalSegmentator, on small synthetic label maps."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from raytseg.pipeline.plan import ModelRun
+from raytseg.pipeline.postprocess import (
+    FinalOps,
+    final_labels,
+    keep_largest_blob,
+    remove_small_blobs,
+    stitch_chunks,
+)
+from raytseg.pipeline.records import ChunkSplit
+
+
+def test_remove_small_blobs_removes_components_up_to_the_threshold() -> None:
+    labels = np.zeros((10, 10, 10), dtype=np.uint8)
+    labels[0, 0, 0] = 1  # 1 voxel: removed
+    labels[5:8, 5:8, 5:8] = 1  # 27 voxels: kept
+    labels[0:2, 9, 9] = 2  # other label untouched
+    remove_small_blobs(labels, [1], 5)
+    assert (labels == 1).sum() == 27
+    assert labels[0, 0, 0] == 0
+    assert (labels == 2).sum() == 2
+
+
+def test_remove_small_blobs_threshold_is_inclusive() -> None:
+    labels = np.zeros((6, 6, 6), dtype=np.uint8)
+    labels[0:5, 0, 0] = 3  # exactly 5 voxels
+    remove_small_blobs(labels, [3], 5)
+    assert labels.sum() == 0
+
+
+def test_keep_largest_blob_keeps_first_of_equal_sizes() -> None:
+    labels = np.zeros((9, 9, 9), dtype=np.uint8)
+    labels[0:2, 0:2, 0:2] = 1  # 8 voxels, found first
+    labels[5:7, 5:7, 5:7] = 1  # 8 voxels
+    labels[8, 8, 8] = 2
+    keep_largest_blob(labels, 1)
+    assert labels[0, 0, 0] == 1
+    assert labels[5, 5, 5] == 0
+    assert labels[8, 8, 8] == 2
+
+
+def test_stitch_chunks_inverts_totalsegmentator_split() -> None:
+    depth = 130
+    volume = np.random.default_rng(0).integers(0, 5, size=(4, 3, depth), dtype=np.uint8)
+    split = ChunkSplit(third=depth // 3)
+    t, m = split.third, split.margin
+    chunks = [volume[:, :, : t + m], volume[:, :, t + 1 - m : 2 * t + m], volume[:, :, 2 * t + 1 - m :]]
+    np.testing.assert_array_equal(stitch_chunks(chunks, split), volume)
+
+
+def test_final_labels_filters_rois_and_binarises() -> None:
+    data = np.arange(27, dtype=np.uint8).reshape(3, 3, 3) % 4
+    img = nib.Nifti1Image(data, np.eye(4))
+    run = ModelRun("total", (), None, 0.8, {1: "a", 2: "b", 3: "c"})
+    out = final_labels(img, run, FinalOps(roi_ids=(2,)), (1.0, 1.0, 1.0))
+    assert set(np.unique(out)) == {0, 2}
+    binary = ModelRun("body", (), None, 0.5, {1: "a"}, binarize=True)
+    assert set(np.unique(final_labels(img, binary, FinalOps(), (1.0, 1.0, 1.0)))) == {0, 1}
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float64])
+def test_order0_zoom_is_dtype_independent(dtype: type) -> None:
+    """The postprocess stage resamples uint8 labels where TotalSegmentator uses float64."""
+    labels = np.random.default_rng(1).integers(0, 118, size=(23, 17, 11)).astype(np.uint8)
+    zoom = np.array([47, 35, 29]) / np.array(labels.shape)
+    reference = ndimage.zoom(labels.astype(np.float64), zoom, order=0, mode="nearest")
+    ours = ndimage.zoom(labels.astype(dtype), zoom, order=0, mode="nearest")
+    np.testing.assert_array_equal(ours, reference)
