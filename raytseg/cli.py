@@ -92,6 +92,7 @@ def _add_segment(sub: Any) -> None:
     p.add_argument("-fs", "--force_split", action="store_true", help="Predict in three z chunks.")
     p.add_argument("-rmb", "--remove_small_blobs", nargs="?", const=200.0, type=float, default=None)
     p.add_argument("-ndm", "--no_derived_masks", action="store_true", help="No body.nii.gz/skin.nii.gz.")
+    p.add_argument("-p", "--preview", action="store_true", help="Also write preview_<task>.png (2D).")
     p.add_argument("-d", "--device", default="gpu", help="cpu, gpu, gpu:N or mps (default gpu, else cpu).")
     p.add_argument("-l", "--license_number", help="Store this license key first (licensed tasks).")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
@@ -162,7 +163,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from raytseg.pipeline.load import LoadLimits, load_volume
     from raytseg.pipeline.model import configure_torch_threads
     from raytseg.pipeline.records import SegmentOptions
-    from raytseg.pipeline.run import default_segmenter, derived_files
+    from raytseg.pipeline.run import default_segmenter, extra_outputs
 
     settings = _settings()
     if args.license_number:
@@ -189,7 +190,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     segmenter = default_segmenter(args.device, settings)
     configure_torch_threads(segmenter.device)
     seg = segmenter.segment(volume, options)
-    extra = None if args.no_derived_masks else derived_files(seg, volume, args.ml)
+    derived = not args.no_derived_masks
+    extra = extra_outputs(seg, volume, ml=args.ml, derived_masks=derived, preview=args.preview)
     written = write_segmentation(seg, args.output, ml=args.ml, extra_files=extra)
     log.info("Wrote %d file(s) to %s in %.1f s", len(written), args.output, seg.timings.get("total", 0.0))
     return 0

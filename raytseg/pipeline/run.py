@@ -219,13 +219,15 @@ def default_segmenter(device: str = "gpu", settings: Settings | None = None) -> 
         return _SEGMENTERS[key]
 
 
-def segment(
+def segment(  # noqa: PLR0913 - mirrors totalsegmentator.python_api.totalsegmentator
     input: str | os.PathLike[str] | nib.Nifti1Image,  # noqa: A002 - TotalSegmentator's name
     output: str | os.PathLike[str] | None = None,
     task: str = "total",
     *,
     ml: bool = False,
     device: str = "gpu",
+    preview: bool = False,
+    no_derived_masks: bool = False,
     **options: Any,
 ) -> nib.Nifti1Image | tuple[nib.Nifti1Image, dict[str, Any]]:
     """Segment an image like ``totalsegmentator.python_api.totalsegmentator``.
@@ -237,6 +239,8 @@ def segment(
         task: TotalSegmentator task name.
         ml: write one multilabel file instead of one file per class.
         device: ``cpu``, ``gpu``, ``gpu:N`` or ``mps``.
+        preview: also write ``preview_<task>.png`` (a 2D overview).
+        no_derived_masks: skip body.nii.gz / skin.nii.gz for task ``body``.
         **options: ``fast``, ``fastest``, ``roi_subset``, ``statistics``, ``body_seg``,
             ``force_split``, ``robust_crop``, ``remove_small_blobs``,
             ``stats_include_incomplete``, ``stats_aggregation`` (see ``SegmentOptions``).
@@ -256,14 +260,23 @@ def segment(
     volume = load_volume(input, LoadLimits.from_settings(settings))
     seg = default_segmenter(device, settings).segment(volume, opts)
     if output is not None:
-        write_segmentation(seg, str(output), ml=ml, extra_files=derived_files(seg, volume, ml))
+        extra = extra_outputs(seg, volume, ml=ml, derived_masks=not no_derived_masks, preview=preview)
+        write_segmentation(seg, str(output), ml=ml, extra_files=extra)
     img = seg.to_nifti()
     return (img, seg.statistics or {}) if opts.statistics else img
 
 
-def derived_files(seg: Segmentation, volume: Volume, ml: bool) -> dict[str, bytes] | None:
-    if ml or seg.task != "body":
-        return None
-    from raytseg.pipeline.export import derived_body_masks
+def extra_outputs(
+    seg: Segmentation, volume: Volume, *, ml: bool, derived_masks: bool = True, preview: bool = False
+) -> dict[str, bytes]:
+    """Files written beside the masks: body/skin for ``body`` (per-class only), the preview."""
+    files: dict[str, bytes] = {}
+    if derived_masks and not ml and seg.task == "body":
+        from raytseg.pipeline.export import derived_body_masks
 
-    return derived_body_masks(seg, volume)
+        files.update(derived_body_masks(seg, volume))
+    if preview:
+        from raytseg.pipeline.preview import preview_png
+
+        files[f"preview_{seg.task}.png"] = preview_png(seg, volume)
+    return files

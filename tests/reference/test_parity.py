@@ -84,12 +84,16 @@ def present_labels(path: Path) -> int:
 
 
 ML_CASES = {
-    "total": ("example_ct_sm.nii.gz", ()),
-    "total_fast": ("example_ct_sm.nii.gz", ("--fast",)),
+    # Statistics do not change the masks; asking for them here lets the statistics test
+    # reuse these (slow) reference runs.
+    "total": ("example_ct_sm.nii.gz", ("--statistics", "-sii")),
+    "total_fast": ("example_ct_sm.nii.gz", ("--fast", "--statistics")),
     "total_mr": ("example_mr_sm.nii.gz", ("-ta", "total_mr")),
     "body": ("example_ct_sm.nii.gz", ("-ta", "body")),
-    "roi_subset": ("example_ct_sm.nii.gz", ("-rs", "liver", "brain")),
-    "roi_subset_mr": ("example_mr_sm.nii.gz", ("-ta", "total_mr", "-rs", "liver")),
+    # Classes the synthetic 6 mm / 3 mm crop models find on these images (seeded weights),
+    # from three part models (CT) and both MR parts.
+    "roi_subset": ("example_ct_sm.nii.gz", ("-rs", "spinal_cord", "kidney_cyst_right", "sacrum")),
+    "roi_subset_mr": ("example_mr_sm.nii.gz", ("-ta", "total_mr", "-rs", "duodenum", "autochthon_left")),
     "dicom_fast": ("example_ct_dicom", ("--fast",)),
     "fast_force_split": ("example_ct.nii.gz", ("--fast", "-fs")),
     "fast_body_seg": ("example_ct_sm.nii.gz", ("--fast", "-bs")),
@@ -105,13 +109,13 @@ def test_multilabel_output_matches_totalsegmentator(
     theirs = totalsegmentator.run(reference_data / image, *flags, ml=True)  # type: ignore[attr-defined]
     ours = run_raytseg(reference_data / image, tmp_path, *flags, ml=True)
     assert_same_multilabel(ours, theirs)
-    # Synthetic weights must still produce a varied label map, or the comparison is vacuous.
-    assert present_labels(theirs) >= 2
+    # Synthetic weights must still produce labels, or the comparison is vacuous.
+    assert present_labels(theirs) >= (1 if "-rs" in flags else 2)
 
 
 FOLDER_CASES = {
     "total_fast_classes": ("example_ct_sm.nii.gz", ("--fast",)),
-    "body_classes": ("example_ct_sm.nii.gz", ("-ta", "body")),
+    "body_fast_classes": ("example_ct_sm.nii.gz", ("-ta", "body", "--fast")),
     "dicom_classes": ("example_ct_dicom", ("--fast", "-rs", "liver", "spleen", "aorta")),
 }
 
@@ -128,16 +132,15 @@ def test_per_class_output_matches_totalsegmentator(
 
 
 @pytest.mark.usefixtures("raytseg_env")
-@pytest.mark.parametrize("flags", [("--fast", "--statistics"), ("--statistics", "-sii")])
+@pytest.mark.parametrize("case", ["total", "total_fast"])
 def test_statistics_match_totalsegmentator(
-    flags: tuple[str, ...], totalsegmentator: object, reference_data: Path, tmp_path: Path
+    case: str, totalsegmentator: object, reference_data: Path, tmp_path: Path
 ) -> None:
-    image = reference_data / "example_ct_sm.nii.gz"
-    theirs = totalsegmentator.run(image, *flags, ml=True)  # type: ignore[attr-defined]
-    ours = run_raytseg(image, tmp_path, *flags, ml=True)
+    image, flags = ML_CASES[case]
+    theirs = totalsegmentator.run(reference_data / image, *flags, ml=True)  # type: ignore[attr-defined]
+    ours = run_raytseg(reference_data / image, tmp_path, *flags, ml=True)
     ours_stats = json.loads((ours.parent / "statistics.json").read_text())
     theirs_stats = json.loads((theirs.parent / "statistics.json").read_text())
+    # Same masks and the same arithmetic: the numbers are equal, not just close.
+    assert ours_stats == theirs_stats
     assert list(ours_stats) == list(theirs_stats)
-    for name, values in theirs_stats.items():
-        assert ours_stats[name]["volume"] == pytest.approx(values["volume"], rel=1e-4), name
-        assert ours_stats[name]["intensity"] == pytest.approx(values["intensity"], abs=0.01), name
