@@ -10,11 +10,15 @@ on headless servers without a graphics stack. Same file name as TotalSegmentator
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
 from raytseg.pipeline.records import Segmentation, Volume
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 WINDOW = (-115.0, 225.0)  # TotalSegmentator's preview window (soft tissue)
 # TotalSegmentator's label colour cycle (nifti_ext_header.py).
@@ -30,7 +34,7 @@ ALPHA = 0.6
 
 def preview_png(seg: Segmentation, image: Volume) -> bytes:
     """Coronal and sagittal overview side by side, 1 pixel per mm."""
-    from PIL import Image
+    from PIL import Image as PILImage
 
     labels = nib.as_closest_canonical(nib.Nifti1Image(seg.labels, seg.affine))
     ct = nib.as_closest_canonical(nib.Nifti1Image(image.data, image.affine))
@@ -42,7 +46,7 @@ def preview_png(seg: Segmentation, image: Volume) -> bytes:
         _panel(img, lab, axis=0, spacing=(zooms[1], zooms[2])),  # sagittal: look from the side
     ]
     height = max(v.height for v in views)
-    canvas = Image.new("RGB", (sum(v.width for v in views), height))
+    canvas = PILImage.new("RGB", (sum(v.width for v in views), height))
     x = 0
     for view in views:
         canvas.paste(view, (x, (height - view.height) // 2))
@@ -52,8 +56,8 @@ def preview_png(seg: Segmentation, image: Volume) -> bytes:
     return out.getvalue()
 
 
-def _panel(img: np.ndarray, labels: np.ndarray, *, axis: int, spacing: tuple[float, float]) -> object:
-    from PIL import Image
+def _panel(img: np.ndarray, labels: np.ndarray, *, axis: int, spacing: tuple[float, float]) -> Image:
+    from PIL import Image as PILImage
 
     lo, hi = WINDOW
     grey = np.clip((img.mean(axis=axis) - lo) / (hi - lo), 0, 1) * 255
@@ -65,7 +69,7 @@ def _panel(img: np.ndarray, labels: np.ndarray, *, axis: int, spacing: tuple[flo
     # Rows = superior..inferior (flip z), columns = the remaining in-plane axis.
     picture = np.flipud(rgb.transpose(1, 0, 2)).astype(np.uint8)
     size = (max(1, round(picture.shape[1] * spacing[0])), max(1, round(picture.shape[0] * spacing[1])))
-    return Image.fromarray(picture).resize(size, Image.Resampling.NEAREST)
+    return PILImage.fromarray(picture).resize(size, PILImage.Resampling.NEAREST)
 
 
 def _frontmost(labels: np.ndarray, axis: int) -> np.ndarray:
