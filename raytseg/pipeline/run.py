@@ -11,8 +11,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
@@ -23,7 +24,7 @@ from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.plan import CropPass, RunPlan, plan_run
 from raytseg.pipeline.postprocess import FinalOps, postprocess
 from raytseg.pipeline.preprocess import ModelPlans, crop_box_from_mask, model_key, preprocess
-from raytseg.pipeline.records import Box, Segmentation, SegmentOptions, Volume
+from raytseg.pipeline.records import Box, NetworkOutput, Prepared, Segmentation, SegmentOptions, Volume
 from raytseg.pipeline.stats import basic_statistics
 from raytseg.tasks import ModelSpec, get_task
 
@@ -84,57 +85,28 @@ class Segmenter:
         return self._plans[key]
 
     def _run(self, volume: Volume, plan: RunPlan, options: SegmentOptions) -> Segmentation:
-        crop_box, ops = (
-            None,
-            FinalOps(roi_ids=plan.roi_ids, remove_small_blobs_mm3=options.remove_small_blobs),
-        )
+        region = None
         if plan.crop is not None:
-            region = self._region(volume, plan.crop)
+            self._progress(f"Finding the region with {plan.crop.plan.main.task}")
+            found = self._run(volume, plan.crop.plan, crop_pass_options(plan.crop))
+            region = find_region(volume, plan.crop, found)
             if region is None:
                 self._progress("The crop region is empty; returning an empty segmentation.")
-                return _empty(volume, plan, options)
-            crop_box, ops = region[0], _with_keep_inside(ops, plan.crop, region[1])
+                return empty_segmentation(volume, plan, options)
         models = {model_key(spec): self.model(spec) for spec in plan.main.models}
         plans = {key: self.plans(spec) for key, spec in zip(models, plan.main.models, strict=True)}
         timings: dict[str, float] = {}
         with _timed(timings, "preprocess"):
-            prepared = preprocess(
-                volume, plan.main, plans, crop_box=crop_box, keep_model_image=plan.fast_statistics
-            )
+            prepared = prepare(volume, plan, plans, region)
         with _timed(timings, "model"):
             outputs = []
             for item in prepared.inputs:
                 self._progress(f"Predicting with {item.model_key}")
                 outputs.append(models[item.model_key].predict(item))
         with _timed(timings, "postprocess"):
-            aux = list(get_task(plan.main.task).auxiliary)
-            seg, model_labels = postprocess(outputs, prepared.inverse, plan.main, ops, auxiliary=aux)
-        model_grid = (model_labels, prepared.model_image, prepared.inverse.model_zooms)
-        return Segmentation(
-            labels=seg.labels,
-            affine=seg.affine,
-            header=seg.header,
-            label_map=dict(plan.output_classes),
-            task=plan.main.task,
-            statistics=_statistics(volume, seg, plan, options, model_grid),
-            timings=timings,
-        )
-
-    def _region(self, volume: Volume, crop: CropPass) -> tuple[Box, np.ndarray | None] | None:
-        """Run the crop pass; (bounding box, keep-inside mask) or None when empty."""
-        self._progress(f"Finding the region with {crop.plan.main.task}")
-        found = self._run(volume, crop.plan, SegmentOptions(task=crop.plan.main.task))
-        inverse_map = {name: idx for idx, name in found.label_map.items()}
-        if crop.rois is None:
-            mask = found.labels > 0
-        else:
-            mask = np.isin(found.labels, [inverse_map[r] for r in crop.rois])
-        if not mask.any():
-            return None
-        keep = None
-        if crop.remove_outside is not None:
-            keep = np.isin(found.labels, [inverse_map[r] for r in crop.remove_outside[0]])
-        return crop_box_from_mask(mask, crop.margin_mm, volume.affine), keep
+            seg = finish(volume, plan, options, prepared, outputs, region)
+        seg.timings.update(timings)
+        return seg
 
     def _warn_if_synthetic(self, plan: RunPlan) -> None:
         from raytseg.weights.synth import is_synthetic
@@ -150,6 +122,88 @@ class Segmenter:
                     model_key(spec),
                 )
                 return
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where the crop pass found the task's region, on the input grid."""
+
+    box: Box
+    keep_inside: np.ndarray | None = None  # remove labels outside this mask ...
+    keep_inside_dilation_mm: float = 0.0  # ... dilated by this much
+
+
+def crop_pass_options(crop: CropPass) -> SegmentOptions:
+    """Options of the crop pass itself: a plain multilabel run of the crop task."""
+    return SegmentOptions(task=crop.plan.main.task)
+
+
+def find_region(volume: Volume, crop: CropPass, found: Segmentation) -> Region | None:
+    """Bounding box (plus margin) of the crop rois in the crop pass output; None if empty."""
+    by_name = {name: idx for idx, name in found.label_map.items()}
+    rois = found.label_map if crop.rois is None else [by_name[r] for r in crop.rois]
+    mask = np.isin(found.labels, list(rois))
+    if not mask.any():
+        return None
+    box = crop_box_from_mask(mask, crop.margin_mm, volume.affine)
+    if crop.remove_outside is None:
+        return Region(box)
+    names, dilation_mm = crop.remove_outside
+    return Region(box, np.isin(found.labels, [by_name[r] for r in names]), dilation_mm)
+
+
+def prepare(
+    volume: Volume, plan: RunPlan, plans: Mapping[str, ModelPlans], region: Region | None
+) -> Prepared:
+    """The CPU step before the networks: crop to the region, resample, normalise."""
+    return preprocess(
+        volume,
+        plan.main,
+        plans,
+        crop_box=None if region is None else region.box,
+        keep_model_image=plan.fast_statistics,
+    )
+
+
+def finish(
+    volume: Volume,
+    plan: RunPlan,
+    options: SegmentOptions,
+    prepared: Prepared,
+    outputs: Sequence[NetworkOutput],
+    region: Region | None,
+) -> Segmentation:
+    """The CPU step after the networks: back to the input grid, label rules, statistics."""
+    ops = FinalOps(
+        roi_ids=plan.roi_ids,
+        keep_inside=None if region is None else region.keep_inside,
+        keep_inside_dilation_mm=plan.crop.remove_outside[1]
+        if plan.crop and plan.crop.remove_outside
+        else 0.0,
+        remove_small_blobs_mm3=options.remove_small_blobs,
+    )
+    aux = list(get_task(plan.main.task).auxiliary)
+    seg, model_labels = postprocess(outputs, prepared.inverse, plan.main, ops, auxiliary=aux)
+    model_grid = (model_labels, prepared.model_image, prepared.inverse.model_zooms)
+    return Segmentation(
+        labels=seg.labels,
+        affine=seg.affine,
+        header=seg.header,
+        label_map=dict(plan.output_classes),
+        task=plan.main.task,
+        statistics=_statistics(volume, seg, plan, options, model_grid),
+    )
+
+
+def empty_segmentation(volume: Volume, plan: RunPlan, options: SegmentOptions) -> Segmentation:
+    """What TotalSegmentator returns when the crop region is empty: all zeros."""
+    header = volume.header.copy()
+    header.set_data_dtype(np.uint8)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    stats = None
+    if options.statistics:
+        stats = basic_statistics(labels, volume.data, volume.zooms, dict(plan.output_classes))
+    return Segmentation(labels, volume.affine, header, dict(plan.output_classes), plan.main.task, stats)
 
 
 ModelGrid = tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]
@@ -171,27 +225,6 @@ def _statistics(
     return basic_statistics(
         seg.labels, volume.data, volume.zooms, classes, include_incomplete=include, aggregation=aggregation
     )
-
-
-def _with_keep_inside(ops: FinalOps, crop: CropPass, keep: np.ndarray | None) -> FinalOps:
-    if keep is None or crop.remove_outside is None:
-        return ops
-    return FinalOps(
-        roi_ids=ops.roi_ids,
-        keep_inside=keep,
-        keep_inside_dilation_mm=crop.remove_outside[1],
-        remove_small_blobs_mm3=ops.remove_small_blobs_mm3,
-    )
-
-
-def _empty(volume: Volume, plan: RunPlan, options: SegmentOptions) -> Segmentation:
-    header = volume.header.copy()
-    header.set_data_dtype(np.uint8)
-    labels = np.zeros(volume.shape, dtype=np.uint8)
-    stats = None
-    if options.statistics:
-        stats = basic_statistics(labels, volume.data, volume.zooms, dict(plan.output_classes))
-    return Segmentation(labels, volume.affine, header, dict(plan.output_classes), plan.main.task, stats)
 
 
 @contextmanager

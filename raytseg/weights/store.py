@@ -102,16 +102,31 @@ def find_dataset_folders(root: Path, dataset_id: int) -> list[Path]:
 
 def task_for_dataset(dataset_id: int) -> str | None:
     """The first catalogue task that runs a dataset's model (for fix-it messages)."""
+    found = _task_and_mode(dataset_id)
+    return None if found is None else found[0]
+
+
+def _task_and_mode(dataset_id: int) -> tuple[str, str] | None:
     for name, task in load_catalog().tasks.items():
-        if any(m.dataset_id == dataset_id for mode in task.modes.values() for m in mode.models):
-            return name
+        for mode_name, mode in task.modes.items():
+            if any(m.dataset_id == dataset_id for m in mode.models):
+                return name, mode_name
     return None
+
+
+def _task_flags(dataset_id: int) -> str:
+    """``total --fast`` style arguments naming the task mode that uses a dataset."""
+    found = _task_and_mode(dataset_id)
+    if found is None:
+        return "<task>"
+    name, mode = found
+    return name if mode == "default" else f"{name} --{mode}"
 
 
 def how_to_get(dataset_id: int, root: Path | None = None) -> str:
     """The command(s) that put a dataset's weights in place (into ``root`` when given)."""
     dataset = load_catalog().datasets.get(dataset_id)
-    task = task_for_dataset(dataset_id) or "<task>"
+    task = _task_flags(dataset_id)
     synth = (
         f"For tests only, random weights: `raytseg weights synth -t {task} -o {root or '<weights folder>'}`."
     )

@@ -93,8 +93,9 @@ def test_missing_public_folder_names_it_and_the_commands(tmp_path: Path, setting
     message = str(info.value)
     assert f"{TOTAL_3MM}/{FAST.trainer_folder}" in message
     assert str(store.root) in message
-    assert "raytseg weights download -t total" in message
-    assert f"raytseg weights synth -t total -o {store.root}" in message
+    # The fix names the mode too: 297 is total's --fast model.
+    assert "raytseg weights download -t total --fast" in message
+    assert f"raytseg weights synth -t total --fast -o {store.root}" in message
 
 
 def test_missing_licensed_folder_says_how_to_get_a_license(
