@@ -77,9 +77,13 @@ class LoadedModel:
     """An nnU-Net network resident on one device, ready to predict."""
 
     def __init__(self, key: str, predictor: Any, device: torch.device) -> None:
+        from raytseg.pipeline import sliding_window
+
         self.key = key
         self._predictor = predictor
         self.device = device
+        patch = predictor.configuration_manager.patch_size
+        self._lean_cpu_window = device.type == "cpu" and sliding_window.supports(predictor.network, patch)
 
     @classmethod
     def load(cls, files: ModelFiles, device: torch.device) -> LoadedModel:
@@ -109,11 +113,15 @@ class LoadedModel:
     def _labels(self, data: torch.Tensor, item: NetworkInput) -> np.ndarray:
         import torch
 
+        from raytseg.pipeline import sliding_window
+
         predictor = self._predictor
-        if len(predictor.list_of_parameters) == 1:
-            logits = predictor.predict_sliding_window_return_logits(data)
-        else:  # several folds: nnU-Net averages them, reloading each fold's weights
+        if len(predictor.list_of_parameters) > 1:  # nnU-Net averages folds, reloading each one's weights
             logits = predictor.predict_logits_from_preprocessed_data(data)
+        elif self._lean_cpu_window:
+            logits = sliding_window.predict_logits(predictor, data)
+        else:
+            logits = predictor.predict_sliding_window_return_logits(data)
         geometry = item.geometry
         if tuple(logits.shape[1:]) == geometry.shape_after_cropping_and_before_resampling:
             # Same values as nnU-Net's numpy argmax (first maximum wins), but on the device.
@@ -207,6 +215,10 @@ def _build_predictor(
             verbose=False,
             allow_tqdm=False,
         )
+    if len(parameters) == 1:
+        # One fold: the network already holds these weights; keep views of them instead
+        # of a second copy (nnU-Net only re-reads the list when averaging several folds).
+        parameters = [network.state_dict()]
     predictor.manual_initialization(
         network,
         manager,

@@ -19,6 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from raytseg.errors import WeightsIntegrityError
 from raytseg.pipeline.axes import nifti_zooms, spacing_to_network, to_network
 from raytseg.pipeline.plan import ModelRun
 from raytseg.pipeline.records import (
@@ -72,9 +73,9 @@ def preprocess(
     chunks = _chunks(model_data, split)
     spacing = spacing_to_network(nifti_zooms(model_img.affine))
     inputs = tuple(
-        _network_input(model_key(spec), index, chunk, spacing, plans[model_key(spec)], run.step_size)
-        for spec in run.models
+        item
         for index, chunk in enumerate(chunks)
+        for item in _network_inputs(chunk, index, spacing, run, plans)
     )
     inverse = InverseRecord(
         original_shape=volume.shape,
@@ -162,31 +163,100 @@ def _chunks(data: np.ndarray, split: ChunkSplit | None) -> list[np.ndarray]:
     return [data[:, :, : t + m], data[:, :, t + 1 - m : 2 * t + m], data[:, :, 2 * t + 1 - m :]]
 
 
-def _network_input(
-    key: str, chunk: int, data: np.ndarray, spacing: Spacing, plans: ModelPlans, step_size: float
-) -> NetworkInput:
-    """nnU-Net's own preprocessing (transpose, crop to non-zero, normalise) for one model."""
-    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+@dataclass(frozen=True)
+class _NonzeroCrop:
+    """nnU-Net's crop to the non-zero region, computed once per axis order."""
+
+    shape_before: Shape3
+    bbox: Box
+    seg: np.ndarray  # 0 inside, -1 outside (nnU-Net's convention), used by z-score masks
+
+
+def _network_inputs(
+    chunk: np.ndarray, index: int, spacing: Spacing, run: ModelRun, plans: Mapping[str, ModelPlans]
+) -> list[NetworkInput]:
+    """nnU-Net's ``DefaultPreprocessor.run_case_npy`` for every model, sharing its crop.
+
+    The steps are nnU-Net's own functions in nnU-Net's order (transpose, crop to non-zero,
+    normalise, resample). Only the crop, which depends on the image alone, is computed once
+    instead of once per model: a fifth of the work for ``total``'s five models.
+    """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    manager = PlansManager(plans.plans)
-    config = manager.get_configuration(plans.configuration)
-    properties: dict[str, Any] = {"spacing": list(spacing)}
-    normalised, _, props = DefaultPreprocessor(verbose=False).run_case_npy(
-        to_network(data), None, properties, manager, config, plans.dataset_json
-    )
+    # nnU-Net's readers hand run_case_npy a C-contiguous float32 (1, z, y, x) array. The
+    # memory layout matters: z-score normalisation sums in memory order.
+    base = np.ascontiguousarray(to_network(chunk), dtype=np.float32)
+    crops: dict[tuple[int, ...], _NonzeroCrop] = {}
+    inputs = []
+    for spec in run.models:
+        model = plans[model_key(spec)]
+        manager = PlansManager(model.plans)
+        order = tuple(int(a) for a in manager.transpose_forward)
+        if order not in crops:
+            crops[order] = _nonzero_crop(_transposed(base, order))
+        data, geometry = _normalised(base, order, crops[order], spacing, manager, model)
+        inputs.append(NetworkInput(model_key(spec), index, data, geometry, run.step_size))
+    return inputs
+
+
+def _transposed(data: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
+    return data.transpose([0, *(a + 1 for a in order)])
+
+
+def _nonzero_crop(data: np.ndarray) -> _NonzeroCrop:
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+
+    _, seg, bbox = crop_to_nonzero(data)
+    box = tuple((int(lo), int(hi)) for lo, hi in bbox)
+    return _NonzeroCrop(_shape3(data.shape[1:]), box, seg)  # type: ignore[arg-type]
+
+
+def _normalised(
+    base: np.ndarray,
+    order: tuple[int, ...],
+    crop: _NonzeroCrop,
+    spacing: Spacing,
+    manager: Any,
+    model: ModelPlans,
+) -> tuple[np.ndarray, CaseGeometry]:
+    """One model's normalised (and, if its plans say so, resampled) input."""
+    config = manager.get_configuration(model.configuration)
+    # A fresh copy per model, viewed exactly as run_case_npy views it (normalisation is in place).
+    slicer = (slice(None), *(slice(lo, hi) for lo, hi in crop.bbox))
+    data = _transposed(base.copy(), order)[slicer]
+    spacing_t = [spacing[a] for a in order]
+    target = list(config.spacing)
+    for c, scheme in enumerate(config.normalization_schemes):
+        normaliser = _normaliser_class(scheme)(
+            use_mask_for_norm=config.use_mask_for_norm[c],
+            intensityproperties=manager.foreground_intensity_properties_per_channel[str(c)],
+        )
+        data[c] = normaliser.run(data[c], crop.seg[0])
+    shape_after = _shape3(data.shape[1:])
+    new_shape = [int(round(i / j * k)) for i, j, k in zip(spacing_t, target, shape_after, strict=True)]
+    if list(shape_after) != new_shape:  # nnU-Net resamples itself (tasks without TS resampling)
+        data = config.resampling_fn_data(data, new_shape, spacing_t, target)
     geometry = CaseGeometry(
         spacing=spacing,
-        shape_before_cropping=_shape3(tuple(props["shape_before_cropping"])),
-        bbox_used_for_cropping=tuple((int(lo), int(hi)) for lo, hi in props["bbox_used_for_cropping"]),  # type: ignore[arg-type]
-        shape_after_cropping_and_before_resampling=_shape3(
-            tuple(props["shape_after_cropping_and_before_resampling"])
-        ),
+        shape_before_cropping=crop.shape_before,
+        bbox_used_for_cropping=crop.bbox,
+        shape_after_cropping_and_before_resampling=shape_after,
     )
-    return NetworkInput(
-        model_key=key,
-        chunk=chunk,
-        data=np.ascontiguousarray(normalised, dtype=np.float32),
-        geometry=geometry,
-        step_size=step_size,
+    return np.ascontiguousarray(data, dtype=np.float32), geometry
+
+
+def _normaliser_class(scheme: str) -> Any:
+    """nnU-Net's lookup of a normalisation scheme by its plans name."""
+    from os.path import join
+
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    found = recursive_find_python_class(
+        join(nnunetv2.__path__[0], "preprocessing", "normalization"),
+        scheme,
+        "nnunetv2.preprocessing.normalization",
     )
+    if found is None:
+        raise WeightsIntegrityError(f"plans.json names an unknown normalisation scheme {scheme!r}.")
+    return found

@@ -1,0 +1,181 @@
+"""The batch job's configuration: one pydantic model, from CLI flags or a YAML file.
+
+    input: s3://bucket/cts/            # a prefix to list, or a manifest (.csv, .parquet, .jsonl)
+    output: s3://bucket/segmentations/
+    task: total
+    fast: true
+    ml: false
+    max_failures: 0.05                 # a count (5) or a fraction of the items (0.05)
+    model: {concurrency: [1, 2], num_gpus: 0.5}
+    storage: {endpoint_url: https://minio.internal:9000}
+
+Segmentation options are the fields of ``SegmentOptions`` (``fast``, ``roi_subset``,
+``statistics``...), spelled and validated the same way. Unknown keys are rejected.
+Credentials never appear here: storage is reached through the standard chain of the
+filesystem library (for S3: env, shared files, instance/pod roles).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from raytseg import storage
+from raytseg.errors import InvalidOptionError
+from raytseg.pipeline.records import SegmentOptions
+
+RESULTS_NAME = "_results.parquet"
+STAGING_NAME = "_staging"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CpuStageConfig(_Strict):
+    """A CPU stage (read + preprocess, or postprocess + write): stateless Ray tasks."""
+
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs Ray reserves per task.")
+    concurrency: int | None = Field(
+        default=None, ge=1, description="At most this many tasks at once (default: as CPUs allow)."
+    )
+
+
+class ModelStageConfig(_Strict):
+    """The model stage: an actor pool whose actors load the networks once."""
+
+    concurrency: tuple[int, int] = Field(
+        default=(1, 1), description="(min, max) actors; the pool autoscales between them."
+    )
+    num_gpus: float = Field(
+        default=0.0,
+        ge=0,
+        description="GPUs per actor (a fraction shares a GPU). With crop passes the share is split "
+        "evenly between the model stages (one per pass).",
+    )
+    num_cpus: float = Field(
+        default=1.0, gt=0, description="CPUs per actor, split like num_gpus between the model stages."
+    )
+    threads: int | None = Field(
+        default=None, ge=1, description="torch threads per actor (default: num_cpus on CPU, 1 on GPU)."
+    )
+
+    @field_validator("concurrency")
+    @classmethod
+    def _min_le_max(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if low < 1 or high < low:
+            raise ValueError(f"concurrency must be (min, max) with 1 <= min <= max, not {value}")
+        return value
+
+
+class StorageConfig(_Strict):
+    """How storage is reached; credentials come from the standard chain, never from here."""
+
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (MinIO, Ceph...); AWS_ENDPOINT_URL in the env works too.",
+    )
+    retries: int = Field(default=4, ge=0, description="Retries of a transient storage error.")
+    retry_delay_s: float = Field(
+        default=0.5, gt=0, description="First retry delay; doubles each retry (with jitter)."
+    )
+
+
+MaxFailures = Annotated[
+    int | float,
+    Field(description="Failed items tolerated: a count (int) or a fraction of all items (float 0..1)."),
+]
+
+
+class BatchConfig(SegmentOptions):
+    """A batch segmentation job: what to read, what to run, where to write, how to run it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(description="Prefix (folder or URI) to list, or a manifest .csv/.parquet/.jsonl.")
+    output: str = Field(description="Where <id>/ folders and the results table are written.")
+    results: str | None = Field(default=None, description=f"Results table (default <output>/{RESULTS_NAME}).")
+    ml: bool = Field(default=False, description="One multilabel file per item instead of one per class.")
+    derived_masks: bool = Field(default=True, description="body.nii.gz/skin.nii.gz for task body.")
+    preview: bool = Field(default=False, description="Also write preview_<task>.png per item.")
+    device: str = Field(default="gpu", description="cpu, gpu, gpu:N or mps (no GPU: CPU).")
+    overwrite: bool = Field(default=False, description="Recompute items that are already complete.")
+    max_failures: MaxFailures = 0
+    retries: int = Field(default=3, ge=0, description="Retries of an item whose worker process died.")
+    read: CpuStageConfig = CpuStageConfig()
+    model: ModelStageConfig = ModelStageConfig()
+    write: CpuStageConfig = CpuStageConfig()
+    storage: StorageConfig = StorageConfig()
+    address: str | None = Field(default=None, description="Ray cluster to join; default: start a local one.")
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the local Ray (default: all).")
+    object_store_mb: int = Field(default=500, ge=100, description="Object store of the local Ray, MB.")
+    no_progress_timeout_s: float | None = Field(
+        default=None, gt=0, description="Abort when no item moves for this long (default: never)."
+    )
+
+    @field_validator("max_failures")
+    @classmethod
+    def _check_max_failures(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and not 0.0 <= value <= 1.0:
+            raise ValueError(f"a fraction of failures must be within 0..1, not {value}")
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"a count of failures cannot be negative ({value})")
+        return value
+
+    @model_validator(mode="after")
+    def _check_device(self) -> BatchConfig:
+        if self.model.num_gpus > 0 and self.device in ("cpu", "mps"):
+            raise ValueError(f"model.num_gpus is {self.model.num_gpus} but device is {self.device!r}")
+        return self
+
+    @property
+    def results_uri(self) -> str:
+        return self.results or storage.join(self.output, RESULTS_NAME)
+
+    @property
+    def staging_uri(self) -> str:
+        return storage.join(self.output, STAGING_NAME)
+
+    def segment_options(self, task: str | None = None) -> SegmentOptions:
+        """The segmentation options of an item (``task`` overrides the job's task)."""
+        fields = self.model_dump(include=set(SegmentOptions.model_fields))
+        if task is not None:
+            fields["task"] = task
+        return SegmentOptions.model_validate(fields)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> BatchConfig:
+        """A config from YAML, with ``overrides`` (e.g. CLI flags) on top of it."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise InvalidOptionError(f"Cannot read the job config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InvalidOptionError(f"The job config {path} must be a YAML mapping of options.")
+        return cls.model_validate({**data, **(overrides or {})})
+
+
+def parse_max_failures(text: str) -> int | float:
+    """``--max-failures``: ``5`` (a count), ``0.05`` or ``5%`` (a fraction of the items)."""
+    text = text.strip()
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100.0
+        return int(text) if text.isdigit() else float(text)
+    except ValueError as exc:
+        raise InvalidOptionError(
+            f"--max-failures takes a count (5) or a fraction (0.05 or 5%), not {text!r}."
+        ) from exc
+
+
+def failures_exceeded(failed: int, total: int, limit: int | float) -> bool:
+    """True when ``failed`` items out of ``total`` are more than ``limit`` allows."""
+    if isinstance(limit, float):
+        return failed > limit * total
+    return failed > limit

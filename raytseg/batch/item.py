@@ -1,0 +1,375 @@
+"""One item's way through the batch pipeline, as steps over a picklable ``ItemState``.
+
+    start ──▶ predict ──▶ advance ──▶ predict ──▶ advance ...   one (predict, advance) per pass
+    load, plan,  models     finish the pass; crop pass: find the
+    prepare      (actor)    region, prepare the next pass; main pass:
+    pass 0                  export, stage, commit, mark
+
+A request runs one pass per model run: crop passes first (``plan.crop``, innermost
+first), the main pass last, exactly as ``Segmenter`` recurses through them. The steps call
+the same stage functions as ``Segmenter`` (``prepare``, ``finish``, ``find_region``,
+``empty_segmentation``, ``extra_outputs``, ``write_segmentation``), so outputs are
+byte-identical to ``raytseg segment``. No step imports Ray: the Ray adapter
+(``raytseg.batch.job``) runs them in tasks and actors, tests run them in-process.
+
+Any error inside a step turns the item into a failed result and the item flows on
+untouched; only the process dying (out of memory, a lost node) escapes, and Ray retries
+the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from raytseg.batch.commit import OutputStore
+from raytseg.batch.config import BatchConfig
+from raytseg.batch.inputs import WorkItem
+from raytseg.batch.results import ItemResult
+from raytseg.batch.retry import RetryPolicy
+from raytseg.config import Settings
+from raytseg.errors import InputError, LicenseError
+from raytseg.pipeline.load import LoadLimits, load_volume
+from raytseg.pipeline.plan import CropPass, RunPlan, plan_run
+from raytseg.pipeline.preprocess import ModelPlans, model_key
+from raytseg.pipeline.records import NetworkOutput, Prepared, Segmentation, SegmentOptions, Volume
+from raytseg.pipeline.run import (
+    Region,
+    crop_pass_options,
+    empty_segmentation,
+    extra_outputs,
+    find_region,
+    finish,
+    prepare,
+)
+from raytseg.tasks import ModelSpec, get_task
+
+if TYPE_CHECKING:
+    from raytseg.pipeline.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+ML_FILE_NAME = "segmentation.nii.gz"  # the --ml output of an item
+
+
+class Models(Protocol):
+    """Resident networks by spec (``Segmenter`` is one)."""
+
+    def model(self, spec: ModelSpec) -> LoadedModel: ...
+
+
+class Plans(Protocol):
+    """plans.json and dataset.json by spec (``Segmenter`` is one)."""
+
+    def plans(self, spec: ModelSpec) -> ModelPlans: ...
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What every step of one run needs; built on the driver, shipped to the workers."""
+
+    config: BatchConfig
+    settings: Settings
+    run_id: str
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(self.config.storage.retries, self.config.storage.retry_delay_s)
+
+    @property
+    def limits(self) -> LoadLimits:
+        return LoadLimits.from_settings(self.settings)
+
+    def outputs(self) -> OutputStore:
+        return OutputStore(self.config.staging_uri, self.retry)
+
+    def options_for(self, item: WorkItem) -> SegmentOptions:
+        return self.config.segment_options(item.task)
+
+    def fingerprint(self, item: WorkItem) -> str:
+        """Identifies what the outputs depend on, to tell a complete item from a stale one."""
+        config = self.config
+        asked = {
+            "options": self.options_for(item).model_dump(mode="json"),
+            "files": [config.ml, config.derived_masks, config.preview],
+        }
+        return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ItemState:
+    """An item between steps. Heavy fields are dropped as soon as no later step needs them."""
+
+    item: WorkItem
+    options: SegmentOptions  # after auto-MR
+    fingerprint: str
+    attempt: str
+    started: float = field(default_factory=time.time)
+    timings: dict[str, float] = field(default_factory=dict)
+    chain: tuple[RunPlan, ...] = ()  # crop passes (innermost first), then the main pass
+    level: int = 0  # the pass being run
+    volume: Volume | None = None
+    voxels: int | None = None
+    region: Region | None = None
+    prepared: Prepared | None = None
+    outputs: tuple[NetworkOutput, ...] = ()
+    result: ItemResult | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.result is None
+
+    @property
+    def awaits_models(self) -> bool:
+        return self.active and self.prepared is not None and bool(self.prepared.inputs)
+
+
+# --- the steps -----------------------------------------------------------------------
+
+
+def start(item: WorkItem, job: JobSpec, plans: Plans) -> ItemState:
+    """Load the image, plan its passes and prepare the first one."""
+    state = ItemState(
+        item=item,
+        options=job.options_for(item),
+        fingerprint=job.fingerprint(item),
+        attempt=f"{job.run_id}-{uuid.uuid4().hex[:8]}",
+    )
+    _guarded(state, job, lambda: _load_and_prepare(state, job, plans))
+    return state
+
+
+def predict(state: ItemState, job: JobSpec, models: Models) -> None:
+    """Run the current pass's networks on its prepared inputs (the model stage)."""
+    if state.awaits_models:
+        _guarded(state, job, lambda: _predict(state, models))
+
+
+def advance(state: ItemState, job: JobSpec, plans: Plans) -> None:
+    """Finish the current pass, then prepare the next one or write the outputs."""
+    if state.active and state.prepared is not None and not state.prepared.inputs:
+        _guarded(state, job, lambda: _advance(state, job, plans))
+
+
+def result_of(state: ItemState) -> ItemResult:
+    """The item's result; an item that did not get through every pass is failed."""
+    if state.result is not None:
+        return state.result
+    return _failed_result(state, "InternalError", "The item left the pipeline before it was written.")
+
+
+# --- what the steps do ---------------------------------------------------------------
+
+
+def _load_and_prepare(state: ItemState, job: JobSpec, plans: Plans) -> None:
+    with _timed(state, "load"):
+        volume = job.retry.call(lambda: load_volume(state.item.input, job.limits), f"Reading {state.item.input}")
+    state.options = auto_mr(state.options, volume.modality)
+    _check_license(state.options.task, job.settings)
+    state.chain = pass_chain(plan_run(state.options))
+    state.volume, state.voxels = volume, math.prod(volume.shape)
+    _prepare_pass(state, plans, region=None)
+    if not needs_voxels_later(state.chain, state.options, job.config):
+        state.volume = _without_voxels(volume)
+
+
+def _predict(state: ItemState, models: Models) -> None:
+    assert state.prepared is not None
+    specs = {model_key(spec): spec for spec in state.chain[state.level].main.models}
+    with _timed(state, "model"):
+        state.outputs = tuple(models.model(specs[x.model_key]).predict(x) for x in state.prepared.inputs)
+    # The inputs are spent; only the inverse record travels on.
+    state.prepared = dataclasses.replace(state.prepared, inputs=())
+
+
+def _advance(state: ItemState, job: JobSpec, plans: Plans) -> None:
+    assert state.prepared is not None and state.volume is not None
+    region = None
+    with _timed(state, "postprocess"):
+        plan = state.chain[state.level]
+        seg = finish(state.volume, plan, _pass_options(state), state.prepared, state.outputs, state.region)
+        state.prepared, state.outputs = None, ()
+        if state.level < len(state.chain) - 1:
+            region = find_region(state.volume, _crop_of(state.chain[state.level + 1]), seg)
+            if region is None:
+                log.info("%s: the crop region is empty; writing an empty segmentation.", state.item.id)
+                seg = empty_segmentation(state.volume, state.chain[-1], state.options)
+    if region is None:
+        _write(state, job, seg)
+    else:
+        state.level += 1
+        _prepare_pass(state, plans, region)
+
+
+def _prepare_pass(state: ItemState, plans: Plans, region: Region | None) -> None:
+    assert state.volume is not None
+    plan = state.chain[state.level]
+    model_plans = {model_key(spec): plans.plans(spec) for spec in plan.main.models}
+    with _timed(state, "preprocess"):
+        state.prepared = prepare(state.volume, plan, model_plans, region)
+    state.region = region
+
+
+def _write(state: ItemState, job: JobSpec, seg: Segmentation) -> None:
+    assert state.volume is not None
+    config, store = job.config, job.outputs()
+    staged = store.staging_dir(state.item.id, state.attempt)
+    started = time.perf_counter()
+    extra = extra_outputs(
+        seg, state.volume, ml=config.ml, derived_masks=config.derived_masks, preview=config.preview
+    )
+    names = job.retry.call(
+        lambda: _write_files(seg, staged, ml=config.ml, extra=extra), f"Writing {state.item.id}"
+    )
+    state.volume = None
+    state.timings["write"] = time.perf_counter() - started  # the marker records it without the commit
+    result = _ok_result(state, seg, names)
+    store.commit(staged, state.item.output, names, json.loads(result.to_json()))
+    state.timings["write"] = time.perf_counter() - started
+    state.result = dataclasses.replace(result, timings=_final_timings(state))
+    store.discard(state.item.id)
+
+
+def _write_files(seg: Segmentation, folder: str, *, ml: bool, extra: dict[str, bytes]) -> list[str]:
+    """The files ``raytseg segment`` writes, into ``folder``; returns their names."""
+    from raytseg import storage
+    from raytseg.pipeline.export import write_segmentation
+
+    target = storage.join(folder, ML_FILE_NAME) if ml else folder
+    written = write_segmentation(seg, target, ml=ml, extra_files=extra)
+    return [location.rstrip("/").rsplit("/", 1)[-1] for location in written]
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def pass_chain(plan: RunPlan) -> tuple[RunPlan, ...]:
+    """The passes of ``plan`` in the order they run: innermost crop pass first."""
+    return (*pass_chain(plan.crop.plan), plan) if plan.crop is not None else (plan,)
+
+
+def auto_mr(options: SegmentOptions, modality: str | None) -> SegmentOptions:
+    """``raytseg segment``'s rule: task ``total`` on a DICOM series tagged MR runs ``total_mr``."""
+    if modality == "MR" and options.task == "total":
+        return options.model_copy(update={"task": "total_mr"})
+    return options
+
+
+def needs_voxels_later(chain: tuple[RunPlan, ...], options: SegmentOptions, config: BatchConfig) -> bool:
+    """Whether a step after the first model pass reads the input's voxels.
+
+    They are needed to prepare a pass after a crop pass, for statistics on the input grid,
+    for the skin mask of task ``body`` and for previews. Otherwise they are dropped after
+    preprocessing, so the image itself never travels through the model stage.
+    """
+    main = chain[-1]
+    return (
+        len(chain) > 1
+        or (options.statistics and not main.fast_statistics)
+        or config.preview
+        or (config.derived_masks and not config.ml and main.main.task == "body")
+    )
+
+
+def _without_voxels(volume: Volume) -> Volume:
+    # Header, affine and source are all ``finish`` and ``write`` read when
+    # needs_voxels_later() is False; an empty array makes any other read fail loudly.
+    return dataclasses.replace(volume, data=np.empty((0, 0, 0), dtype=volume.data.dtype))
+
+
+def _pass_options(state: ItemState) -> SegmentOptions:
+    if state.level == len(state.chain) - 1:
+        return state.options
+    return crop_pass_options(_crop_of(state.chain[state.level + 1]))
+
+
+def _crop_of(plan: RunPlan) -> CropPass:
+    assert plan.crop is not None, "every pass after the first has a crop pass"
+    return plan.crop
+
+
+def _check_license(task_name: str, settings: Settings) -> None:
+    task = get_task(task_name)
+    if task.license_required:
+        from raytseg.weights.license import require_license
+
+        require_license(task, settings)
+
+
+def _guarded(state: ItemState, job: JobSpec, step: Callable[[], None]) -> None:
+    try:
+        step()
+    except Exception as exc:
+        if isinstance(exc, InputError | LicenseError):
+            log.warning("%s failed: %s", state.item.id, exc)
+        else:
+            log.exception("%s failed", state.item.id)
+        state.result = _failed_result(state, type(exc).__name__, str(exc))
+        state.volume, state.prepared, state.outputs = None, None, ()
+        job.outputs().discard(state.item.id, state.attempt)
+
+
+def _ok_result(state: ItemState, seg: Segmentation, names: list[str]) -> ItemResult:
+    from raytseg import storage
+    from raytseg.pipeline.stats import statistics_json
+
+    return ItemResult(
+        id=state.item.id,
+        input=state.item.input,
+        output=state.item.output,
+        task=state.options.task,
+        status="ok",
+        outputs=tuple(storage.join(state.item.output, name) for name in names),
+        voxels=state.voxels,
+        timings=_final_timings(state),
+        statistics=None if seg.statistics is None else statistics_json(seg.statistics).decode(),
+        finished_at=_now(),
+        attempt=state.attempt,
+        fingerprint=state.fingerprint,
+    )
+
+
+def _failed_result(state: ItemState, error_type: str, message: str) -> ItemResult:
+    return ItemResult(
+        id=state.item.id,
+        input=state.item.input,
+        output=state.item.output,
+        task=state.options.task,
+        status="failed",
+        error_type=error_type,
+        error_message=message,
+        voxels=state.voxels,
+        timings=_final_timings(state),
+        finished_at=_now(),
+        attempt=state.attempt,
+        fingerprint=state.fingerprint,
+    )
+
+
+def _final_timings(state: ItemState) -> dict[str, float]:
+    return {**state.timings, "total": time.time() - state.started}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@contextmanager
+def _timed(state: ItemState, stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        state.timings[stage] = state.timings.get(stage, 0.0) + time.perf_counter() - started

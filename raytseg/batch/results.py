@@ -1,0 +1,109 @@
+"""One result per item, and the job's results table (Parquet).
+
+Columns: ``id, input, output, task, status`` (ok, failed, skipped), ``error_type`` and
+``error_message`` (failed items), ``outputs`` (the files written), ``voxels``, one
+``<stage>_s`` column of seconds per stage (load, preprocess, model, postprocess, write,
+total), ``statistics`` (the statistics.json content, when asked), ``finished_at`` (UTC,
+ISO 8601) and ``attempt`` (the run that wrote the outputs).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+Status = Literal["ok", "failed", "skipped"]
+STAGES = ("load", "preprocess", "model", "postprocess", "write", "total")
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What happened to one item."""
+
+    id: str
+    input: str
+    output: str
+    task: str
+    status: Status
+    error_type: str | None = None
+    error_message: str | None = None
+    outputs: tuple[str, ...] = ()
+    voxels: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    statistics: str | None = None  # JSON
+    finished_at: str | None = None
+    attempt: str | None = None
+    fingerprint: str | None = None  # the options that produced the outputs
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ItemResult:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ItemResult:
+        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        known["outputs"] = tuple(known.get("outputs", ()))
+        return cls(**known)
+
+    def as_skipped(self) -> ItemResult:
+        return replace(self, status="skipped")
+
+
+def results_table(results: Iterable[ItemResult]) -> Any:
+    """The results as a ``pyarrow.Table`` with a fixed schema (also when empty)."""
+    import pyarrow as pa
+
+    rows = list(results)
+    columns: dict[str, list[Any]] = {
+        "id": [r.id for r in rows],
+        "input": [r.input for r in rows],
+        "output": [r.output for r in rows],
+        "task": [r.task for r in rows],
+        "status": [r.status for r in rows],
+        "error_type": [r.error_type for r in rows],
+        "error_message": [r.error_message for r in rows],
+        "outputs": [list(r.outputs) for r in rows],
+        "voxels": [r.voxels for r in rows],
+    }
+    for stage in STAGES:
+        columns[f"{stage}_s"] = [r.timings.get(stage) for r in rows]
+    columns["statistics"] = [r.statistics for r in rows]
+    columns["finished_at"] = [r.finished_at for r in rows]
+    columns["attempt"] = [r.attempt for r in rows]
+    return pa.table(columns, schema=_schema())
+
+
+def parquet_bytes(table: Any) -> bytes:
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    text = pa.string()
+    fields = [
+        ("id", text),
+        ("input", text),
+        ("output", text),
+        ("task", text),
+        ("status", text),
+        ("error_type", text),
+        ("error_message", text),
+        ("outputs", pa.list_(text)),
+        ("voxels", pa.int64()),
+        *((f"{stage}_s", pa.float64()) for stage in STAGES),
+        ("statistics", text),
+        ("finished_at", text),
+        ("attempt", text),
+    ]
+    return pa.schema(fields)

@@ -1,0 +1,69 @@
+"""Retries with exponential backoff for transient storage errors.
+
+Object stores fail transiently (throttling, dropped connections, 5xx) and s3fs/botocore
+retry a few of those themselves; what still comes through is retried here a few more
+times. Errors that another try cannot fix (a missing object, no permission, a corrupt
+image) are raised at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from raytseg.errors import InputError, LicenseError, WeightsError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_PERMANENT_OS_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
+_PERMANENT_ERRORS = (InputError, LicenseError, WeightsError, *_PERMANENT_OS_ERRORS)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``retries`` more tries after the first, waiting ``delay_s``, 2x, 4x... (±25 %) between them."""
+
+    retries: int = 4
+    delay_s: float = 0.5
+    max_delay_s: float = 20.0
+
+    def call(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()``, tried again after transient errors; the last error is raised."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                if attempt >= self.retries or not is_transient(exc):
+                    raise
+                delay = min(self.max_delay_s, self.delay_s * 2**attempt) * random.uniform(0.75, 1.25)
+                attempt += 1
+                log.warning("%s failed (%s); retry %d/%d in %.1f s", what, exc, attempt, self.retries, delay)
+                time.sleep(delay)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether another try may succeed: I/O and network errors, unless they say otherwise.
+
+    The chain of causes is inspected because raytseg wraps I/O errors in ``StorageError``.
+    """
+    seen: BaseException | None = exc
+    transient = False
+    while seen is not None:
+        if isinstance(seen, _PERMANENT_ERRORS):
+            return False
+        if isinstance(seen, OSError | TimeoutError | ConnectionError):
+            transient = True
+        seen = seen.__cause__
+    return transient

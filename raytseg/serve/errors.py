@@ -1,0 +1,138 @@
+"""Errors only the service raises, and the one place where errors become HTTP responses.
+
+The service adds five leaves to the tree in ``raytseg.errors``::
+
+    RaytsegError
+    ├── UnauthorizedError (401)        missing or wrong bearer token
+    ├── InputError
+    │   ├── UriNotAllowedError (403)   job URI outside the allowed prefixes
+    │   ├── JobNotFoundError (404)     no job with that id
+    │   └── InvalidOptionError
+    │       └── NotDeployedError (422) task or mode not served by this deployment
+    ├── ReplicaUnavailableError (503)  a replica died or is restarting: retry
+    └── InternalError (500)            anything unexpected (details only in the log)
+
+``as_raytseg_error`` turns whatever a request raised (Ray's wrappers included) into a
+member of the tree, and ``http_error`` turns that into status, JSON body and headers.
+Nothing here imports Ray at module level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from raytseg.errors import InputError, InvalidOptionError, OverloadedError, RaytsegError, RequestTimeoutError
+
+
+class UnauthorizedError(RaytsegError):
+    """The request lacks a valid ``Authorization: Bearer <token>`` header."""
+
+    status_code = 401
+
+
+class UriNotAllowedError(InputError):
+    """A job URI lies outside the configured prefixes."""
+
+    status_code = 403
+
+
+class JobNotFoundError(InputError):
+    """No job has this id (or it was forgotten after ``jobs.keep_finished`` newer ones)."""
+
+    status_code = 404
+
+
+class NotDeployedError(InvalidOptionError):
+    """The task, mode or model exists but this deployment does not serve it."""
+
+
+class ReplicaUnavailableError(RaytsegError):
+    """A replica the request needed died or is being replaced; retrying will work."""
+
+    status_code = 503
+
+
+class InternalError(RaytsegError):
+    """An unexpected failure; the message carries no internals."""
+
+
+# Retrying later helps for these; the others will fail the same way again.
+_RETRYABLE = (OverloadedError, ReplicaUnavailableError)
+
+
+@dataclass(frozen=True)
+class HttpError:
+    """What the ingress answers for an error."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def http_error(error: RaytsegError, *, overload_status: int = 503, retry_after_s: int = 30) -> HttpError:
+    """Status, JSON body ``{"error": {type, message, status}}`` and headers for ``error``."""
+    status = overload_status if isinstance(error, OverloadedError) else error.status_code
+    headers: dict[str, str] = {}
+    if isinstance(error, _RETRYABLE):
+        headers["Retry-After"] = str(retry_after_s)
+    if isinstance(error, UnauthorizedError):
+        headers["WWW-Authenticate"] = 'Bearer realm="raytseg"'
+    body = {"error": {"type": type(error).__name__, "message": error.message, "status": status}}
+    return HttpError(status, body, headers)
+
+
+def as_raytseg_error(exc: BaseException) -> RaytsegError:
+    """The member of the error tree that describes ``exc``.
+
+    Ray re-raises a replica's exception wrapped in ``RayTaskError`` (whose ``cause`` is the
+    original); Serve's own failures (queue full, replica gone) and timeouts are translated.
+    Anything else becomes ``InternalError``: its text may hold paths or data, so it goes to
+    the log, not to the client.
+    """
+    exc = _unwrap(exc)
+    if isinstance(exc, RaytsegError):
+        return exc
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return RequestTimeoutError("The request ran past its deadline. Retry later or use the job API.")
+    translated = _from_ray(exc)
+    if translated is not None:
+        return translated
+    return InternalError("Internal error; the service logged the details.")
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The original exception inside Ray's ``RayTaskError`` wrappers (nested per hop)."""
+    try:
+        from ray.exceptions import RayTaskError
+    except ImportError:
+        return exc
+    for _ in range(10):  # one wrapper per deployment the error crossed
+        cause = getattr(exc, "cause", None)
+        if not isinstance(exc, RayTaskError) or not isinstance(cause, BaseException):
+            break
+        exc = cause
+    return exc
+
+
+def _from_ray(exc: BaseException) -> RaytsegError | None:
+    try:
+        from ray import exceptions as ray_errors
+        from ray.serve import exceptions as serve_errors
+    except ImportError:  # the ingress always has Ray; unit tests may not
+        return None
+    if isinstance(exc, serve_errors.BackPressureError):
+        return OverloadedError("The service is at capacity. Retry after the Retry-After delay.")
+    if isinstance(exc, ray_errors.OutOfMemoryError):
+        return ReplicaUnavailableError("A replica ran out of memory on this image. Retry, or send a smaller one.")
+    gone = (
+        serve_errors.DeploymentUnavailableError,
+        ray_errors.RayActorError,
+        ray_errors.ObjectLostError,
+        ray_errors.WorkerCrashedError,
+        ray_errors.NodeDiedError,
+    )
+    if isinstance(exc, gone):
+        return ReplicaUnavailableError("A replica stopped while serving the request. Retry it.")
+    return None

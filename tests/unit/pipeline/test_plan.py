@@ -1,0 +1,108 @@
+"""Which model passes a request needs, as TotalSegmentator's python_api decides."""
+
+from __future__ import annotations
+
+import pytest
+
+from raytseg.errors import InvalidOptionError, UnknownClassError, UnknownTaskError
+from raytseg.pipeline.plan import plan_run
+from raytseg.pipeline.records import SegmentOptions
+
+
+def ids(models: tuple) -> list[int]:  # type: ignore[type-arg]
+    return [m.dataset_id for m in models]
+
+
+def test_total_runs_five_parts_at_1_5_mm_with_step_0_8() -> None:
+    plan = plan_run(SegmentOptions())
+    assert ids(plan.main.models) == [291, 292, 293, 294, 295]
+    assert plan.main.resample_mm == (1.5, 1.5, 1.5)
+    assert plan.main.step_size == 0.8
+    assert plan.crop is None
+    assert len(plan.output_classes) == 117
+
+
+@pytest.mark.parametrize(
+    ("options", "dataset", "spacing"),
+    [
+        (SegmentOptions(fast=True), 297, 3.0),
+        (SegmentOptions(fastest=True), 298, 6.0),
+        (SegmentOptions(task="total_mr", fast=True), 852, 3.0),
+        (SegmentOptions(task="body", fast=True), 300, 6.0),
+        (SegmentOptions(task="body", fastest=True), 300, 6.0),  # falls back to fast, as TS
+    ],
+)
+def test_resolution_modes(options: SegmentOptions, dataset: int, spacing: float) -> None:
+    plan = plan_run(options)
+    assert ids(plan.main.models) == [dataset]
+    assert plan.main.resample_mm == (spacing,) * 3
+
+
+def test_roi_subset_runs_only_needed_parts_after_a_6mm_crop_pass() -> None:
+    plan = plan_run(SegmentOptions(roi_subset=("liver", "brain")))
+    assert ids(plan.main.models) == [291, 294]
+    assert plan.crop is not None
+    assert ids(plan.crop.plan.main.models) == [298]
+    assert plan.crop.margin_mm == (20.0, 20.0, 20.0)  # TotalSegmentator's override
+    assert plan.output_classes == {5: "liver", 90: "brain"}
+
+
+def test_robust_crop_and_mr_use_3mm_crop_models() -> None:
+    assert ids(plan_run(SegmentOptions(roi_subset=("liver",), robust_crop=True)).crop.plan.main.models) == [
+        297
+    ]  # type: ignore[union-attr]
+    assert ids(plan_run(SegmentOptions(task="total_mr", roi_subset=("liver",))).crop.plan.main.models) == [
+        852
+    ]  # type: ignore[union-attr]
+
+
+def test_subtask_crop_uses_task_rois_and_step_0_5() -> None:
+    plan = plan_run(SegmentOptions(task="lung_vessels"))
+    assert plan.crop is not None
+    assert plan.crop.rois is not None
+    assert "lung_upper_lobe_left" in plan.crop.rois
+    assert ids(plan.crop.plan.main.models) == [297]  # lung_vessels asks for the robust crop
+    assert plan.main.step_size == 0.5
+
+
+def test_body_crop_rois_use_the_body_model() -> None:
+    plan = plan_run(SegmentOptions(task="abdominal_muscles"))
+    assert plan.crop is not None
+    assert ids(plan.crop.plan.main.models) == [300]
+
+
+def test_body_seg_binarises_a_6mm_body_pass_with_the_task_margin() -> None:
+    plan = plan_run(SegmentOptions(fast=True, body_seg=True))
+    assert plan.crop is not None
+    assert plan.crop.plan.main.binarize
+    assert plan.crop.margin_mm == (3.0, 3.0, 3.0)
+    assert plan_run(SegmentOptions(task="total_mr", body_seg=True)).crop is None  # ignored for MR
+
+
+def test_teeth_nests_a_crop_pass_inside_its_crop_pass() -> None:
+    plan = plan_run(SegmentOptions(task="teeth"))
+    assert plan.crop is not None
+    assert plan.crop.plan.main.task == "craniofacial_structures"
+    assert plan.crop.plan.crop is not None
+    assert plan.crop.margin_mm == (10.0, 10.0, 10.0)
+
+
+def test_fast_statistics_only_with_fast() -> None:
+    assert plan_run(SegmentOptions(fast=True, statistics=True)).fast_statistics
+    assert not plan_run(SegmentOptions(fastest=True, statistics=True)).fast_statistics
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "phrase"),
+    [
+        (SegmentOptions(task="nope"), UnknownTaskError, "Valid tasks"),
+        (SegmentOptions(roi_subset=("livr",)), UnknownClassError, "raytseg tasks --classes total"),
+        (SegmentOptions(task="lung_vessels", roi_subset=("liver",)), InvalidOptionError, "total tasks"),
+        (SegmentOptions(task="cerebral_bleed", fast=True), InvalidOptionError, "without --fast"),
+        (SegmentOptions(fast=True, fastest=True), InvalidOptionError, "not both"),
+        (SegmentOptions(roi_subset=()), InvalidOptionError, "at least one"),
+    ],
+)
+def test_bad_requests_raise_typed_errors(options: SegmentOptions, error: type, phrase: str) -> None:
+    with pytest.raises(error, match=phrase):
+        plan_run(options)

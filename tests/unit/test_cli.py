@@ -1,0 +1,138 @@
+"""The ``raytseg`` command line end to end, on tiny synthetic weights (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import raytseg
+from raytseg.cli import main
+from raytseg.pipeline.export import read_label_table
+
+REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "totalseg-reference"
+CT = REFERENCE / "example_ct_sm.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from raytseg.weights.synth import synthesize_task
+
+    root = tmp_path_factory.mktemp("weights")
+    synthesize_task("total", root, fast=True, tiny=True)
+    return root
+
+
+@pytest.fixture
+def env(weights: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.setenv("RAYTSEG_WEIGHTS", str(weights))
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "home"))
+    return weights
+
+
+@pytest.mark.usefixtures("env")
+def test_segment_writes_every_class_statistics_and_preview(tmp_path: Path) -> None:
+    out = tmp_path / "seg"
+    assert main(["segment", "-i", str(CT), "-o", str(out), "--fast", "-s", "-p", "-d", "cpu", "-q"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert len([n for n in names if n.endswith(".nii.gz")]) == 117
+    assert {"statistics.json", "preview_total.png", "liver.nii.gz"} <= names
+    liver = nib.load(out / "liver.nii.gz")
+    assert liver.shape == nib.load(CT).shape
+    assert liver.get_data_dtype() == np.uint8
+    assert len(json.loads((out / "statistics.json").read_text())) == 117
+
+
+@pytest.mark.usefixtures("env")
+def test_python_api_returns_the_multilabel_image(tmp_path: Path) -> None:
+    img = raytseg.segment(nib.load(CT), task="total", fast=True, device="cpu")
+    assert isinstance(img, nib.Nifti1Image)
+    assert read_label_table(img)[5] == "liver"
+    img2, stats = raytseg.segment(
+        str(CT), tmp_path / "ml.nii.gz", fast=True, ml=True, statistics=True, device="cpu"
+    )
+    assert (tmp_path / "ml.nii.gz").exists()
+    assert (tmp_path / "statistics.json").exists()
+    assert "liver" in stats
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), np.asanyarray(img2.dataobj))
+
+
+def test_missing_weights_is_one_line_with_the_fix_and_no_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RAYTSEG_WEIGHTS", str(tmp_path / "empty"))
+    out = tmp_path / "seg"
+    assert main(["segment", "-i", str(CT), "-o", str(out), "-d", "cpu", "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raytseg: error: ")
+    assert "raytseg weights download -t total" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("env")
+def test_unreadable_input_is_a_user_error_without_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(CT.read_bytes()[:5000])  # truncated gzip
+    out = tmp_path / "seg"
+    assert main(["segment", "-i", str(bad), "-o", str(out), "--fast", "-d", "cpu", "-q"]) == 1
+    assert "raytseg: error:" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_task_lists_valid_ones(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["segment", "-i", str(CT), "-o", str(tmp_path / "o"), "-ta", "totl", "-q"]) == 1
+    assert "Valid tasks" in capsys.readouterr().err
+
+
+def test_tasks_json_lists_every_task(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tasks", "--json"]) == 0
+    tasks = json.loads(capsys.readouterr().out)
+    assert tasks["total"]["classes"]["5"] == "liver"
+    assert tasks["heartchambers_highres"]["license_required"] is True
+    assert len(tasks) == 52
+
+
+def test_stats_reproduces_totalsegmentator_statistics(tmp_path: Path) -> None:
+    out = tmp_path / "statistics.json"
+    seg = REFERENCE / "example_seg_fast.nii.gz"
+    assert main(["stats", "-i", str(CT), "--seg", str(seg), "-o", str(out), "-sii"]) == 0
+    assert json.loads(out.read_text()) == json.loads(
+        (REFERENCE / "example_seg_fast" / "statistics.json").read_text()
+    )
+
+
+def test_combine_masks_lung(tmp_path: Path) -> None:
+    out = tmp_path / "lung.nii.gz"
+    assert (
+        main(["combine-masks", "-i", str(REFERENCE / "example_seg_fast"), "-o", str(out), "-m", "lung"]) == 0
+    )
+    lung = np.asanyarray(nib.load(out).dataobj)
+    seg = np.asanyarray(nib.load(REFERENCE / "example_seg_fast.nii.gz").dataobj)
+    np.testing.assert_array_equal(lung, np.isin(seg, [10, 11, 12, 13, 14]).astype(np.uint8))
+
+
+def test_synth_prints_folders_and_says_weights_are_random(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["weights", "synth", "-t", "body", "--fast", "--tiny", "-o", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "Dataset300_body_6mm_1559subj" in captured.out
+    assert "meaningless" in captured.err
+
+
+def test_importing_the_cli_catalogue_and_records_loads_neither_torch_nor_ray() -> None:
+    code = (
+        "import sys, raytseg, raytseg.cli, raytseg.tasks, raytseg.pipeline.records, raytseg.pipeline.plan, "
+        "raytseg.metrics, raytseg.config; raytseg.tasks.load_catalog();"
+        "heavy = [m for m in ('torch', 'ray', 'nnunetv2', 'SimpleITK') if m in sys.modules];"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
