@@ -49,7 +49,8 @@ def decoder_features(network: Any, tile: torch.Tensor) -> torch.Tensor:
         x = decoder.transpconvs[s](lres)
         x = torch.cat((x, skips[-(s + 2)]), 1)
         lres = stage(x)
-    return lres
+    features: torch.Tensor = lres
+    return features
 
 
 @torch.inference_mode()

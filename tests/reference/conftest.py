@@ -6,8 +6,9 @@ build raytseg uses cannot load. Both tools get the same synthetic weights folder
 through ``RAYTSEG_WEIGHTS``, TotalSegmentator through ``TOTALSEG_HOME_DIR`` — the
 official layout, unchanged.
 
-Without the reference environment these tests skip, unless ``RAYTSEG_REQUIRE_REFERENCE=1``
-(set by ``.ci/run``), which turns the skip into a failure so CI cannot pass vacuously.
+``ts_python`` and ``reference_data`` come from ``tests/conftest.py``: without the reference
+environment these tests skip, unless ``RAYTSEG_REQUIRE_REFERENCE=1`` (set by ``.ci/run``),
+which turns the skip into a failure so CI cannot pass vacuously.
 """
 
 from __future__ import annotations
@@ -20,32 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-REFERENCE_DATA = REPO.parent / "shared" / "data" / "totalseg-reference"
-
-
-def reference_python() -> Path | None:
-    candidate = Path(os.environ.get("RAYTSEG_REF_PYTHON", REPO / ".venv-ref" / "bin" / "python"))
-    return candidate if candidate.exists() else None
-
-
-@pytest.fixture(scope="session")
-def ts_python() -> Path:
-    python = reference_python()
-    if python is None:
-        message = "TotalSegmentator reference env missing: run scripts/setup-reference-env.sh"
-        if os.environ.get("RAYTSEG_REQUIRE_REFERENCE") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return python
-
-
-@pytest.fixture(scope="session")
-def reference_data() -> Path:
-    if not REFERENCE_DATA.exists():
-        pytest.fail(f"Reference data not found at {REFERENCE_DATA}")
-    return REFERENCE_DATA
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,39 +16,7 @@ from raytseg.masks import MASK_GROUPS, combine_masks
 from raytseg.pipeline.export import nifti_gz_bytes, read_label_table
 from raytseg.tasks import get_task
 
-REPO = Path(__file__).resolve().parents[2]
-REFERENCE = REPO.parent / "shared" / "data" / "totalseg-reference"
 GROUPS_IN_TOTAL = [g for g in MASK_GROUPS if g != "body"]
-
-
-@functools.cache
-def _find_reference_python() -> Path | None:
-    env = os.environ.get("RAYTSEG_REF_PYTHON")
-    for candidate in [env, REPO / ".venv-ref/bin/python", "/tmp/venv-tstest/bin/python"]:
-        if candidate is None:
-            continue
-        python = Path(candidate)
-        probe = [str(python), "-c", "import totalsegmentator"]
-        if python.exists() and subprocess.run(probe, capture_output=True, cwd=REPO).returncode == 0:
-            return python
-    return None
-
-
-def _reference_python() -> Path:
-    """A Python that imports TotalSegmentator 2.18, or skip (fail under RAYTSEG_REQUIRE_REFERENCE=1)."""
-    python = _find_reference_python()
-    if python is not None:
-        return python
-    if os.environ.get("RAYTSEG_REQUIRE_REFERENCE") == "1":
-        pytest.fail("No Python with TotalSegmentator installed (set RAYTSEG_REF_PYTHON).")
-    pytest.skip("No Python with TotalSegmentator installed (set RAYTSEG_REF_PYTHON).")
-
-
-@pytest.fixture(scope="module")
-def ref() -> Path:
-    if not REFERENCE.exists():
-        pytest.skip(f"reference data missing: {REFERENCE}")
-    return REFERENCE
 
 
 def test_group_classes_exist_in_their_task() -> None:
@@ -61,9 +27,9 @@ def test_group_classes_exist_in_their_task() -> None:
 
 
 @pytest.mark.parametrize("group", GROUPS_IN_TOTAL)
-def test_folder_and_multilabel_agree(ref: Path, group: str) -> None:
-    multilabel = ref / "example_seg_fast.nii.gz"
-    from_folder = combine_masks(ref / "example_seg_fast", group)
+def test_folder_and_multilabel_agree(reference_data: Path, group: str) -> None:
+    multilabel = reference_data / "example_seg_fast.nii.gz"
+    from_folder = combine_masks(reference_data / "example_seg_fast", group)
     from_file = combine_masks(str(multilabel), group)
     assert from_folder.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asarray(from_folder.dataobj), np.asarray(from_file.dataobj))
@@ -73,19 +39,19 @@ def test_folder_and_multilabel_agree(ref: Path, group: str) -> None:
     assert len(from_folder.header.extensions) == 0
 
 
-def test_multilabel_output_has_group_label_table(ref: Path) -> None:
-    img = combine_masks(ref / "example_seg_fast", "lung", multilabel=True)
+def test_multilabel_output_has_group_label_table(reference_data: Path) -> None:
+    img = combine_masks(reference_data / "example_seg_fast", "lung", multilabel=True)
     assert read_label_table(img) == {1: "lung"}
     assert np.asarray(img.dataobj).any()
 
 
-def test_unknown_group_lists_the_groups(ref: Path) -> None:
+def test_unknown_group_lists_the_groups(reference_data: Path) -> None:
     with pytest.raises(InvalidOptionError, match="lung_left, lung_right"):
-        combine_masks(ref / "example_seg_fast", "kidneys")
+        combine_masks(reference_data / "example_seg_fast", "kidneys")
 
 
-def test_missing_file_names_it_and_the_fix(tmp_path: Path, ref: Path) -> None:
-    shutil.copy(ref / "example_seg_fast" / "hip_left.nii.gz", tmp_path)
+def test_missing_file_names_it_and_the_fix(tmp_path: Path, reference_data: Path) -> None:
+    shutil.copy(reference_data / "example_seg_fast" / "hip_left.nii.gz", tmp_path)
     with pytest.raises(UnreadableImageError, match=r"femur_left\.nii\.gz.*without --ml"):
         combine_masks(tmp_path, "pelvis")
 
@@ -95,8 +61,8 @@ def test_missing_source(tmp_path: Path) -> None:
         combine_masks(tmp_path / "nope", "lung")
 
 
-def test_multilabel_file_without_class_or_table(tmp_path: Path, ref: Path) -> None:
-    shutil.copy(ref / "example_seg_roi_subset.nii.gz", tmp_path / "liver_only.nii.gz")
+def test_multilabel_file_without_class_or_table(tmp_path: Path, reference_data: Path) -> None:
+    shutil.copy(reference_data / "example_seg_roi_subset.nii.gz", tmp_path / "liver_only.nii.gz")
     with pytest.raises(InvalidImageError, match="lung_upper_lobe_left.*--roi_subset"):
         combine_masks(tmp_path / "liver_only.nii.gz", "lung")
     nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.uint8), np.eye(4)), tmp_path / "plain.nii.gz")
@@ -118,7 +84,7 @@ def test_body_group(tmp_path: Path) -> None:
 
 
 @pytest.mark.reference
-def test_equals_totalsegmentator(tmp_path: Path, ref: Path) -> None:
+def test_equals_totalsegmentator(tmp_path: Path, ts_python: Path, reference_data: Path) -> None:
     # TotalSegmentator's "heart" branch is missing (it would iterate the letters of the
     # string); its list form ["heart"] is what the group means.
     cases = {g: ["heart"] if g == "heart" else g for g in GROUPS_IN_TOTAL}
@@ -130,7 +96,7 @@ def test_equals_totalsegmentator(tmp_path: Path, ref: Path) -> None:
         "from totalsegmentator.libs import combine_masks\n"
         "from totalsegmentator.map_to_binary import class_map_5_parts\n"
         "from totalsegmentator.nifti_ext_header import add_label_map_to_nifti\n"
-        f"ref = Path({str(ref)!r})\n"
+        f"ref = Path({str(reference_data)!r})\n"
         "for group, arg in json.load(open('cases.json')).items():\n"
         "    nib.save(combine_masks(ref / 'example_seg_fast', arg), f'{group}_dir.nii.gz')\n"
         "    img = combine_masks(ref / 'example_seg_fast.nii.gz', arg, multilabel=True)\n"
@@ -141,13 +107,13 @@ def test_equals_totalsegmentator(tmp_path: Path, ref: Path) -> None:
         "vertebrae = list(class_map_5_parts['class_map_part_vertebrae'].values())\n"
         "json.dump(vertebrae, open('vertebrae.json', 'w'))\n"
     )
-    done = subprocess.run(
-        [str(_reference_python()), "-c", code], capture_output=True, text=True, cwd=tmp_path
-    )
+    done = subprocess.run([str(ts_python), "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "vertebrae.json").read_text()) == MASK_GROUPS["vertebrae"]
     for group in GROUPS_IN_TOTAL:
-        ours = nifti_gz_bytes(combine_masks(ref / "example_seg_fast", group))
+        ours = nifti_gz_bytes(combine_masks(reference_data / "example_seg_fast", group))
         assert ours == (tmp_path / f"{group}_dir.nii.gz").read_bytes(), group
-        ours_ml = nifti_gz_bytes(combine_masks(ref / "example_seg_fast.nii.gz", group, multilabel=True))
+        ours_ml = nifti_gz_bytes(
+            combine_masks(reference_data / "example_seg_fast.nii.gz", group, multilabel=True)
+        )
         assert ours_ml == (tmp_path / f"{group}_ml.nii.gz").read_bytes(), group

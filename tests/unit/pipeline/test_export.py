@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -28,56 +26,21 @@ from raytseg.pipeline.export import (
 from raytseg.pipeline.records import Segmentation, Volume
 from raytseg.tasks import get_task
 
-REPO = Path(__file__).resolve().parents[3]
-REFERENCE = REPO.parent / "shared" / "data" / "totalseg-reference"
 
-
-@functools.cache
-def _find_reference_python() -> Path | None:
-    candidates = [
-        os.environ.get("RAYTSEG_REF_PYTHON"),
-        REPO / ".venv-ref/bin/python",
-        "/tmp/venv-tstest/bin/python",
-    ]
-    for candidate in filter(None, candidates):
-        python = Path(candidate)
-        probe = [str(python), "-c", "import totalsegmentator"]
-        if python.exists() and subprocess.run(probe, capture_output=True, cwd=REPO).returncode == 0:
-            return python
-    return None
-
-
-def _reference_python() -> Path:
-    """A Python that imports TotalSegmentator 2.18, or skip (fail under RAYTSEG_REQUIRE_REFERENCE=1)."""
-    python = _find_reference_python()
-    if python is not None:
-        return python
-    if os.environ.get("RAYTSEG_REQUIRE_REFERENCE") == "1":
-        pytest.fail("No Python with TotalSegmentator installed (set RAYTSEG_REF_PYTHON).")
-    pytest.skip("No Python with TotalSegmentator installed (set RAYTSEG_REF_PYTHON).")
-
-
-def _run_reference(code: str, cwd: Path) -> None:
-    done = subprocess.run([str(_reference_python()), "-c", code], capture_output=True, text=True, cwd=cwd)
+def _run_reference(python: Path, code: str, cwd: Path) -> None:
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
-def ref() -> Path:
-    if not REFERENCE.exists():
-        pytest.skip(f"reference data missing: {REFERENCE}")
-    return REFERENCE
+def ct(reference_data: Path) -> nib.Nifti1Image:
+    return nib.load(reference_data / "example_ct_sm.nii.gz")
 
 
 @pytest.fixture(scope="module")
-def ct(ref: Path) -> nib.Nifti1Image:
-    return nib.load(ref / "example_ct_sm.nii.gz")
-
-
-@pytest.fixture(scope="module")
-def fast_seg(ref: Path, ct: nib.Nifti1Image) -> Segmentation:
+def fast_seg(reference_data: Path, ct: nib.Nifti1Image) -> Segmentation:
     """example_seg_fast as the postprocess stage would hand it over (input header, uint8)."""
-    labels = np.asarray(nib.load(ref / "example_seg_fast.nii.gz").dataobj)
+    labels = np.asarray(nib.load(reference_data / "example_seg_fast.nii.gz").dataobj)
     header = ct.header.copy()
     header.set_data_dtype(np.uint8)
     return Segmentation(labels, ct.affine, header, dict(get_task("total").classes), "total")
@@ -100,8 +63,8 @@ def _synthetic_seg(shape: tuple[int, int, int] = (23, 17, 11), n_classes: int = 
 # --- label table -------------------------------------------------------------------
 
 
-def test_label_table_equals_reference_file_extension(ref: Path) -> None:
-    img = nib.load(ref / "example_seg_fast.nii.gz")
+def test_label_table_equals_reference_file_extension(reference_data: Path) -> None:
+    img = nib.load(reference_data / "example_seg_fast.nii.gz")
     total = get_task("total").classes
     assert img.header.extensions[0].get_code() == 0
     assert img.header.extensions[0].get_content() == label_table_xml(total)
@@ -141,7 +104,7 @@ def test_read_label_table_refuses_entity_declarations() -> None:
 
 
 @pytest.mark.reference
-def test_label_table_bytes_equal_totalsegmentator(tmp_path: Path) -> None:
+def test_label_table_bytes_equal_totalsegmentator(tmp_path: Path, ts_python: Path) -> None:
     maps = [
         {1: "liver"},
         {k: f"c{k}" for k in range(1, 30)},
@@ -150,6 +113,7 @@ def test_label_table_bytes_equal_totalsegmentator(tmp_path: Path) -> None:
     ]
     (tmp_path / "maps.json").write_text(json.dumps([list(m.items()) for m in maps]))
     _run_reference(
+        ts_python,
         "import json, numpy as np, nibabel as nib\n"
         "from totalsegmentator.nifti_ext_header import add_label_map_to_nifti\n"
         "for i, items in enumerate(json.load(open('maps.json'))):\n"
@@ -165,15 +129,15 @@ def test_label_table_bytes_equal_totalsegmentator(tmp_path: Path) -> None:
 # --- files ---------------------------------------------------------------------------
 
 
-def test_multilabel_bytes_equal_reference_file(ref: Path, fast_seg: Segmentation) -> None:
-    assert multilabel_nifti_bytes(fast_seg) == (ref / "example_seg_fast.nii.gz").read_bytes()
+def test_multilabel_bytes_equal_reference_file(reference_data: Path, fast_seg: Segmentation) -> None:
+    assert multilabel_nifti_bytes(fast_seg) == (reference_data / "example_seg_fast.nii.gz").read_bytes()
 
 
-def test_class_files_equal_reference_files(ref: Path, fast_seg: Segmentation) -> None:
+def test_class_files_equal_reference_files(reference_data: Path, fast_seg: Segmentation) -> None:
     files = list(class_mask_files(fast_seg))
     assert [name for name, _ in files] == [f"{c}.nii.gz" for c in fast_seg.label_map.values()]
     for name, data in files:
-        assert data == (ref / "example_seg_fast" / name).read_bytes(), name
+        assert data == (reference_data / "example_seg_fast" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("order", ["C", "F"])
@@ -199,7 +163,7 @@ def test_empty_classes_share_one_encoding() -> None:
     assert not np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(files["absent.nii.gz"])).dataobj).any()
 
 
-def test_class_files_of_a_large_volume_are_fast(ref: Path, fast_seg: Segmentation) -> None:
+def test_class_files_of_a_large_volume_are_fast(reference_data: Path, fast_seg: Segmentation) -> None:
     from scipy.ndimage import zoom
 
     small = fast_seg.labels
@@ -291,18 +255,20 @@ def test_derived_body_masks_need_both_classes(body_case: tuple[Segmentation, Vol
 
 @pytest.mark.reference
 def test_derived_body_masks_equal_totalsegmentator(
-    tmp_path: Path, ref: Path, body_case: tuple[Segmentation, Volume]
+    tmp_path: Path, ts_python: Path, reference_data: Path, body_case: tuple[Segmentation, Volume]
 ) -> None:
     seg, volume = body_case
+    ct_path = reference_data / "example_ct_sm.nii.gz"
     write_segmentation(seg, str(tmp_path / "seg"), ml=False)
     _run_reference(
+        ts_python,
         "from pathlib import Path\n"
         "import nibabel as nib\n"
         "from totalsegmentator.libs import combine_masks\n"
         "from totalsegmentator.postprocessing import extract_skin\n"
         "out = Path('seg')\n"
         "nib.save(combine_masks(out, 'body'), 'body.nii.gz')\n"
-        f"skin = extract_skin(nib.load({str(ref / 'example_ct_sm.nii.gz')!r}), nib.load('body.nii.gz'))\n"
+        f"skin = extract_skin(nib.load({str(ct_path)!r}), nib.load('body.nii.gz'))\n"
         "nib.save(skin, 'skin.nii.gz')\n",
         tmp_path,
     )

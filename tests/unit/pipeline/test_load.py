@@ -29,7 +29,8 @@ from raytseg.pipeline import load as load_module
 from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.records import Volume
 
-REFERENCE = Path("/work/shared/data/totalseg-reference")
+REPO = Path(__file__).resolve().parents[3]
+REFERENCE = REPO.parent / "shared" / "data" / "totalseg-reference"
 EXAMPLE_CT = REFERENCE / "example_ct_sm.nii.gz"
 EXAMPLE_DICOM = REFERENCE / "example_ct_dicom"
 needs_reference = pytest.mark.skipif(

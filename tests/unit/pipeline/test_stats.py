@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import pickle
 import subprocess
 from pathlib import Path
@@ -23,32 +21,6 @@ from raytseg.pipeline.stats import (
     statistics_json,
 )
 from raytseg.tasks import get_task
-
-REPO = Path(__file__).resolve().parents[3]
-REFERENCE = REPO.parent / "shared" / "data" / "totalseg-reference"
-
-
-@functools.cache
-def _find_reference_python() -> Path | None:
-    env = os.environ.get("RAYTSEG_REF_PYTHON")
-    for candidate in [env, REPO / ".venv-ref/bin/python", "/tmp/venv-tstest/bin/python"]:
-        if candidate is None:
-            continue
-        python = Path(candidate)
-        probe = [str(python), "-c", "import totalsegmentator"]
-        if python.exists() and subprocess.run(probe, capture_output=True, cwd=REPO).returncode == 0:
-            return python
-    return None
-
-
-def _reference_python() -> Path:
-    """A Python that imports TotalSegmentator 2.18, or skip (fail under RAYTSEG_REQUIRE_REFERENCE=1)."""
-    python = _find_reference_python()
-    if python is not None:
-        return python
-    if os.environ.get("RAYTSEG_REQUIRE_REFERENCE") == "1":
-        pytest.fail("No Python with TotalSegmentator installed (set RAYTSEG_REF_PYTHON).")
-    pytest.skip("No Python with TotalSegmentator installed (set RAYTSEG_REF_PYTHON).")
 
 
 def _ts_port(
@@ -111,16 +83,14 @@ def test_equals_totalsegmentator_port(dtype: Any, metric: str, exclude: bool) ->
     assert statistics_json(got) == json.dumps(expected, indent=4).encode()
 
 
-def test_reproduces_reference_statistics_json() -> None:
-    if not REFERENCE.exists():
-        pytest.skip(f"reference data missing: {REFERENCE}")
-    ct = nib.load(REFERENCE / "example_ct_sm.nii.gz")
-    labels = np.asarray(nib.load(REFERENCE / "example_seg_fast.nii.gz").dataobj)
+def test_reproduces_reference_statistics_json(reference_data: Path) -> None:
+    ct = nib.load(reference_data / "example_ct_sm.nii.gz")
+    labels = np.asarray(nib.load(reference_data / "example_seg_fast.nii.gz").dataobj)
     zooms = tuple(float(z) for z in ct.header.get_zooms())
     stats = basic_statistics(
         labels, np.asarray(ct.dataobj), zooms, get_task("total").classes, include_incomplete=True
     )
-    expected_text = (REFERENCE / "example_seg_fast" / "statistics.json").read_bytes()
+    expected_text = (reference_data / "example_seg_fast" / "statistics.json").read_bytes()
     expected = json.loads(expected_text)
     assert list(stats) == list(expected)
     assert stats == expected
@@ -186,7 +156,7 @@ def test_read_segmentation_labels_multilabel_and_folder(tmp_path: Path) -> None:
 
 
 @pytest.mark.reference
-def test_equals_totalsegmentator(tmp_path: Path) -> None:
+def test_equals_totalsegmentator(tmp_path: Path, ts_python: Path) -> None:
     labels, image = _random_case(np.int32, shape=(60, 50, 40))
     affine = np.diag([0.8, 0.9, 2.5, 1.0])
     nib.save(nib.Nifti1Image(image, affine), tmp_path / "ct.nii.gz")
@@ -202,9 +172,7 @@ def test_equals_totalsegmentator(tmp_path: Path) -> None:
         "            seg, 'ct.nii.gz', None, True, 'total', exclude, metric=metric, extra_metrics=True)\n"
         "pickle.dump(out, open('out.pkl', 'wb'))\n"
     )
-    done = subprocess.run(
-        [str(_reference_python()), "-c", _run], capture_output=True, text=True, cwd=tmp_path
-    )
+    done = subprocess.run([str(ts_python), "-c", _run], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = pickle.loads((tmp_path / "out.pkl").read_bytes())
     ct = nib.load(tmp_path / "ct.nii.gz")

@@ -2,8 +2,8 @@
 
 Runs nnU-Net's ``initialize_from_trained_model_folder`` in the reference environment (the
 TotalSegmentator 2.18 package, which registers its custom trainers on import), then a
-small prediction. Skipped without that environment: ``RAYTSEG_REF_PYTHON``, else
-``.venv-ref/bin/python``, else ``/tmp/venv-tstest/bin/python``.
+small prediction. The environment comes from the ``ts_python`` fixture (``tests/conftest.py``):
+skipped without it, failed instead under ``RAYTSEG_REQUIRE_REFERENCE=1``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ from raytseg.weights.store import dataset_folder_name
 from raytseg.weights.synth import synthesize_task
 
 REPO = Path(__file__).resolve().parents[3]
-CANDIDATES = [
-    os.environ.get("RAYTSEG_REF_PYTHON"),
-    str(REPO / ".venv-ref/bin/python"),
-    "/tmp/venv-tstest/bin/python",
-]
 
 LOAD_AND_PREDICT = """
 import json, sys
@@ -48,25 +43,8 @@ for folder in sys.argv[1:]:
 """
 
 
-def reference_python() -> str | None:
-    for candidate in CANDIDATES:
-        if candidate and Path(candidate).exists():
-            probe = subprocess.run(
-                [candidate, "-c", "import totalsegmentator.nnunet"],
-                cwd=REPO,
-                capture_output=True,
-                check=False,
-            )
-            if probe.returncode == 0:
-                return candidate
-    return None
-
-
 @pytest.mark.reference
-def test_totalsegmentator_loads_synthetic_folders(tmp_path: Path) -> None:
-    python = reference_python()
-    if python is None:
-        pytest.skip("No TotalSegmentator reference python (set RAYTSEG_REF_PYTHON)")
+def test_totalsegmentator_loads_synthetic_folders(tmp_path: Path, ts_python: Path) -> None:
     folders = synthesize_task("total", tmp_path, fast=True, tiny=True, with_crop_models=False)  # 297
     folders += synthesize_task("total", tmp_path, tiny=True, with_crop_models=False)[:1]  # 291
     folders += synthesize_task(
@@ -76,7 +54,7 @@ def test_totalsegmentator_loads_synthetic_folders(tmp_path: Path) -> None:
     assert [f.parent.name for f in folders] == [dataset_folder_name(i) for i in (297, 291, 509, 304)]
     env = os.environ | {"TOTALSEG_HOME_DIR": str(tmp_path / "tshome"), "nnUNet_results": str(tmp_path)}
     result = subprocess.run(
-        [python, "-c", LOAD_AND_PREDICT, *map(str, folders)],
+        [str(ts_python), "-c", LOAD_AND_PREDICT, *map(str, folders)],
         cwd=REPO,
         env=env,
         capture_output=True,
