@@ -6,6 +6,8 @@
     raytseg tasks [--json] [--classes TASK]
     raytseg weights download|import|synth ...
     raytseg set-license -l aca_XXXXXXXXXXXXXX
+    raytseg serve [--config serve.yaml]          (HTTP service on a local Ray)
+    raytseg batch --input URI --output URI ...   (Ray Data job)
 
 The CLI only parses arguments, sets process-wide knobs (logging, torch threads) and
 calls library functions; user errors print one line and exit 1, never a traceback.
@@ -21,7 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from raytseg.batch import cli as batch_cli
 from raytseg.errors import RaytsegError
+from raytseg.serve import cli as serve_cli
 
 log = logging.getLogger("raytseg")
 
@@ -61,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_combine(sub)
     _add_tasks(sub)
     _add_weights(sub)
+    serve_cli.register(sub)
+    batch_cli.register(sub)
     lic = sub.add_parser("set-license", help="Store a TotalSegmentator license key (licensed tasks).")
     lic.add_argument("-l", "--license_number", required=True)
     lic.add_argument("--validate", action="store_true", help="Also check the key with the license server.")

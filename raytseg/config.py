@@ -46,6 +46,9 @@ class Settings(BaseModel):
     max_archive_bytes: int = Field(
         default=8 * 1024**3, gt=0, description="Refuse zips that expand past this many bytes."
     )
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to join (RAY_ADDRESS, set by KubeRay for a RayJob)."
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -70,6 +73,8 @@ class Settings(BaseModel):
             extra["max_voxels"] = int(env["RAYTSEG_MAX_VOXELS"])
         if "RAYTSEG_MAX_ARCHIVE_BYTES" in env:
             extra["max_archive_bytes"] = int(env["RAYTSEG_MAX_ARCHIVE_BYTES"])
+        if env.get("RAY_ADDRESS"):
+            extra["ray_address"] = env["RAY_ADDRESS"]
         return cls(
             totalseg_home=home,
             weights_dir=weights_dir,
@@ -77,6 +82,11 @@ class Settings(BaseModel):
             cache_dir=cache.expanduser(),
             **extra,  # type: ignore[arg-type]
         )
+
+
+def environment() -> Mapping[str, str]:
+    """A snapshot of the process environment, for readers that take an env mapping."""
+    return dict(os.environ)
 
 
 def _user_home(env: Mapping[str, str]) -> Path:

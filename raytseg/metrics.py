@@ -52,7 +52,8 @@ ERRORS = MetricSpec(
 STAGE_SECONDS = MetricSpec(
     "raytseg_stage_seconds",
     "histogram",
-    "Seconds per pipeline stage (load, preprocess, model, postprocess, export, end_to_end).",
+    "Seconds per pipeline stage (load, preprocess, model, postprocess, export, end_to_end; "
+    "crop_preprocess, crop_model, crop_postprocess for the crop pass of the service).",
     ("task", "stage", "entrypoint"),
     STAGE_BUCKETS_S,
 )

@@ -15,9 +15,11 @@ the same keys with the same bytes and never duplicates anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from raytseg import storage
@@ -26,6 +28,7 @@ from raytseg.batch.retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 MARKER_NAME = "_raytseg_done.json"
+_MOVE_THREADS = 8
 
 
 def marker_location(item_dir: str) -> str:
@@ -60,9 +63,7 @@ class OutputStore:
             log.info("Removing %d stale file(s) from %s", len(stale), item_dir)
             self._call(lambda: _remove(fs, stale), f"Cleaning {item_dir}")
         storage.make_dirs(item_dir)
-        for name in names:
-            src, dst = storage.join(source, name), storage.join(final, name)
-            self._call(lambda src=src, dst=dst: _move(fs, src, dst), f"Committing {dst}")  # type: ignore[misc]
+        self._move_all(fs, [(storage.join(source, n), storage.join(final, n)) for n in names])
         data = json.dumps(marker, indent=1, sort_keys=True).encode()
         self._call(lambda: fs.pipe_file(marker_path, data), f"Marking {item_dir}")
 
@@ -79,12 +80,24 @@ class OutputStore:
             fs, path = _fs(item_dir)
             by_fs.setdefault(_fs_key(item_dir), (fs, {}))[1][storage.join(path, MARKER_NAME)] = item_dir
         for fs, paths in by_fs.values():
-            contents = self._call(lambda fs=fs, paths=paths: _cat_existing(fs, list(paths)), "Reading markers")  # type: ignore[misc]
+            contents = self._call(
+                lambda fs=fs, paths=paths: _cat_existing(fs, list(paths)), "Reading markers"
+            )
             for path, data in contents.items():
                 marker = _parse_marker(data, path)
                 if marker is not None:
                     found[paths[path]] = marker
         return found
+
+    def _move_all(self, fs: Any, moves: list[tuple[str, str]]) -> None:
+        """Move files a few at a time: on S3 each move is a copy and a delete, 100+ per item."""
+
+        def move(src: str, dst: str) -> None:
+            self._call(lambda: _move(fs, src, dst), f"Committing {dst}")
+
+        with ThreadPoolExecutor(max_workers=_MOVE_THREADS, thread_name_prefix="raytseg-commit") as pool:
+            for done in [pool.submit(move, src, dst) for src, dst in moves]:
+                done.result()  # the first failure is raised; the marker is then never written
 
     def _call(self, fn: Any, what: str) -> Any:
         return self.retry.call(fn, what)
@@ -114,6 +127,7 @@ def _fs_key(location: str) -> str:
 
 
 def _files_under(fs: Any, folder: str) -> set[str]:
+    fs.invalidate_cache(folder)  # a listing cached by this long-lived worker may be stale
     try:
         return {str(p) for p in fs.find(folder)}
     except FileNotFoundError:
@@ -122,10 +136,8 @@ def _files_under(fs: Any, folder: str) -> set[str]:
 
 def _remove(fs: Any, paths: list[str]) -> None:
     for path in paths:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             fs.rm_file(path)
-        except FileNotFoundError:
-            pass
 
 
 def _move(fs: Any, src: str, dst: str) -> None:

@@ -18,6 +18,7 @@ filesystem library (for S3: env, shared files, instance/pod roles).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -60,7 +61,9 @@ class ModelStageConfig(_Strict):
         default=1.0, gt=0, description="CPUs per actor, split like num_gpus between the model stages."
     )
     threads: int | None = Field(
-        default=None, ge=1, description="torch threads per actor (default: num_cpus on CPU, 1 on GPU)."
+        default=None,
+        ge=1,
+        description="torch threads per actor (default: 1 on a GPU; on a CPU the node's cores / max actors).",
     )
 
     @field_validator("concurrency")
@@ -114,7 +117,7 @@ class BatchConfig(SegmentOptions):
     num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the local Ray (default: all).")
     object_store_mb: int = Field(default=500, ge=100, description="Object store of the local Ray, MB.")
     no_progress_timeout_s: float | None = Field(
-        default=None, gt=0, description="Abort when no item moves for this long (default: never)."
+        default=3600.0, gt=0, description="Abort when no stage finishes any item for this long (None: never)."
     )
 
     @field_validator("max_failures")
@@ -124,6 +127,13 @@ class BatchConfig(SegmentOptions):
             raise ValueError(f"a fraction of failures must be within 0..1, not {value}")
         if isinstance(value, int) and value < 0:
             raise ValueError(f"a count of failures cannot be negative ({value})")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|mps|gpu(:[0-9]+)?", value):
+            raise ValueError(f"device must be cpu, gpu, gpu:N or mps, not {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -158,7 +168,16 @@ class BatchConfig(SegmentOptions):
             raise InvalidOptionError(f"Cannot read the job config {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise InvalidOptionError(f"The job config {path} must be a YAML mapping of options.")
-        return cls.model_validate({**data, **(overrides or {})})
+        return cls.model_validate(_merged(data, overrides or {}))
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``; nested sections (``model: {...}``) merge key by key."""
+    merged = dict(base)
+    for key, value in top.items():
+        below = merged.get(key)
+        merged[key] = _merged(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
+    return merged
 
 
 def parse_max_failures(text: str) -> int | float:

@@ -142,6 +142,8 @@ def _check_unique(items: Sequence[WorkItem]) -> None:
 def _listed(source: str, output: str, retry: RetryPolicy) -> list[tuple[str, str]]:
     """``(id, uri)`` of every item under ``source``, in path order."""
     fs, root = storage.filesystem(source) if storage.is_uri(source) else _local_fs(source)
+    if not retry.call(lambda: fs.exists(root), f"Checking {source}"):
+        raise BatchInputError(f"{source} does not exist. Check the path or URI (and the credentials).")
     if retry.call(lambda: fs.isfile(root), f"Checking {source}"):
         return [(item_id_from_path(posixpath.basename(root)), source)] if _is_image_file(root) else []
     paths = retry.call(lambda: fs.find(root), f"Listing {source}")
@@ -240,7 +242,7 @@ def _manifest_rows(manifest: str, data: bytes) -> list[dict[str, Any]]:
     lower = manifest.lower()
     try:
         if lower.endswith((".parquet", ".pq")):
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
             rows: list[dict[str, Any]] = pq.read_table(io.BytesIO(data)).to_pylist()
         elif lower.endswith(".csv"):

@@ -175,7 +175,8 @@ def result_of(state: ItemState) -> ItemResult:
 
 def _load_and_prepare(state: ItemState, job: JobSpec, plans: Plans) -> None:
     with _timed(state, "load"):
-        volume = job.retry.call(lambda: load_volume(state.item.input, job.limits), f"Reading {state.item.input}")
+        source = state.item.input
+        volume = job.retry.call(lambda: load_volume(source, job.limits), f"Reading {source}")
     state.options = auto_mr(state.options, volume.modality)
     _check_license(state.options.task, job.settings)
     state.chain = pass_chain(plan_run(state.options))
@@ -195,7 +196,8 @@ def _predict(state: ItemState, models: Models) -> None:
 
 
 def _advance(state: ItemState, job: JobSpec, plans: Plans) -> None:
-    assert state.prepared is not None and state.volume is not None
+    assert state.prepared is not None
+    assert state.volume is not None
     region = None
     with _timed(state, "postprocess"):
         plan = state.chain[state.level]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -55,9 +56,61 @@ class ItemResult:
         return replace(self, status="skipped")
 
 
+@dataclass
+class JobProgress:
+    """Counts of a running job, for progress displays."""
+
+    total: int
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    started: float = field(default_factory=time.monotonic)
+    computed: int = 0  # items this run finished (ok or failed), for the rate
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed + self.skipped
+
+    @property
+    def rate_per_hour(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return 3600.0 * self.computed / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.rate_per_hour
+        return None if rate <= 0 else 3600.0 * (self.total - self.done) / rate
+
+    def add(self, result: ItemResult) -> None:
+        if result.status == "skipped":
+            self.skipped += 1
+            return
+        self.computed += 1
+        if result.status == "ok":
+            self.ok += 1
+        else:
+            self.failed += 1
+
+
+ProgressCallback = Callable[[JobProgress, ItemResult], None]
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What a job did: one result per item, and whether failures passed the limit."""
+
+    results: tuple[ItemResult, ...]
+    results_uri: str
+    elapsed_s: float
+    failures_exceeded: bool
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+
 def results_table(results: Iterable[ItemResult]) -> Any:
     """The results as a ``pyarrow.Table`` with a fixed schema (also when empty)."""
-    import pyarrow as pa
+    import pyarrow as pa  # type: ignore[import-untyped]
 
     rows = list(results)
     columns: dict[str, list[Any]] = {
@@ -80,7 +133,7 @@ def results_table(results: Iterable[ItemResult]) -> Any:
 
 
 def parquet_bytes(table: Any) -> bytes:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
     sink = io.BytesIO()
     pq.write_table(table, sink)

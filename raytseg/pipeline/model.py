@@ -96,6 +96,10 @@ class LoadedModel:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self._predictor.network.parameters())
 
+    def on_device(self) -> bool:
+        """True when every weight of the network sits on ``self.device`` (a replica health check)."""
+        return all(p.device == self.device for p in self._predictor.network.parameters())
+
     def predict(self, item: NetworkInput) -> NetworkOutput:
         """Sliding-window prediction of one input; returns labels in canonical voxel order."""
         import torch

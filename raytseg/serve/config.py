@@ -227,10 +227,15 @@ class ServeConfig(_Strict):
         for name, entry in tasks.items():
             try:
                 task = get_task(name)
-                for mode in entry.modes:
-                    task.select_mode(fast=mode == "fast", fastest=mode == "fastest")
+                effective = [
+                    task.select_mode(fast=m == "fast", fastest=m == "fastest")[0] for m in entry.modes
+                ]
             except RaytsegError as exc:
                 raise ValueError(str(exc)) from exc
+            # TotalSegmentator quietly runs another mode for some flags; a config must say what runs.
+            for asked, runs in zip(entry.modes, effective, strict=True):
+                if asked != runs:
+                    raise ValueError(f"task {name!r} has no {asked!r} mode (it would run {runs!r})")
         return tasks
 
     @model_validator(mode="after")

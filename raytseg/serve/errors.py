@@ -87,33 +87,44 @@ def as_raytseg_error(exc: BaseException) -> RaytsegError:
     """The member of the error tree that describes ``exc``.
 
     Ray re-raises a replica's exception wrapped in ``RayTaskError`` (whose ``cause`` is the
-    original); Serve's own failures (queue full, replica gone) and timeouts are translated.
-    Anything else becomes ``InternalError``: its text may hold paths or data, so it goes to
-    the log, not to the client.
+    original), and Serve wraps some failures once more (an upstream replica that died is a
+    ``RayServeException`` caused by one); the chain is followed to the first exception
+    that says what happened. Serve's own failures (queue full, replica gone) and timeouts
+    are translated. Anything else becomes ``InternalError``: its text may hold paths or
+    data, so it goes to the log, not to the client.
     """
-    exc = _unwrap(exc)
-    if isinstance(exc, RaytsegError):
-        return exc
-    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return RequestTimeoutError("The request ran past its deadline. Retry later or use the job API.")
-    translated = _from_ray(exc)
-    if translated is not None:
-        return translated
+    for candidate in _chain(exc):
+        if isinstance(candidate, RaytsegError) and not _is_task_error(candidate):
+            return candidate
+        if isinstance(candidate, asyncio.TimeoutError | TimeoutError):
+            return RequestTimeoutError("The request ran past its deadline. Retry later or use the job API.")
+        translated = _from_ray(candidate)
+        if translated is not None:
+            return translated
     return InternalError("Internal error; the service logged the details.")
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    """The original exception inside Ray's ``RayTaskError`` wrappers (nested per hop)."""
+def _is_task_error(exc: BaseException) -> bool:
+    """Ray's wrapper of a replica's exception (it subclasses the original's class too)."""
     try:
         from ray.exceptions import RayTaskError
     except ImportError:
-        return exc
+        return False
+    return isinstance(exc, RayTaskError)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, then what caused it: Ray's ``cause`` of a task error, or ``__cause__``."""
+    chain = [exc]
     for _ in range(10):  # one wrapper per deployment the error crossed
-        cause = getattr(exc, "cause", None)
-        if not isinstance(exc, RayTaskError) or not isinstance(cause, BaseException):
+        current = chain[-1]
+        cause = getattr(current, "cause", None)
+        if not isinstance(cause, BaseException) or cause is current:
+            cause = current.__cause__
+        if cause is None or cause in chain:
             break
-        exc = cause
-    return exc
+        chain.append(cause)
+    return chain
 
 
 def _from_ray(exc: BaseException) -> RaytsegError | None:
@@ -125,7 +136,7 @@ def _from_ray(exc: BaseException) -> RaytsegError | None:
     if isinstance(exc, serve_errors.BackPressureError):
         return OverloadedError("The service is at capacity. Retry after the Retry-After delay.")
     if isinstance(exc, ray_errors.OutOfMemoryError):
-        return ReplicaUnavailableError("A replica ran out of memory on this image. Retry, or send a smaller one.")
+        return ReplicaUnavailableError("A replica ran out of memory. Retry, or send a smaller image.")
     gone = (
         serve_errors.DeploymentUnavailableError,
         ray_errors.RayActorError,

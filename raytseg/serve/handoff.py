@@ -1,16 +1,24 @@
-"""Small records the deployments hand each other; big arrays stay behind ``ObjectRef``s.
+"""What the deployments hand each other, and how big arrays travel between them.
 
-A CPU stage puts each large result (the loaded volume, one network input per model,
-the crop region) into the Ray object store itself and returns only these records, so the
-ingress, which routes the work, never fetches an array: it passes the refs on, and Ray
-moves the data from the producing replica to the consuming one (zero-copy on one node).
+Every large intermediate (the loaded volume, the network inputs, the labels) is the
+return value of a deployment call, kept in the Ray object store and owned by the caller
+(the ingress, or the job runner). The caller never fetches one: it passes the
+``DeploymentResponse`` on as an argument, and Ray moves the data from the producing
+replica to the consuming one (zero-copy on one node, one transfer per node otherwise).
+No stage returns refs it ``ray.put`` itself: such refs would be owned by a replica that
+may be scaled down, and Serve does not track refs nested in return values reliably.
 
-    ingress ──bytes/URI──▶ preprocess.load ──VolumeRef──▶ preprocess.prepare ──PreparedRef
-        PreparedRef.inputs[i].ref ──▶ model (one replica per part, concurrently) ──labels
-        labels ×n + PreparedRef.rest ──▶ postprocess.finish ──Delivered (bytes or URIs)
+    load ──Volume──▶ prepare ──Prepared──▶ model (one call per network, concurrently)
+                         │                        │ NetworkOutput per z chunk
+                         └──────────────────────▶ finish ──Delivered (bytes, or locations written)
 
-Arrays read from the object store are read-only views; ``own_arrays`` copies the few
-that a stage is about to modify.
+A crop pass runs the same way and ends in ``find_region`` (``FoundRegion``), which the
+main pass's ``prepare`` and ``finish`` take as an argument; an empty region makes
+``prepare`` return None, every later stage passes that on, and ``finish`` answers the
+all-zero segmentation, without the caller having to look.
+
+Arrays read from the object store are read-only views; ``own_arrays`` copies the few a
+stage is about to modify.
 """
 
 from __future__ import annotations
@@ -21,12 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
-from raytseg.pipeline.records import Shape3
-
 if TYPE_CHECKING:
-    from ray import ObjectRef
-
-    from raytseg.pipeline.records import NetworkInput, Prepared, Volume
     from raytseg.pipeline.run import Region
 
 Entrypoint = Literal["http", "job"]
@@ -47,40 +50,10 @@ class Tags:
 
 
 @dataclass(frozen=True)
-class VolumeRef:
-    """A loaded image in the object store, with what routing needs to know about it."""
+class FoundRegion:
+    """Where a crop pass found the task's region; ``region`` is None when it is empty."""
 
-    ref: ObjectRef[Volume]
-    shape: Shape3
-    modality: str | None
-
-    @property
-    def voxels(self) -> int:
-        return int(np.prod(self.shape))
-
-
-@dataclass(frozen=True)
-class InputRef:
-    """One network input in the object store, addressed to one model."""
-
-    model_key: str
-    chunk: int
-    ref: ObjectRef[NetworkInput]
-
-
-@dataclass(frozen=True)
-class PreparedRef:
-    """Preprocessing result: the inputs to route, and the rest (inverse record) for postprocessing."""
-
-    inputs: tuple[InputRef, ...]
-    rest: ObjectRef[Prepared]  # a Prepared without its inputs
-
-
-@dataclass(frozen=True)
-class RegionRef:
-    """Where the crop pass found the task's region; ``ref`` is None when it is empty."""
-
-    ref: ObjectRef[Region] | None
+    region: Region | None
 
 
 @dataclass(frozen=True)
@@ -115,4 +88,4 @@ def own_arrays(record: T) -> T:
             owned = own_arrays(value)
             if owned is not value:
                 changes[f.name] = owned
-    return dataclasses.replace(record, **changes) if changes else record  # type: ignore[type-var]
+    return dataclasses.replace(record, **changes) if changes else record

@@ -33,7 +33,8 @@ def load_tokens(auth: AuthSpec, environ: Mapping[str, str]) -> tuple[bytes, ...]
         try:
             lines = auth.token_file.read_text().splitlines()
         except OSError as exc:
-            raise InvalidOptionError(f"Cannot read the token file {auth.token_file}: {exc.strerror}") from None
+            problem = exc.strerror
+            raise InvalidOptionError(f"Cannot read the token file {auth.token_file}: {problem}") from None
         found += [line.strip() for line in lines if not line.lstrip().startswith("#")]
     tokens = tuple(dict.fromkeys(t for t in found if t))
     if any(len(t) < _MIN_TOKEN_CHARS for t in tokens):
@@ -100,4 +101,5 @@ def normalise_location(location: str, what: str) -> str:
     segments = path.split("/")
     if any(s in (".", "..") for s in segments) or "" in segments[:-1]:
         raise UriNotAllowedError(f"The {what} must not contain '.', '..' or empty path segments.")
-    return f"{scheme.lower()}://{posixpath.normpath(path) if path else ''}" + ("/" if path.endswith("/") else "")
+    normal = posixpath.normpath(path) if path else ""
+    return f"{scheme.lower()}://{normal}" + ("/" if path.endswith("/") else "")

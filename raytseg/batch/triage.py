@@ -1,0 +1,110 @@
+"""Before Ray starts: which items need running, and what is already known about the rest.
+
+An item whose completion marker exists is *skipped* (its row is rebuilt from the marker),
+unless the marker was written with other options: then the item *fails* with
+``StaleOutputError`` rather than mixing outputs of two configurations (``--overwrite``
+recomputes it). An item whose per-row task is unknown or unlicensed fails here too, so a
+bad row never reaches the workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from raytseg.batch.config import BatchConfig
+from raytseg.batch.inputs import WorkItem
+from raytseg.batch.item import JobSpec, pass_chain
+from raytseg.batch.results import ItemResult
+from raytseg.config import Settings
+from raytseg.errors import InputError, LicenseError, RaytsegError
+from raytseg.pipeline.plan import plan_run
+from raytseg.pipeline.preprocess import model_key
+from raytseg.pipeline.records import SegmentOptions
+from raytseg.tasks import ModelSpec, get_task
+
+
+class StaleOutputError(RaytsegError):
+    """An item's folder holds complete outputs made with other options."""
+
+    status_code = 409
+
+
+def check_job_options(config: BatchConfig, settings: Settings) -> None:
+    """Fail fast on a bad job-wide task or options (per-row tasks fail their rows only)."""
+    _check_options(config.segment_options(), settings)
+
+
+def triage(items: Sequence[WorkItem], job: JobSpec) -> tuple[list[WorkItem], list[ItemResult]]:
+    """Items to run, and results known without running: skipped, stale, bad per-row task."""
+    markers = {} if job.config.overwrite else job.outputs().read_markers([i.output for i in items])
+    todo: list[WorkItem] = []
+    finished: list[ItemResult] = []
+    task_errors: dict[str, RaytsegError | None] = {}
+    for item in items:
+        marker = markers.get(item.output)
+        if marker is not None:
+            finished.append(_from_marker(item, marker, job))
+            continue
+        task = item.task or job.config.task
+        if task not in task_errors:
+            task_errors[task] = _task_error(job, item)
+        error = task_errors[task]
+        if error is None:
+            todo.append(item)
+        else:
+            finished.append(failed_result(item, task, error))
+    return todo, finished
+
+
+def model_levels(items: Sequence[WorkItem], job: JobSpec) -> list[list[ModelSpec]]:
+    """The networks each model stage serves: level k runs the k-th pass of every item."""
+    levels: list[dict[str, ModelSpec]] = []
+    for options in {job.options_for(item) for item in items}:
+        for level, plan in enumerate(pass_chain(plan_run(options))):
+            if level == len(levels):
+                levels.append({})
+            levels[level].update({model_key(spec): spec for spec in plan.main.models})
+    return [list(specs.values()) for specs in levels]
+
+
+def failed_result(item: WorkItem, task: str, error: Exception) -> ItemResult:
+    """The row of an item that failed before (or without) running."""
+    return ItemResult(
+        id=item.id,
+        input=item.input,
+        output=item.output,
+        task=task,
+        status="failed",
+        error_type=type(error).__name__,
+        error_message=str(error),
+    )
+
+
+def _check_options(options: SegmentOptions, settings: Settings) -> None:
+    plan_run(options)
+    task = get_task(options.task)
+    if task.license_required:
+        from raytseg.weights.license import require_license
+
+        require_license(task, settings)
+
+
+def _task_error(job: JobSpec, item: WorkItem) -> RaytsegError | None:
+    try:
+        _check_options(job.options_for(item), job.settings)
+    except (InputError, LicenseError) as exc:
+        return exc
+    return None
+
+
+def _from_marker(item: WorkItem, marker: dict[str, Any], job: JobSpec) -> ItemResult:
+    done = ItemResult.from_dict(marker)
+    if done.fingerprint != job.fingerprint(item):
+        error = StaleOutputError(
+            f"{item.output} holds outputs made with other options. Pass --overwrite to replace them, "
+            "or write this job to another output."
+        )
+        return failed_result(item, done.task, error)
+    return replace(done.as_skipped(), input=item.input, output=item.output)

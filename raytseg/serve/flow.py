@@ -1,0 +1,203 @@
+"""Routing one segmentation through the deployments; shared by the HTTP routes and the job runner.
+
+The flow is ``raytseg.pipeline.run.Segmenter._run`` spread over replicas: the same plan,
+the same crop pass (``find_region`` between the passes), the same steps. Each call takes
+the earlier calls' responses as arguments; the flow waits until a call has finished (its
+result exists) before making the next, but never fetches an intermediate result: the
+arrays go from replica to replica (``raytseg.serve.handoff``), and only the final answer
+comes here. The model calls of a pass need only the preprocessing result and are sent
+together, so the parts of ``total`` run at the same time on their own replicas.
+
+Failures leave the flow as members of the error tree (``as_raytseg_error``), after every
+call still pending was cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from raytseg.pipeline.plan import CropPass, RunPlan
+from raytseg.pipeline.preprocess import model_key
+from raytseg.pipeline.records import SegmentOptions
+from raytseg.pipeline.run import crop_pass_options
+from raytseg.serve.errors import NotDeployedError, as_raytseg_error
+from raytseg.serve.handoff import Delivered, Delivery, Entrypoint, Tags
+from raytseg.serve.runtime import POOL, POSTPROCESS, PREPROCESS, Catalogue, deployment_name
+from raytseg.serve.stages import PassSpec
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+    Handle = DeploymentHandle[Any]
+    Response = DeploymentResponse[Any]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """Handles to the deployments a segmentation goes through."""
+
+    preprocess: Handle
+    postprocess: Handle
+    models: Mapping[str, Handle]  # model_key -> its own deployment
+    pool: Handle | None  # every other model, multiplexed by model_key
+
+
+@dataclass(frozen=True)
+class StageNames:
+    """Where the stages of an app are, by name: enough to rebuild ``Stages`` in another actor."""
+
+    app: str
+    models: tuple[str, ...]  # model keys with a deployment of their own
+    pool: bool
+
+    def handles(self) -> Stages:
+        from ray import serve
+
+        def get(name: str) -> Handle:
+            return serve.get_deployment_handle(name, self.app)
+
+        models = {key: get(deployment_name(key)) for key in self.models}
+        return Stages(get(PREPROCESS), get(POSTPROCESS), models, get(POOL) if self.pool else None)
+
+
+class Flow:
+    """Runs segmentations through ``Stages`` for the tasks ``catalogue`` serves."""
+
+    def __init__(self, stages: Stages, catalogue: Catalogue) -> None:
+        self._stages = _by_reference(stages)
+        self._catalogue = catalogue
+
+    def check(self, options: SegmentOptions) -> RunPlan:
+        """The plan, refused (4xx) before any image is read if it is invalid or not served."""
+        plan = self._catalogue.plan(options)
+        for spec in plan.all_models:
+            self._model(model_key(spec))
+        return plan
+
+    async def segment(
+        self, source: bytes | str, options: SegmentOptions, delivery: Delivery, entrypoint: Entrypoint
+    ) -> Delivered:
+        """Segment ``source`` (upload bytes or a location) and deliver as asked.
+
+        Raises:
+            RaytsegError: any failure, translated; calls still pending are cancelled first.
+        """
+        plan = self.check(options)
+        calls = _Calls()
+        try:
+            return await self._run(calls, source, plan, options, delivery, entrypoint)
+        except asyncio.CancelledError:  # timeout or client gone: stop the work, keep cancelling
+            calls.cancel()
+            raise
+        except Exception as exc:
+            calls.cancel()
+            raise as_raytseg_error(exc) from exc
+
+    async def _run(  # noqa: PLR0913 - segment()'s arguments plus the call tracker
+        self,
+        calls: _Calls,
+        source: bytes | str,
+        plan: RunPlan,
+        options: SegmentOptions,
+        delivery: Delivery,
+        entry: Entrypoint,
+    ) -> Delivered:
+        tags = Tags(options.task, entry)
+        volume = await calls.finished(self._stages.preprocess.load.remote(source, tags))
+        found = None
+        if plan.crop is not None:
+            found = await self._crop_pass(calls, volume, plan.crop, Tags(options.task, entry, crop_pass=True))
+        spec = PassSpec(plan, options, tags, delivery)
+        prepared = await calls.finished(self._stages.preprocess.prepare.remote(spec, volume, found))
+        outputs = await self._predict(calls, plan, prepared, tags)
+        finish = self._stages.postprocess.finish.remote(spec, volume, prepared, found, *outputs)
+        return cast(Delivered, await calls.add(finish))
+
+    async def _crop_pass(self, calls: _Calls, volume: Response, crop: CropPass, tags: Tags) -> Response:
+        """The crop pass (itself possibly cropped, as for ``teeth``), ending in ``find_region``."""
+        found = None
+        if crop.plan.crop is not None:
+            found = await self._crop_pass(calls, volume, crop.plan.crop, tags)
+        spec = PassSpec(crop.plan, crop_pass_options(crop), tags)
+        prepared = await calls.finished(self._stages.preprocess.prepare.remote(spec, volume, found))
+        outputs = await self._predict(calls, crop.plan, prepared, tags)
+        post = self._stages.postprocess
+        return await calls.finished(post.find_region.remote(spec, crop, volume, prepared, found, *outputs))
+
+    async def _predict(self, calls: _Calls, plan: RunPlan, prepared: Response, tags: Tags) -> list[Response]:
+        """One call per network of the pass, all sent at once (they need only ``prepared``)."""
+        sent = [calls.add(self._model(model_key(m)).predict.remote(prepared, tags)) for m in plan.main.models]
+        await asyncio.gather(*(_finished(response) for response in sent))
+        return sent
+
+    def _model(self, key: str) -> Handle:
+        if key in self._stages.models:
+            return self._stages.models[key]
+        if self._stages.pool is None:
+            raise NotDeployedError(f"Model {key} has no deployment here and the shared pool is disabled.")
+        return self._stages.pool.options(multiplexed_model_id=key)
+
+
+class _Calls:
+    """The deployment calls of one request, so a failure can cancel those still pending."""
+
+    def __init__(self) -> None:
+        self._responses: list[Response] = []
+
+    def add(self, response: Any) -> Response:
+        """Remember a call (``handle.method.remote(...)``) and return it."""
+        self._responses.append(response)
+        return cast("Response", response)
+
+    async def finished(self, response: Any) -> Response:
+        """Remember a call and wait until it has finished; returns it (not its result)."""
+        return await _finished(self.add(response))
+
+    def cancel(self) -> None:
+        for response in self._responses:
+            try:
+                response.cancel()  # type: ignore[no-untyped-call]
+            except Exception:  # already finished or failed: nothing to stop
+                log.debug("cancel failed", exc_info=True)
+
+
+async def _finished(response: Response) -> Response:
+    """Wait until a call's result exists in the object store, without fetching it.
+
+    A call waiting for its arguments counts as queued at its deployment, for the queue
+    limit and for autoscaling; so each stage is called only once the previous one is done,
+    or a preprocessing backlog would scale up the model replicas.
+    """
+    ref = await response._to_object_ref()
+    # ``ObjectRef._ready`` is what Serve itself awaits before routing a call that takes a
+    # response as argument; ``ray.wait`` without fetching is the public, blocking equivalent.
+    ready = getattr(ref, "_ready", None)
+    if ready is not None:
+        await ready()
+    else:
+        import ray
+
+        await asyncio.to_thread(ray.wait, [ref], fetch_local=False)
+    return response
+
+
+def _by_reference(stages: Stages) -> Stages:
+    """Handles that pass results as object refs, whatever the Serve defaults of the process.
+
+    Serve can send results by value (gRPC) when ``RAY_SERVE_USE_GRPC_BY_DEFAULT`` or the
+    throughput-optimised mode is on; this app relies on refs: a by-value result would
+    copy every network input and label map through the caller.
+    """
+
+    def ref(handle: Handle) -> Handle:
+        return handle.options(_by_reference=True)
+
+    pool = None if stages.pool is None else ref(stages.pool)
+    models = {key: ref(handle) for key, handle in stages.models.items()}
+    return Stages(ref(stages.preprocess), ref(stages.postprocess), models, pool)

@@ -1,0 +1,275 @@
+"""The HTTP ingress: routes, auth, limits and validation; the one place errors become HTTP.
+
+    POST /v1/segment        image in the body -> multilabel NIfTI, or a zip (per-class / statistics)
+    POST /v1/jobs           {input_uri, output_uri, task, options} -> 202 {id, state, ...}
+    GET  /v1/jobs/{id}      state, written locations, error
+    GET  /v1/tasks          catalogue tasks, classes, what this deployment serves
+    GET  /healthz           this replica answers
+    GET  /readyz            every deployment has a running replica (models loaded)
+    GET  /docs              OpenAPI UI (/openapi.json)
+
+Routes are ``async`` and hold no arrays: the image bytes go to the preprocess stage as
+they were uploaded and the answer comes back from the postprocess stage as bytes.
+"""
+
+# No ``from __future__ import annotations`` here: Serve pickles the routes by value, and
+# FastAPI must read their parameter types from real objects, not from names to resolve.
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from raytseg import __version__
+from raytseg.config import environment
+from raytseg.errors import ImageTooLargeError, OverloadedError, RaytsegError, UnreadableImageError
+from raytseg.metrics import recorder
+from raytseg.serve.config import LimitsSpec, ServeConfig
+from raytseg.serve.errors import JobNotFoundError, NotDeployedError, as_raytseg_error, http_error
+from raytseg.serve.flow import Flow, StageNames, Stages
+from raytseg.serve.handoff import Delivery, Entrypoint
+from raytseg.serve.jobs import JobSpec, Route, job_runner
+from raytseg.serve.runtime import Catalogue
+from raytseg.serve.schemas import ErrorBody, JobRequest, JobStatus, SegmentQuery, TaskInfo
+from raytseg.serve.security import UriPolicy, check_bearer, load_tokens
+from raytseg.tasks import load_catalog
+
+log = logging.getLogger(__name__)
+_READY_TTL_S = 2.0
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 500, 502, 503, 504)
+}
+
+api = FastAPI(
+    title="raytseg",
+    version=__version__,
+    description="TotalSegmentator-compatible CT/MR segmentation. Authenticate with "
+    "'Authorization: Bearer <token>' when the service has tokens configured.",
+    responses=_ERRORS,
+)
+
+
+@api.exception_handler(RaytsegError)
+async def _raytseg_error(request: Request, error: RaytsegError) -> JSONResponse:
+    limits: LimitsSpec = getattr(request.app.state, "limits", LimitsSpec())
+    answer = http_error(error, overload_status=limits.overload_status, retry_after_s=limits.retry_after_s)
+    return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    # FastAPI's default echoes the input values; name the fields and the problems only.
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+    body = {"error": {"type": "InvalidOptionError", "message": problems, "status": 422}}
+    return JSONResponse(body, status_code=422)
+
+
+class Admission:
+    """Counts the segmentations this replica holds and refuses past the limit."""
+
+    def __init__(self, limit: int, entrypoint: Entrypoint = "http") -> None:
+        self.limit = limit
+        self.held = 0
+        self._entrypoint = entrypoint
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.held >= self.limit:
+            raise OverloadedError(f"{self.held} segmentations in progress; retry after Retry-After seconds.")
+        self.held += 1
+        recorder().queue_depth(self.held, self._entrypoint)
+        try:
+            yield
+        finally:
+            self.held -= 1
+            recorder().queue_depth(self.held, self._entrypoint)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ImageTooLargeError(f"The upload has {declared} bytes, more than the limit of {limit}.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ImageTooLargeError(f"The upload passed the limit of {limit} bytes.")
+        chunks.append(chunk)
+    if size == 0:
+        raise UnreadableImageError("The request body is empty. Send a NIfTI file or a DICOM zip.")
+    return b"".join(chunks)
+
+
+def _task_tag(task: str) -> str:
+    """A metric tag for a task: catalogue names only, so clients cannot add label values."""
+    return task if task in load_catalog().tasks else "unknown"
+
+
+def _readiness(app: str) -> dict[str, Any]:
+    status = serve.status().applications.get(app)
+    if status is None:
+        return {"ready": False, "waiting_for": ["application"]}
+    # A deployment scaled to zero on purpose is HEALTHY without replicas; every other one
+    # needs a running replica, and a model replica runs only once its network is loaded.
+    waiting = [
+        name
+        for name, deployment in status.deployments.items()
+        if deployment.replica_states.get("RUNNING", 0) < 1 and deployment.status != "HEALTHY"  # type: ignore[call-overload]
+    ]
+    return {"ready": not waiting, "status": str(status.status.value), "waiting_for": sorted(waiting)}
+
+
+# ``serve.ingress`` pickles the FastAPI app (routes included) when the class is decorated,
+# so everything the routes call must be defined above this point.
+@serve.ingress(api)
+class Ingress:
+    """FastAPI ingress deployment; holds handles to the other deployments."""
+
+    def __init__(  # noqa: PLR0913 - the bound deployments arrive as constructor arguments
+        self,
+        config: ServeConfig,
+        preprocess: DeploymentHandle[Any],
+        postprocess: DeploymentHandle[Any],
+        models: Mapping[str, DeploymentHandle[Any]],
+        pool: DeploymentHandle[Any] | None,
+    ) -> None:
+        self._config = config
+        self._tokens = load_tokens(config.auth, environment())
+        if not self._tokens:
+            log.warning("No API tokens configured: anyone who reaches the service can use it.")
+        self._catalogue = Catalogue(config)
+        self._flow = Flow(Stages(preprocess, postprocess, dict(models), pool), self._catalogue)
+        self._admission = Admission(config.limits.max_queued_requests)
+        self._uris = UriPolicy(config.jobs.allowed_prefixes)
+        self._app = serve.get_replica_context().app_name
+        self._route = Route(StageNames(self._app, tuple(models), pool is not None), config)
+        self._runner = job_runner(self._app, config.jobs) if config.jobs.enabled else None
+        self._ready: tuple[float, dict[str, Any]] = (0.0, {})
+        api.state.limits = config.limits
+
+    @api.post(
+        "/v1/segment",
+        response_class=Response,
+        responses={200: {"content": {"application/gzip": {}, "application/zip": {}}}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                "description": "A NIfTI file (.nii or .nii.gz) or a zip of one DICOM series.",
+            }
+        },
+    )
+    async def segment(self, request: Request, query: Annotated[SegmentQuery, Query()]) -> Response:
+        """Segment the uploaded image.
+
+        Answers the multilabel NIfTI (label table in its header) when ``ml`` is true and no
+        statistics are asked for; otherwise a zip with what TotalSegmentator writes to its
+        output folder: ``<task>.nii.gz`` or one ``<class>.nii.gz`` per class, plus
+        ``statistics.json`` when ``statistics`` is true.
+        """
+        with self._tracked(query.task, "http"):
+            self._authorize(request)
+            options = query.options(query.task)
+            self._flow.check(options)
+            with self._admission.slot():
+                body = await read_body(request, self._config.limits.max_body_bytes)
+                work = self._flow.segment(body, options, Delivery(ml=query.ml), "http")
+                done = await asyncio.wait_for(work, self._config.request_timeout_s)
+        disposition = {"Content-Disposition": f'attachment; filename="{done.filename}"'}
+        return Response(done.body, media_type=done.media_type, headers=disposition)
+
+    @api.post("/v1/jobs", status_code=202, response_model=JobStatus)
+    async def submit_job(self, request: Request, job: Annotated[JobRequest, Body()]) -> JSONResponse:
+        """Queue a segmentation of ``input_uri``, written under ``output_uri``; poll ``/v1/jobs/{id}``."""
+        self._authorize(request)
+        options = job.options.options(job.task)
+        self._flow.check(options)
+        spec = JobSpec(
+            self._uris.check(job.input_uri, "input_uri"),
+            self._uris.check(job.output_uri, "output_uri"),
+            options,
+            job.options.ml,
+        )
+        record = await self._call_runner("submit", spec, self._route)
+        return JSONResponse(record, status_code=202, headers={"Location": f"/v1/jobs/{record['id']}"})
+
+    @api.get("/v1/jobs/{job_id}", response_model=JobStatus)
+    async def job_status(self, request: Request, job_id: str) -> dict[str, Any]:
+        """State of a job; ``outputs`` lists the written locations once it succeeded."""
+        self._authorize(request)
+        record: dict[str, Any] | None = await self._call_runner("status", job_id)
+        if record is None:
+            raise JobNotFoundError(f"No job {job_id!r} (unknown, or forgotten after newer jobs).")
+        return record
+
+    @api.get("/v1/tasks", response_model=list[TaskInfo])
+    async def tasks(self, request: Request) -> list[dict[str, Any]]:
+        """Every catalogue task with its classes, and which modes this deployment serves."""
+        self._authorize(request)
+        served = self._config.tasks
+        return [
+            {
+                "name": name,
+                "modality": task.modality,
+                "license_required": task.license_required,
+                "modes": sorted(task.modes),
+                "classes": task.classes,
+                "served_modes": list(served[name].modes) if name in served else [],
+                "dedicated": served[name].dedicated if name in served else False,
+            }
+            for name, task in load_catalog().tasks.items()
+        ]
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: this ingress replica answers."""
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Readiness: 200 once every deployment of the app has a running replica (models loaded)."""
+        checked, report = self._ready
+        if time.monotonic() - checked > _READY_TTL_S:
+            report = await asyncio.to_thread(_readiness, self._app)
+            self._ready = (time.monotonic(), report)
+        return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+    def _authorize(self, request: Request) -> None:
+        check_bearer(request.headers.get("authorization"), self._tokens)
+
+    async def _call_runner(self, method: str, *args: Any) -> Any:
+        if self._runner is None:
+            raise NotDeployedError("The job API is disabled on this service (jobs.enabled).")
+        try:
+            return await getattr(self._runner, method).remote(*args)
+        except Exception as exc:
+            error = as_raytseg_error(exc)
+            if error.status_code == 503 and not isinstance(error, OverloadedError):
+                # The job actor was lost for good: the next call creates a new one.
+                self._runner = job_runner(self._app, self._config.jobs)
+            raise error from exc
+
+    @contextmanager
+    def _tracked(self, task: str, entrypoint: Entrypoint) -> Iterator[None]:
+        """Request metrics, and every failure turned into a member of the error tree."""
+        tag, started = _task_tag(task), time.perf_counter()
+        try:
+            yield
+        except Exception as exc:
+            error = as_raytseg_error(exc)
+            if error.status_code >= 500 and not isinstance(error, OverloadedError):
+                log.error("Request failed: %s", type(error).__name__, exc_info=exc)
+            recorder().request(tag, "failed", entrypoint)
+            recorder().error(tag, type(error).__name__, entrypoint)
+            raise error from exc
+        recorder().request(tag, "ok", entrypoint)
+        recorder().stage(tag, "end_to_end", time.perf_counter() - started, entrypoint)

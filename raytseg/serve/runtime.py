@@ -1,0 +1,162 @@
+"""What every replica sets up from the config: settings, weights, models, the plan check.
+
+Replicas build these in their constructors (never at import), from the ``ServeConfig``
+they were bound with plus the environment of their own process (weights location,
+TotalSegmentator home), which ``raytseg.config`` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from raytseg.config import Settings
+from raytseg.metrics import recorder
+from raytseg.pipeline.plan import RunPlan, plan_run
+from raytseg.pipeline.preprocess import model_key
+from raytseg.pipeline.records import SegmentOptions
+from raytseg.serve.config import ServeConfig
+from raytseg.serve.errors import NotDeployedError
+from raytseg.tasks import ModelSpec, get_task, load_catalog
+
+if TYPE_CHECKING:
+    import torch
+
+    from raytseg.pipeline.model import LoadedModel
+    from raytseg.weights.store import WeightsStore
+
+log = logging.getLogger(__name__)
+
+
+def settings_for(config: ServeConfig) -> Settings:
+    """This process's settings, with the weights location and size limits of ``config``."""
+    settings = Settings.from_env()
+    update: dict[str, object] = {
+        "max_voxels": config.limits.max_voxels,
+        "max_archive_bytes": config.limits.max_archive_bytes,
+    }
+    if config.weights is not None:
+        remote = "://" in config.weights and not config.weights.startswith("file://")
+        update["weights_uri"] = config.weights if remote else None
+        if not remote:
+            update["weights_dir"] = Path(config.weights.removeprefix("file://")).expanduser()
+    return settings.model_copy(update=update)
+
+
+def weights_store(config: ServeConfig) -> WeightsStore:
+    from raytseg.weights.store import WeightsStore
+
+    return WeightsStore(settings_for(config))
+
+
+@lru_cache(maxsize=1)
+def _specs_by_key() -> dict[str, ModelSpec]:
+    specs: dict[str, ModelSpec] = {}
+    for task in load_catalog().tasks.values():
+        for mode in task.modes.values():
+            for spec in mode.models:
+                specs.setdefault(model_key(spec), spec)
+    return specs
+
+
+def model_spec(key: str) -> ModelSpec:
+    """The catalogue's model with this ``model_key``."""
+    spec = _specs_by_key().get(key)
+    if spec is None:
+        raise NotDeployedError(f"No model {key!r} in the task catalogue.")
+    return spec
+
+
+def torch_device(config: ServeConfig) -> torch.device:
+    """The replica's device; also sets its torch threads (once, in the constructor)."""
+    import torch
+
+    from raytseg.pipeline.model import configure_torch_threads, select_device
+
+    device = select_device(config.device)
+    configure_torch_threads(device)
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    return device
+
+
+def load_model(store: WeightsStore, key: str, device: torch.device) -> LoadedModel:
+    """Build one network from the weights store, recording the load time."""
+    from raytseg.pipeline.model import LoadedModel, ModelFiles
+    from raytseg.pipeline.preprocess import ModelPlans
+
+    spec = model_spec(key)
+    started = time.perf_counter()
+    plans, dataset_json = store.read_plans(spec)
+    model_plans = ModelPlans(key, spec.configuration, plans, dataset_json)
+    files = ModelFiles(model_plans, tuple(store.checkpoint_paths(spec)))
+    model = LoadedModel.load(files, device)
+    seconds = time.perf_counter() - started
+    recorder().model_load(key, seconds)
+    log.info("Loaded model %s on %s in %.1f s", key, device, seconds)
+    return model
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Which tasks, modes and models this deployment serves."""
+
+    config: ServeConfig
+
+    def plan(self, options: SegmentOptions) -> RunPlan:
+        """``plan_run(options)``, refused unless the task and mode are served here.
+
+        Raises:
+            UnknownTaskError, InvalidOptionError, UnknownClassError: from planning.
+            NotDeployedError: the task or mode exists but is not served here.
+        """
+        task = get_task(options.task)
+        entry = self.config.tasks.get(task.name)
+        if entry is None:
+            served = ", ".join(self.config.tasks)
+            raise NotDeployedError(f"Task {task.name!r} is not served here; served tasks: {served}.")
+        mode, _ = task.select_mode(fast=options.fast, fastest=options.fastest)
+        if mode not in entry.modes:
+            raise NotDeployedError(
+                f"Task {task.name!r} is served in mode(s) {', '.join(entry.modes)}, not {mode!r}."
+            )
+        return plan_run(options)
+
+    def dedicated_models(self) -> dict[str, ModelSpec]:
+        """Models with deployments of their own: every model a dedicated task's modes run
+        (its default crop pass included), in catalogue order."""
+        keys: dict[str, ModelSpec] = {}
+        for name, entry in self.config.tasks.items():
+            if not entry.dedicated:
+                continue
+            for mode in entry.modes:
+                options = SegmentOptions(task=name, fast=mode == "fast", fastest=mode == "fastest")
+                for spec in plan_run(options).all_models:
+                    keys.setdefault(model_key(spec), spec)
+        return keys
+
+    def owner(self, key: str) -> str | None:
+        """The configured task whose deployment settings apply to model ``key``."""
+        for name, entry in self.config.tasks.items():
+            if not entry.dedicated:
+                continue
+            for mode in entry.modes:
+                options = SegmentOptions(task=name, fast=mode == "fast", fastest=mode == "fastest")
+                if key in {model_key(s) for s in plan_run(options).all_models}:
+                    return name
+        return None
+
+
+INGRESS = "Ingress"
+PREPROCESS = "Preprocess"
+POSTPROCESS = "Postprocess"
+POOL = "ModelPool"
+
+
+def deployment_name(key: str) -> str:
+    """Deployment of a dedicated model: ``Model<dataset id>`` (ids are unique per model_key)."""
+    return f"Model{model_spec(key).dataset_id}"

@@ -1,0 +1,183 @@
+"""Batch jobs on S3 (moto) and a local Ray: outputs byte-identical to ``raytseg segment``."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raytseg.batch import BatchConfig, run_batch
+from raytseg.batch.cli import EXIT_TOO_MANY_FAILURES, main
+from raytseg.batch.commit import MARKER_NAME
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+GOOD = {  # item id -> input name
+    "ct_small": "ct_small.nii.gz",
+    "mr_small": "mr_small.nii.gz",
+    "dicom_series": "dicom_series.zip",
+    "patient7_series": "patient7/series",
+}
+BAD = {"corrupt": "corrupt.nii.gz", "truncated": "truncated.nii.gz"}
+STAGES = ("load", "preprocess", "model", "postprocess", "write", "total")
+
+
+def item_files(written: dict[str, bytes], folder: str) -> dict[str, bytes]:
+    """The files of one item folder (relative names), without its completion marker."""
+    prefix = folder.rstrip("/") + "/"
+    files = {name[len(prefix) :]: data for name, data in written.items() if name.startswith(prefix)}
+    assert MARKER_NAME in files, f"{folder} is not marked complete"
+    del files[MARKER_NAME]
+    return files
+
+
+def assert_same_files(got: dict[str, bytes], expected: dict[str, bytes], what: str) -> None:
+    assert sorted(got) == sorted(expected), what
+    different = [name for name in expected if got[name] != expected[name]]
+    assert not different, f"{what}: {len(different)} file(s) differ, e.g. {different[:3]}"
+
+
+def read_table(data: bytes) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    rows: list[dict[str, Any]] = pq.read_table(io.BytesIO(data)).to_pylist()
+    return rows
+
+
+def test_bucket_job_matches_segment_and_reports_every_item(
+    upload: Callable[..., str],
+    s3_prefix: str,
+    s3_files: Callable[[str], dict[str, bytes]],
+    reference_outputs: Callable[..., Path],
+    local_files: Callable[[Path], dict[str, bytes]],
+) -> None:
+    source = upload(f"{s3_prefix}/in", *GOOD.values(), *BAD.values(), "README.txt")
+    output = f"s3://{s3_prefix}/out"
+    report = run_batch(BatchConfig(input=source, output=output, fast=True, device="cpu", max_failures=2))
+
+    assert {r.id: r.status for r in report.results} == {
+        **dict.fromkeys(GOOD, "ok"),
+        **dict.fromkeys(BAD, "failed"),
+    }
+    assert not report.failures_exceeded
+    written = s3_files(output)
+    for item, name in GOOD.items():
+        expected = local_files(reference_outputs(name, "--fast"))
+        assert len(expected) == 117
+        assert_same_files(item_files(written, item), expected, item)
+    assert not [name for name in written if name.startswith("_staging")]
+
+    rows = {row["id"]: row for row in read_table(written["_results.parquet"])}
+    assert sorted(rows) == sorted([*GOOD, *BAD])
+    for item, name in GOOD.items():
+        row = rows[item]
+        assert row["input"] == f"{source}/{name}"
+        assert row["output"] == f"{output}/{item}"
+        assert (row["status"], row["task"], row["error_type"]) == ("ok", "total", None)
+        assert row["error_message"] is None
+        assert sorted(row["outputs"]) == sorted(f"{output}/{item}/{f}" for f in item_files(written, item))
+        assert all(row[f"{stage}_s"] > 0 for stage in STAGES), row
+        assert row["statistics"] is None
+    assert rows["ct_small"]["voxels"] == 122 * 101 * 30
+    for item in BAD:
+        row = rows[item]
+        assert (row["status"], row["error_type"], row["outputs"]) == ("failed", "UnreadableImageError", [])
+        assert f"{item}.nii.gz" in row["error_message"]
+        assert not [name for name in written if name.startswith(f"{item}/")]
+
+
+def test_csv_manifest_multilabel_statistics_with_a_crop_pass(
+    s3: Any,
+    upload: Callable[..., str],
+    s3_prefix: str,
+    s3_files: Callable[[str], dict[str, bytes]],
+    reference_outputs: Callable[..., Path],
+    local_files: Callable[[Path], dict[str, bytes]],
+) -> None:
+    base = upload(s3_prefix, "ct_small.nii.gz", "dicom_series.zip")
+    manifest = (
+        "id,input_uri,notes\n"
+        "case-1,ct_small.nii.gz,relative to the manifest\n"
+        f"case-2,{base}/dicom_series.zip,absolute\n"
+    )
+    s3.pipe_file(f"{s3_prefix}/manifest.csv", manifest.encode())
+    output = f"s3://{s3_prefix}/out"
+    config = BatchConfig(
+        input=f"{base}/manifest.csv",
+        output=output,
+        fast=True,
+        roi_subset=("kidney_left", "trachea"),  # a crop pass with the 6 mm model first
+        statistics=True,
+        ml=True,
+        device="cpu",
+    )
+    report = run_batch(config)
+
+    assert [(r.id, r.status) for r in report.results] == [("case-1", "ok"), ("case-2", "ok")]
+    written = s3_files(output)
+    rows = {row["id"]: row for row in read_table(written["_results.parquet"])}
+    flags = ("--fast", "-rs", "kidney_left", "trachea", "-s")
+    for item, name in (("case-1", "ct_small.nii.gz"), ("case-2", "dicom_series.zip")):
+        expected = local_files(reference_outputs(name, *flags, ml=True))
+        assert sorted(expected) == ["segmentation.nii.gz", "statistics.json"]
+        assert_same_files(item_files(written, item), expected, item)
+        assert json.loads(rows[item]["statistics"]) == json.loads(expected["statistics.json"])
+        assert sorted(json.loads(expected["statistics.json"])) == ["kidney_left", "trachea"]
+
+
+def test_parquet_manifest_with_per_row_task_and_output(
+    s3: Any,
+    upload: Callable[..., str],
+    s3_prefix: str,
+    s3_files: Callable[[str], dict[str, bytes]],
+    reference_outputs: Callable[..., Path],
+    local_files: Callable[[Path], dict[str, bytes]],
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = upload(s3_prefix, "ct_small.nii.gz", "mr_small.nii.gz")
+    table = pa.table(
+        {
+            "input_uri": [f"{base}/ct_small.nii.gz", f"{base}/mr_small.nii.gz"],
+            "task": ["body", None],
+            "output": ["bodies/ct", None],
+        }
+    )
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    s3.pipe_file(f"{s3_prefix}/manifest.parquet", sink.getvalue())
+    output = f"s3://{s3_prefix}/out"
+    report = run_batch(BatchConfig(input=f"{base}/manifest.parquet", output=output, fast=True, device="cpu"))
+
+    assert [(r.id, r.task, r.status, r.output) for r in report.results] == [
+        ("ct_small", "body", "ok", f"{output}/bodies/ct"),
+        ("mr_small", "total", "ok", f"{output}/mr_small"),
+    ]
+    written = s3_files(output)
+    body = local_files(reference_outputs("ct_small.nii.gz", "--fast", "-ta", "body"))
+    assert {"body.nii.gz", "skin.nii.gz"} <= set(body)  # the derived masks need the voxels
+    assert_same_files(item_files(written, "bodies/ct"), body, "ct_small (body)")
+    total = local_files(reference_outputs("mr_small.nii.gz", "--fast"))
+    assert_same_files(item_files(written, "mr_small"), total, "mr_small")
+
+
+def test_exit_code_says_whether_failures_exceed_the_limit(
+    upload: Callable[..., str], s3_prefix: str, s3_files: Callable[[str], dict[str, bytes]]
+) -> None:
+    source = upload(f"{s3_prefix}/in", "ct_small.nii.gz", "corrupt.nii.gz")
+    output = f"s3://{s3_prefix}/out"
+    args = ["--input", source, "--output", output, "--fast", "-d", "cpu", "-q"]
+
+    assert main(args) == EXIT_TOO_MANY_FAILURES  # default: no failure tolerated
+    statuses = {row["id"]: row["status"] for row in read_table(s3_files(output)["_results.parquet"])}
+    assert statuses == {"ct_small": "ok", "corrupt": "failed"}
+    # Reruns redo only the failed item; one failure out of two items:
+    assert main([*args, "--max-failures", "1"]) == 0
+    assert main([*args, "--max-failures", "40%"]) == EXIT_TOO_MANY_FAILURES
+    statuses = {row["id"]: row["status"] for row in read_table(s3_files(output)["_results.parquet"])}
+    assert statuses == {"ct_small": "skipped", "corrupt": "failed"}

@@ -1,0 +1,71 @@
+"""``raytseg serve``: starts its own local Ray, prints the URL, serves, and stops on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+# The subcommand as raytseg/cli.py wires it: a parser with register()'s subcommand.
+MAIN = (
+    "import argparse, sys; from raytseg.serve.cli import register; "
+    "p = argparse.ArgumentParser(prog='raytseg'); register(p.add_subparsers(dest='command')); "
+    "a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a))"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_command_prints_url_serves_and_stops(weights: Path, tmp_path: Path, tiny_ct: bytes) -> None:
+    port = _free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        f"weights: {weights}\ntorch_threads: 1\ntasks: {{total: {{modes: [fast]}}}}\n"
+        "models: {num_cpus: 0.25}\npool: {enabled: false}\njobs: {enabled: false}\n"
+        "preprocess: {num_cpus: 0.25}\npostprocess: {num_cpus: 0.25}\ningress: {num_cpus: 0.25}\n"
+    )
+    env = {**os.environ, "RAYTSEG_SERVE__HTTP__METRICS_EXPORT_PORT": str(_free_port())}
+    env.pop("RAY_ADDRESS", None)
+    args = [
+        sys.executable,
+        "-c",
+        MAIN,
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--num-cpus",
+        "2",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # blocks until the app runs (or the command fails)
+        assert first.startswith(f"raytseg serving on http://127.0.0.1:{port}"), first
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/segment", params={"fast": "true"}, content=tiny_ct, timeout=120
+        )
+        assert answer.status_code == 200, answer.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.5)
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+        raise AssertionError("the service still answers after SIGTERM")
+    except httpx.TransportError:
+        pass

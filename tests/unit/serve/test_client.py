@@ -1,0 +1,139 @@
+"""raytseg.client against a mocked transport: requests it sends, answers it decodes."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from raytseg.client import Client, ServiceError
+from raytseg.errors import OverloadedError, UnreadableImageError
+from raytseg.serve.errors import JobNotFoundError
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def client(handler: Handler, **kwargs: object) -> Client:
+    return Client("http://svc", token="t" * 20, transport=httpx.MockTransport(handler), **kwargs)  # type: ignore[arg-type]
+
+
+def test_segment_sends_body_params_and_token() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        headers = {"content-disposition": 'attachment; filename="total.nii.gz"'}
+        return httpx.Response(
+            200, content=b"\x1f\x8bnifti", headers={**headers, "content-type": "application/gzip"}
+        )
+
+    result = client(handler).segment(b"image", fast=True, roi_subset=["liver", "spleen"], statistics=None)
+    request = seen[0]
+    assert request.headers["authorization"] == "Bearer " + "t" * 20
+    assert request.content == b"image"
+    assert request.url.params.multi_items() == [
+        ("task", "total"),
+        ("fast", "true"),
+        ("roi_subset", "liver"),
+        ("roi_subset", "spleen"),
+    ]
+    assert result.filename == "total.nii.gz"
+    assert not result.is_zip
+    assert result.files() == {"total.nii.gz": b"\x1f\x8bnifti"}
+    assert result.statistics is None
+
+
+def test_zip_answers_expose_files_and_statistics() -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("liver.nii.gz", b"mask")
+        archive.writestr("statistics.json", json.dumps({"liver": {"volume": 1.0, "intensity": 2.0}}))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=buffer.getvalue(), headers={"content-type": "application/zip"})
+
+    result = client(handler).segment(b"image", ml=False, statistics=True)
+    assert result.is_zip
+    assert set(result.files()) == {"liver.nii.gz", "statistics.json"}
+    assert result.statistics == {"liver": {"volume": 1.0, "intensity": 2.0}}
+
+
+def test_errors_come_back_as_their_classes() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/segment":
+            body = {"error": {"type": "UnreadableImageError", "message": "not NIfTI", "status": 400}}
+            return httpx.Response(400, json=body)
+        if request.url.path.startswith("/v1/jobs/"):
+            return httpx.Response(
+                404, json={"error": {"type": "JobNotFoundError", "message": "no", "status": 404}}
+            )
+        return httpx.Response(502, text="<html>bad gateway</html>")
+
+    c = client(handler)
+    with pytest.raises(UnreadableImageError, match="not NIfTI"):
+        c.segment(b"x")
+    with pytest.raises(JobNotFoundError):
+        c.job("abc")
+    with pytest.raises(ServiceError, match="HTTP 502") as info:
+        c.tasks()
+    assert info.value.status_code == 502
+
+
+def test_retries_overload_as_retry_after_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr("raytseg.client.time.sleep", sleeps.append)
+    answers = iter([503, 429, 200])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        status = next(answers)
+        if status != 200:
+            body = {"error": {"type": "OverloadedError", "message": "busy", "status": status}}
+            return httpx.Response(status, json=body, headers={"retry-after": "3"})
+        return httpx.Response(200, json=[])
+
+    assert client(handler, retries=2).tasks() == []
+    assert sleeps == [3.0, 3.0]
+    answers = iter([503, 503])
+    with pytest.raises(OverloadedError):
+        client(handler, retries=1).tasks()
+
+
+def test_submit_and_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("raytseg.client.time.sleep", lambda s: None)
+    states = iter(["queued", "running", "succeeded"])
+    bodies: list[dict[str, object]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            bodies.append(json.loads(request.content))
+            return httpx.Response(202, json={"id": "j1", "state": "queued"})
+        return httpx.Response(
+            200, json={"id": "j1", "state": next(states), "outputs": ["memory://o/seg.nii.gz"]}
+        )
+
+    c = client(handler)
+    job = c.submit_job("memory://i/ct.nii.gz", "memory://o/", fast=True)
+    assert bodies == [
+        {
+            "input_uri": "memory://i/ct.nii.gz",
+            "output_uri": "memory://o/",
+            "task": "total",
+            "options": {"fast": True},
+        }
+    ]
+    assert c.wait(job)["outputs"] == ["memory://o/seg.nii.gz"]
+
+
+def test_wait_raises_the_jobs_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("raytseg.client.time.sleep", lambda s: None)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        error = {"type": "UnreadableImageError", "message": "truncated", "status": 400}
+        return httpx.Response(200, json={"id": "j1", "state": "failed", "error": error})
+
+    with pytest.raises(UnreadableImageError, match="truncated"):
+        client(handler).wait("j1")

@@ -1,0 +1,108 @@
+"""The stage classes called directly, without Ray: the same bytes as the in-process pipeline."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from raytseg.config import Settings
+from raytseg.errors import ModelError
+from raytseg.pipeline.export import multilabel_nifti_bytes
+from raytseg.pipeline.load import LoadLimits, load_volume
+from raytseg.pipeline.plan import plan_run
+from raytseg.pipeline.preprocess import model_key
+from raytseg.pipeline.records import SegmentOptions
+from raytseg.serve.config import ServeConfig, load_config
+from raytseg.serve.handoff import Delivery, FoundRegion, Tags
+from raytseg.serve.models import ModelServer, _DeviceGuard
+from raytseg.serve.stages import CpuStage, PassSpec
+
+EXAMPLE_CT = Path(__file__).resolve().parents[3] / "examples" / "data" / "example_ct_sm.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> ServeConfig:
+    from raytseg.weights.synth import synthesize_task
+
+    root = tmp_path_factory.mktemp("weights")
+    synthesize_task("total", root, fast=True, tiny=True)
+    cpu = {"num_gpus": 0}
+    return load_config({"device": "cpu", "weights": str(root), "models": cpu, "pool": cpu}, {})
+
+
+@pytest.fixture(scope="module")
+def ct() -> bytes:
+    img: Any = nib.load(EXAMPLE_CT)
+    return gzip.compress(img.slicer[40:64, 40:64, 10:20].to_bytes())
+
+
+def test_stages_equal_the_in_process_pipeline(config: ServeConfig, ct: bytes) -> None:
+    import torch
+
+    from raytseg.pipeline.run import Segmenter
+    from raytseg.weights.store import WeightsStore
+
+    options = SegmentOptions(fast=True)
+    plan = plan_run(options)
+    stage = CpuStage(config)
+    tags = Tags("total", "http")
+    spec = PassSpec(plan, options, tags, Delivery(ml=True))
+    volume = stage.load(ct, tags)
+    volume.data.flags.writeable = False  # as read from the object store
+    prepared = stage.prepare(spec, volume, None)
+    assert prepared is not None
+    (model_spec,) = plan.main.models
+    server = ModelServer(config, model_key(model_spec))
+    server.check_health()
+    outputs = server.predict(prepared, tags)
+    delivered = stage.finish(spec, volume, prepared, None, outputs)
+    settings = Settings.from_env().model_copy(
+        update={"weights_dir": Path(str(config.weights)), "weights_uri": None}
+    )
+    reference = Segmenter(WeightsStore(settings), torch.device("cpu")).segment(
+        load_volume(ct, LoadLimits.from_settings(settings)), options
+    )
+    assert delivered.body == multilabel_nifti_bytes(reference)
+    assert delivered.media_type == "application/gzip"
+
+
+def test_an_empty_crop_region_answers_zeros(config: ServeConfig, ct: bytes) -> None:
+    options = SegmentOptions(fast=True, roi_subset=("liver",))
+    plan = plan_run(options)
+    stage = CpuStage(config)
+    tags = Tags("total", "http")
+    spec = PassSpec(plan, options, tags, Delivery(ml=True))
+    volume = stage.load(ct, tags)
+    empty = FoundRegion(None)
+    assert stage.prepare(spec, volume, empty) is None
+    delivered = stage.finish(spec, volume, None, empty)
+    assert delivered.body is not None
+    labels = np.asanyarray(nib.Nifti1Image.from_bytes(gzip.decompress(delivered.body)).dataobj)
+    assert labels.shape == volume.shape
+    assert not labels.any()
+
+
+def test_device_guard_reports_a_cuda_fault() -> None:
+    import torch
+
+    class Failing:
+        key = "x"
+
+        def predict(self, item: Any) -> Any:
+            raise ModelError("Model x failed: CUDA error: an illegal memory access was encountered")
+
+        def on_device(self) -> bool:
+            return True
+
+    guard = _DeviceGuard(torch.device("cpu"))
+    guard.check()
+    prepared: Any = type("P", (), {"inputs": (type("I", (), {"model_key": "x"})(),)})()
+    with pytest.raises(ModelError):
+        guard.predict(Failing(), prepared, Tags("total", "http"))  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="failed earlier"):
+        guard.check()
