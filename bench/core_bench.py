@@ -39,23 +39,40 @@ from make_realistic_ct import make  # noqa: E402
 @dataclass
 class Run:
     wall_s: float
-    peak_rss_gb: float
+    peak_rss_gb: float  # of the main process (what `time -v` reports)
+    peak_tree_pss_gb: float  # summed over the process tree, shared pages split fairly
+
+
+@dataclass
+class Row:
+    mode: str
+    tool: str
+    run: Run
+    network_s: float
+
+    def markdown(self) -> str:
+        outside = 100 * (self.run.wall_s - self.network_s) / self.run.wall_s
+        return (
+            f"| {self.mode} | {self.tool} | {self.run.wall_s:.1f} | {self.run.peak_rss_gb:.2f} | "
+            f"{self.run.peak_tree_pss_gb:.2f} | {self.network_s:.1f} | {outside:.0f} % |"
+        )
 
 
 def measure(cmd: list[str], env: dict[str, str]) -> Run:
-    """Wall time and peak RSS of the whole process tree of ``cmd``."""
+    """Wall time, peak RSS of the main process and peak PSS of the whole process tree."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=OUT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
+    peak_rss = peak_pss = 0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak_rss, peak_pss
         root = psutil.Process(proc.pid)
         while not done.is_set():
             try:
+                peak_rss = max(peak_rss, root.memory_info().rss)
                 procs = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+                peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in procs if p.is_running()))
             except psutil.Error:
                 pass
             time.sleep(0.05)
@@ -67,7 +84,7 @@ def measure(cmd: list[str], env: dict[str, str]) -> Run:
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed:\n{err.decode()[-3000:]}")
-    return Run(time.perf_counter() - started, peak / 1e9)
+    return Run(time.perf_counter() - started, peak_rss / 1e9, peak_pss / 1e9)
 
 
 def weights_dir(fast_only: bool) -> Path:
@@ -135,26 +152,23 @@ def dice_report(ours: Path, theirs: Path) -> tuple[float, int]:
     return float(min(scores)) if scores else 1.0, int((a != b).sum())
 
 
-def bench_mode(ct: Path, weights: Path, fast: bool, repeat: int) -> dict[str, object]:
+def bench_mode(ct: Path, weights: Path, fast: bool, repeat: int) -> tuple[list[Row], str]:
     flags = ["--fast"] if fast else []
+    mode = "total --fast" if fast else "total"
     env = {**os.environ, "RAYTSEG_WEIGHTS": str(weights), "TOTALSEG_HOME_DIR": str(ts_home(weights))}
     ours_out, theirs_out = OUT / "raytseg.nii.gz", OUT / "totalseg.nii.gz"
     raytseg_cmd = [str(REPO / ".venv/bin/raytseg"), "segment", "-i", str(ct), "-o", str(ours_out), "--ml"]
     ts_cmd = [str(REPO / ".venv-ref/bin/TotalSegmentator"), "-i", str(ct), "-o", str(theirs_out), "--ml"]
-    ours = [measure([*raytseg_cmd, *flags, "-d", "cpu", "-q"], env) for _ in range(repeat)]
-    theirs = [measure([*ts_cmd, *flags, "-d", "cpu", "-q"], env) for _ in range(repeat)]
+    ours = min((measure([*raytseg_cmd, *flags, "-d", "cpu", "-q"], env) for _ in range(repeat)), key=_wall)
+    theirs = min((measure([*ts_cmd, *flags, "-d", "cpu", "-q"], env) for _ in range(repeat)), key=_wall)
     network = bare_network_seconds(ct, weights, fast)
     min_dice, differing = dice_report(ours_out, theirs_out)
-    return {
-        "mode": "total --fast" if fast else "total",
-        "raytseg_wall_s": min(r.wall_s for r in ours),
-        "raytseg_peak_rss_gb": max(r.peak_rss_gb for r in ours),
-        "totalseg_wall_s": min(r.wall_s for r in theirs),
-        "totalseg_peak_rss_gb": max(r.peak_rss_gb for r in theirs),
-        "network_s": network,
-        "min_dice": min_dice,
-        "differing_voxels": differing,
-    }
+    rows = [Row(mode, "raytseg", ours, network), Row(mode, "TotalSegmentator", theirs, network)]
+    return rows, f"{mode}: min per-class Dice {min_dice:.5f}, {differing} voxels differ"
+
+
+def _wall(run: Run) -> float:
+    return run.wall_s
 
 
 def main() -> None:
@@ -164,21 +178,17 @@ def main() -> None:
     args = parser.parse_args()
     ct = make(OUT / "realistic_ct.nii.gz")
     weights = weights_dir(args.fast_only)
-    rows = [bench_mode(ct, weights, True, args.repeat)]
+    results = [bench_mode(ct, weights, True, args.repeat)]
     if not args.fast_only:
-        rows.append(bench_mode(ct, weights, False, 1))
-    print(json.dumps(rows, indent=1))
-    print("\n| mode | tool | wall s | peak RSS GB | bare network s | outside network |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        for tool in ("raytseg", "totalseg"):
-            wall = float(r[f"{tool}_wall_s"])  # type: ignore[arg-type]
-            net = float(r["network_s"])  # type: ignore[arg-type]
-            print(
-                f"| {r['mode']} | {tool} | {wall:.1f} | {float(r[f'{tool}_peak_rss_gb']):.2f} | "  # type: ignore[arg-type]
-                f"{net:.1f} | {100 * (wall - net) / wall:.0f} % |"
-            )
-        print(f"| {r['mode']} | identical? | min Dice {r['min_dice']:.5f}, {r['differing_voxels']} voxels differ |||||")
+        results.append(bench_mode(ct, weights, False, 1))
+    header = ["mode", "tool", "wall s", "peak RSS GB (main)", "peak PSS GB (tree)", "bare network s", "outside network"]
+    print("| " + " | ".join(header) + " |")
+    print("|---|---|---|---|---|---|---|")
+    for rows, _ in results:
+        for row in rows:
+            print(row.markdown())
+    for _, identical in results:
+        print(f"\n{identical}")
 
 
 if __name__ == "__main__":
