@@ -181,7 +181,7 @@ def main() -> None:
     results = [bench_mode(ct, weights, True, args.repeat)]
     if not args.fast_only:
         results.append(bench_mode(ct, weights, False, 1))
-    header = ["mode", "tool", "wall s", "peak RSS GB (main)", "peak PSS GB (tree)", "network s", "outside network"]
+    header = ["mode", "tool", "wall s", "peak RSS GB (main)", "peak PSS GB (tree)", "network s", "outside"]
     print("| " + " | ".join(header) + " |")
     print("|---|---|---|---|---|---|---|")
     for rows, _ in results:
