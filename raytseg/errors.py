@@ -13,13 +13,22 @@ cleanly when Ray re-raises them in another process.
     │   ├── AmbiguousDicomError (422)    several DICOM series in one input
     │   ├── UnknownTaskError (404)       task name not in the catalogue
     │   ├── UnknownClassError (422)      roi_subset / crop names the task lacks
-    │   └── InvalidOptionError (422)     option combination the task refuses
+    │   ├── InvalidOptionError (422)     option combination the task refuses
+    │   │   └── NotDeployedError (422)   task/mode exists but this service lacks it
+    │   ├── UriNotAllowedError (403)     job URI outside the allowed prefixes
+    │   ├── JobNotFoundError (404)       no job with this id
+    │   └── BatchInputError (400)        batch input: listing, manifest, item ids
+    ├── UnauthorizedError (401)          missing or wrong API token
     ├── LicenseError (403)               licensed task without a license key
     ├── WeightsError (503)               model weights missing or unusable
     │   ├── MissingWeightsError (503)    folder absent: names it and the fix
     │   └── WeightsIntegrityError (503)  checksum mismatch, bad archive, bad plans
     ├── StorageError (502)               fsspec/S3 read or write failed
+    ├── StaleOutputError (409)           batch outputs made with other options
     ├── ModelError (500)                 the network failed at run time
+    ├── WorkerCrashedError (500)         a batch item's worker died on every try
+    ├── InternalError (500)              unexpected; the message carries no internals
+    ├── ReplicaUnavailableError (503)    a service replica died; retrying works
     ├── OverloadedError (503)            more queued work than configured
     └── RequestTimeoutError (504)             the request ran past its deadline
 """
@@ -130,3 +139,49 @@ class RequestTimeoutError(RaytsegError):
     """The request ran past its deadline."""
 
     status_code = 504
+
+
+class NotDeployedError(InvalidOptionError):
+    """The task, mode or model exists but this service deployment does not serve it."""
+
+
+class UriNotAllowedError(InputError):
+    """A job URI lies outside the configured prefixes."""
+
+    status_code = 403
+
+
+class JobNotFoundError(InputError):
+    """No job has this id (or it was forgotten after newer ones)."""
+
+    status_code = 404
+
+
+class BatchInputError(InputError):
+    """A batch job's input cannot be turned into work items (listing, manifest, ids)."""
+
+
+class UnauthorizedError(RaytsegError):
+    """The request lacks a valid ``Authorization: Bearer <token>`` header."""
+
+    status_code = 401
+
+
+class StaleOutputError(RaytsegError):
+    """A batch item's folder holds complete outputs made with other options."""
+
+    status_code = 409
+
+
+class WorkerCrashedError(RaytsegError):
+    """The process segmenting a batch item died on every try."""
+
+
+class InternalError(RaytsegError):
+    """An unexpected failure; the message carries no internals."""
+
+
+class ReplicaUnavailableError(RaytsegError):
+    """A replica the request needed died or is being replaced; retrying will work."""
+
+    status_code = 503

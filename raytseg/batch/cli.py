@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from raytseg.errors import InvalidOptionError, RaytsegError
+from raytseg.errors import InvalidOptionError
 
 EXIT_TOO_MANY_FAILURES = 3
 _SUPPRESS: Any = argparse.SUPPRESS  # only flags the user gives override the config file
@@ -146,26 +146,7 @@ def _validation_text(exc: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m raytseg.batch``: the KubeRay RayJob entrypoint."""
-    parser = argparse.ArgumentParser(prog="python -m raytseg.batch", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    _configure_logging(quiet=args.quiet, verbose=args.verbose)
-    try:
-        return run_command(args)
-    except RaytsegError as exc:
-        print(f"raytseg: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("raytseg: interrupted", file=sys.stderr)
-        return 130
+    """``python -m raytseg.batch``: the KubeRay RayJob entrypoint, the same as ``raytseg batch``."""
+    from raytseg.cli import main as raytseg_main
 
-
-def _configure_logging(*, quiet: bool, verbose: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("raytseg")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    return raytseg_main(["batch", *(sys.argv[1:] if argv is None else argv)])

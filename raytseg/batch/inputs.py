@@ -30,7 +30,7 @@ from typing import Any
 
 from raytseg import storage
 from raytseg.batch.retry import RetryPolicy
-from raytseg.errors import InputError
+from raytseg.errors import BatchInputError
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq", ".jsonl", ".ndjson")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -40,10 +40,6 @@ _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _MANIFEST_COLUMNS = ("id", "input_uri", "task", "output")
 log = logging.getLogger(__name__)
-
-
-class BatchInputError(InputError):
-    """The job's input cannot be turned into work items (listing, manifest, ids)."""
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from raytseg.batch.results import (
 )
 from raytseg.batch.triage import check_job_options, failed_result, model_levels, triage
 from raytseg.config import Settings
-from raytseg.errors import RaytsegError
+from raytseg.errors import RaytsegError, WorkerCrashedError
 from raytseg.pipeline.preprocess import model_key
 from raytseg.tasks import ModelSpec
 
@@ -58,10 +58,6 @@ log = logging.getLogger(__name__)
 ENTRYPOINT = "batch"
 # Stage names as the service reports them ("write" is export plus the commit here).
 _METRIC_STAGES = {"write": "export", "total": "end_to_end"}
-
-
-class WorkerCrashedError(RaytsegError):
-    """The process segmenting an item died on every try."""
 
 
 def run_batch(

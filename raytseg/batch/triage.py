@@ -18,17 +18,11 @@ from raytseg.batch.inputs import WorkItem
 from raytseg.batch.item import JobSpec, pass_chain
 from raytseg.batch.results import ItemResult
 from raytseg.config import Settings
-from raytseg.errors import InputError, LicenseError, RaytsegError
+from raytseg.errors import InputError, LicenseError, RaytsegError, StaleOutputError
 from raytseg.pipeline.plan import plan_run
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import SegmentOptions
 from raytseg.tasks import ModelSpec, get_task
-
-
-class StaleOutputError(RaytsegError):
-    """An item's folder holds complete outputs made with other options."""
-
-    status_code = 409
 
 
 def check_job_options(config: BatchConfig, settings: Settings) -> None:

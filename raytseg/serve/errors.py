@@ -23,40 +23,14 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from raytseg.errors import InputError, InvalidOptionError, OverloadedError, RaytsegError, RequestTimeoutError
-
-
-class UnauthorizedError(RaytsegError):
-    """The request lacks a valid ``Authorization: Bearer <token>`` header."""
-
-    status_code = 401
-
-
-class UriNotAllowedError(InputError):
-    """A job URI lies outside the configured prefixes."""
-
-    status_code = 403
-
-
-class JobNotFoundError(InputError):
-    """No job has this id (or it was forgotten after ``jobs.keep_finished`` newer ones)."""
-
-    status_code = 404
-
-
-class NotDeployedError(InvalidOptionError):
-    """The task, mode or model exists but this deployment does not serve it."""
-
-
-class ReplicaUnavailableError(RaytsegError):
-    """A replica the request needed died or is being replaced; retrying will work."""
-
-    status_code = 503
-
-
-class InternalError(RaytsegError):
-    """An unexpected failure; the message carries no internals."""
-
+from raytseg.errors import (
+    InternalError,
+    OverloadedError,
+    RaytsegError,
+    ReplicaUnavailableError,
+    RequestTimeoutError,
+    UnauthorizedError,
+)
 
 # Retrying later helps for these; the others will fail the same way again.
 _RETRYABLE = (OverloadedError, ReplicaUnavailableError)

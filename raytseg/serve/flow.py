@@ -20,11 +20,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from raytseg.errors import NotDeployedError
 from raytseg.pipeline.plan import CropPass, RunPlan
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import SegmentOptions
 from raytseg.pipeline.run import crop_pass_options
-from raytseg.serve.errors import NotDeployedError, as_raytseg_error
+from raytseg.serve.errors import as_raytseg_error
 from raytseg.serve.handoff import Delivered, Delivery, Entrypoint, Tags
 from raytseg.serve.runtime import POOL, POSTPROCESS, PREPROCESS, Catalogue, deployment_name
 from raytseg.serve.stages import PassSpec

@@ -30,10 +30,17 @@ from ray.serve.handle import DeploymentHandle
 
 from raytseg import __version__
 from raytseg.config import environment
-from raytseg.errors import ImageTooLargeError, OverloadedError, RaytsegError, UnreadableImageError
+from raytseg.errors import (
+    ImageTooLargeError,
+    JobNotFoundError,
+    NotDeployedError,
+    OverloadedError,
+    RaytsegError,
+    UnreadableImageError,
+)
 from raytseg.metrics import recorder
 from raytseg.serve.config import LimitsSpec, ServeConfig
-from raytseg.serve.errors import JobNotFoundError, NotDeployedError, as_raytseg_error, http_error
+from raytseg.serve.errors import as_raytseg_error, http_error
 from raytseg.serve.flow import Flow, StageNames, Stages
 from raytseg.serve.handoff import Delivery, Entrypoint
 from raytseg.serve.jobs import JobSpec, Route, job_runner

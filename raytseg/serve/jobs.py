@@ -29,11 +29,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from raytseg.errors import OverloadedError, RaytsegError
+from raytseg.errors import OverloadedError, RaytsegError, ReplicaUnavailableError
 from raytseg.metrics import recorder
 from raytseg.pipeline.records import SegmentOptions
 from raytseg.serve.config import JobsSpec, ServeConfig
-from raytseg.serve.errors import ReplicaUnavailableError, as_raytseg_error
+from raytseg.serve.errors import as_raytseg_error
 from raytseg.serve.flow import Flow, StageNames
 from raytseg.serve.handoff import Delivered, Delivery
 from raytseg.serve.runtime import Catalogue

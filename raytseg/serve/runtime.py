@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from raytseg.config import Settings
+from raytseg.errors import NotDeployedError
 from raytseg.metrics import recorder
 from raytseg.pipeline.plan import RunPlan, plan_run
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import SegmentOptions
 from raytseg.serve.config import ServeConfig
-from raytseg.serve.errors import NotDeployedError
 from raytseg.tasks import ModelSpec, get_task, load_catalog
 
 if TYPE_CHECKING:

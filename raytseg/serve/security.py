@@ -14,9 +14,8 @@ import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from raytseg.errors import InvalidOptionError
+from raytseg.errors import InvalidOptionError, UnauthorizedError, UriNotAllowedError
 from raytseg.serve.config import AuthSpec
-from raytseg.serve.errors import UnauthorizedError, UriNotAllowedError
 
 _MIN_TOKEN_CHARS = 16
 

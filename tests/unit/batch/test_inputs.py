@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from raytseg.batch.inputs import BatchInputError, WorkItem, item_id_from_path, work_items
+from raytseg.batch.inputs import WorkItem, item_id_from_path, work_items
+from raytseg.errors import BatchInputError
 
 
 @pytest.mark.parametrize(

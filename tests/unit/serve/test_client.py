@@ -11,8 +11,7 @@ import httpx
 import pytest
 
 from raytseg.client import Client, ServiceError
-from raytseg.errors import OverloadedError, UnreadableImageError
-from raytseg.serve.errors import JobNotFoundError
+from raytseg.errors import JobNotFoundError, OverloadedError, UnreadableImageError
 
 Handler = Callable[[httpx.Request], httpx.Response]
 

@@ -7,16 +7,15 @@ import asyncio
 import pytest
 
 from raytseg import errors
-from raytseg.serve.errors import (
+from raytseg.errors import (
     InternalError,
     JobNotFoundError,
     NotDeployedError,
     ReplicaUnavailableError,
     UnauthorizedError,
     UriNotAllowedError,
-    as_raytseg_error,
-    http_error,
 )
+from raytseg.serve.errors import as_raytseg_error, http_error
 
 
 @pytest.mark.parametrize(

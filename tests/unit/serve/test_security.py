@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from raytseg.errors import InvalidOptionError
+from raytseg.errors import InvalidOptionError, UnauthorizedError, UriNotAllowedError
 from raytseg.serve.config import AuthSpec
-from raytseg.serve.errors import UnauthorizedError, UriNotAllowedError
 from raytseg.serve.security import UriPolicy, check_bearer, load_tokens
 
 TOKEN_A = "a" * 24
