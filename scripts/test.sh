@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-env.sh
 scripts/setup-reference-env.sh
+scripts/setup-ci-tools.sh  # helm and prometheus (tests/*/deploy), the image's install step
+export RAYTSEG_REQUIRE_DEPLOY_TOOLS=${RAYTSEG_REQUIRE_DEPLOY_TOOLS:-1}
 export RAYTSEG_REQUIRE_REFERENCE=${RAYTSEG_REQUIRE_REFERENCE:-1}
 .venv/bin/ruff check raytseg tests tools bench
 .venv/bin/ruff format --check raytseg tests tools bench

@@ -1,4 +1,5 @@
-"""Fixtures shared by every test folder: the reference implementation and its example data.
+"""Fixtures shared by every test folder: the reference implementation and its example data,
+``tools/chart.py``, and a poll-until helper.
 
 The reference implementation is the TotalSegmentator 2.18 package in its own virtual
 environment (``.venv-ref``, made by ``scripts/setup-reference-env.sh``); ``RAYTSEG_REF_PYTHON``
@@ -11,9 +12,15 @@ these as fixture arguments.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -47,3 +54,57 @@ def reference_data() -> Path:
     if not REFERENCE_DATA.exists():
         pytest.fail(f"Reference data not found at {REFERENCE_DATA}")
     return REFERENCE_DATA
+
+
+@pytest.fixture(scope="session")
+def chart_tools() -> ModuleType:
+    """``tools/chart.py`` as a module (tools/ is not a package)."""
+    name = "raytseg_chart_tools"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "chart.py")
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def missing_deploy_tool(what: str) -> None:
+    """Skip, or fail under ``RAYTSEG_REQUIRE_DEPLOY_TOOLS=1`` (scripts/test.sh), so CI cannot
+    pass the deployment tests vacuously."""
+    if os.environ.get("RAYTSEG_REQUIRE_DEPLOY_TOOLS") == "1":
+        pytest.fail(f"{what} (run scripts/setup-ci-tools.sh)")
+    pytest.skip(f"{what}: run scripts/setup-ci-tools.sh")
+
+
+@pytest.fixture(scope="session")
+def chart(chart_tools: ModuleType) -> ModuleType:
+    """``tools/chart.py``, once a helm binary is there (scripts/setup-ci-tools.sh, or $HELM)."""
+    binary = chart_tools.helm_binary()
+    if not (Path(binary).exists() or shutil.which(binary)):
+        missing_deploy_tool(f"No helm binary at {binary}")
+    return chart_tools
+
+
+@pytest.fixture(scope="session")
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    if found is None:
+        missing_deploy_tool("No prometheus binary")
+    return str(found)
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def waiter() -> Callable[..., None]:
+    """``waiter(check, timeout_s, what, every_s=0.5)``: poll until ``check()`` or fail."""
+    return wait_until

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from raytseg.errors import NotDeployedError
+from raytseg.errors import NotDeployedError, ReplicaUnavailableError
 from raytseg.pipeline.plan import CropPass, RunPlan
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import SegmentOptions
@@ -31,12 +32,17 @@ from raytseg.serve.runtime import POOL, POSTPROCESS, PREPROCESS, Catalogue, depl
 from raytseg.serve.stages import PassSpec
 
 if TYPE_CHECKING:
+    from ray import ObjectRef
     from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
     Handle = DeploymentHandle[Any]
     Response = DeploymentResponse[Any]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# How often a waiting request looks for lost nodes, and how long it then still waits.
+_NODE_CHECK_S = 5.0
+_NODE_LOSS_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,7 @@ class Flow:
         prepared = await calls.finished(self._stages.preprocess.prepare.remote(spec, volume, found))
         outputs = await self._predict(calls, plan, prepared, tags)
         finish = self._stages.postprocess.finish.remote(spec, volume, prepared, found, *outputs)
-        return cast(Delivered, await calls.add(finish))
+        return cast(Delivered, await calls.watched(calls.add(finish)))
 
     async def _crop_pass(self, calls: _Calls, volume: Response, crop: CropPass, tags: Tags) -> Response:
         """The crop pass (itself possibly cropped, as for ``teeth``), ending in ``find_region``."""
@@ -133,9 +139,8 @@ class Flow:
 
     async def _predict(self, calls: _Calls, plan: RunPlan, prepared: Response, tags: Tags) -> list[Response]:
         """One call per network of the pass, all sent at once (they need only ``prepared``)."""
-        sent = [calls.add(self._model(model_key(m)).predict.remote(prepared, tags)) for m in plan.main.models]
-        await asyncio.gather(*(_finished(response) for response in sent))
-        return sent
+        sent = [self._model(model_key(m)).predict.remote(prepared, tags) for m in plan.main.models]
+        return list(await asyncio.gather(*(calls.finished(response) for response in sent)))
 
     def _model(self, key: str) -> Handle:
         if key in self._stages.models:
@@ -146,10 +151,21 @@ class Flow:
 
 
 class _Calls:
-    """The deployment calls of one request, so a failure can cancel those still pending."""
+    """The deployment calls of one request: what to cancel on failure, and a watch for lost nodes.
+
+    A stage result lives on the node whose replica made it. When that node is lost, a call
+    that takes the result as argument can wait without end: Serve's router takes the failed
+    argument for an unavailable replica and keeps retrying (Ray 2.60). So every wait here
+    also watches the cluster's nodes: once a node that was alive when the request began has
+    been gone for ``_NODE_LOSS_GRACE_S`` and the call still has not finished, the request
+    fails with ``ReplicaUnavailableError`` (503; the job runner runs the job again). Calls
+    that merely ran on the lost node fail sooner on their own, with the same error.
+    """
 
     def __init__(self) -> None:
         self._responses: list[Response] = []
+        self._nodes: frozenset[str] | None = None  # alive when the first wait began
+        self._loss_seen_at: float | None = None
 
     def add(self, response: Any) -> Response:
         """Remember a call (``handle.method.remote(...)``) and return it."""
@@ -158,7 +174,36 @@ class _Calls:
 
     async def finished(self, response: Any) -> Response:
         """Remember a call and wait until it has finished; returns it (not its result)."""
-        return await _finished(self.add(response))
+        await self.watched(_ready_ref(self.add(response)))
+        return cast("Response", response)
+
+    async def watched(self, waiting: Awaitable[T]) -> T:
+        """Await ``waiting``, failing if it outlives a lost node by the grace period."""
+        if self._nodes is None:
+            self._nodes = await asyncio.to_thread(_alive_nodes)
+        task = asyncio.ensure_future(waiting)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_NODE_CHECK_S)
+            if done:
+                return task.result()
+            if await self._node_lost_long_ago():
+                task.cancel()
+                raise ReplicaUnavailableError(
+                    "A node of the cluster was lost while this request ran. Retry it."
+                )
+
+    async def _node_lost_long_ago(self) -> bool:
+        if self._loss_seen_at is None:
+            gone = (self._nodes or frozenset()) - await asyncio.to_thread(_alive_nodes)
+            if not gone:
+                return False
+            log.warning(
+                "Nodes %s were lost during a request; it fails in %.0f s unless done",
+                gone,
+                _NODE_LOSS_GRACE_S,
+            )
+            self._loss_seen_at = time.monotonic()
+        return time.monotonic() - self._loss_seen_at > _NODE_LOSS_GRACE_S
 
     def cancel(self) -> None:
         for response in self._responses:
@@ -168,7 +213,24 @@ class _Calls:
                 log.debug("cancel failed", exc_info=True)
 
 
-async def _finished(response: Response) -> Response:
+_alive_cache: tuple[float, frozenset[str]] = (-_NODE_CHECK_S, frozenset())
+
+
+def _alive_nodes() -> frozenset[str]:
+    """IDs of the cluster's live nodes; one call to Ray's GCS per check period and process,
+    however many requests are waiting."""
+    global _alive_cache  # noqa: PLW0603 - a per-process cache, by design
+    import ray
+
+    checked_at, alive = _alive_cache
+    if time.monotonic() - checked_at >= _NODE_CHECK_S:
+        nodes = ray.nodes()  # type: ignore[no-untyped-call]
+        alive = frozenset(node["NodeID"] for node in nodes if node["Alive"])
+        _alive_cache = (time.monotonic(), alive)
+    return alive
+
+
+async def _ready_ref(response: Response) -> ObjectRef[Any]:
     """Wait until a call's result exists in the object store, without fetching it.
 
     A call waiting for its arguments counts as queued at its deployment, for the queue
@@ -185,7 +247,7 @@ async def _finished(response: Response) -> Response:
         import ray
 
         await asyncio.to_thread(ray.wait, [ref], fetch_local=False)
-    return response
+    return ref
 
 
 def _by_reference(stages: Stages) -> Stages:

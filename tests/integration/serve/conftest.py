@@ -14,7 +14,6 @@ import re
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,20 +169,6 @@ def tiny_ct() -> bytes:
     """An even smaller corner: the cheapest good request (``--fast``)."""
     img: Any = nib.load(EXAMPLE_CT)
     return nifti_gz(img.slicer[40:64, 40:64, 10:20])
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-@pytest.fixture(scope="session")
-def waiter() -> Callable[[Callable[[], bool], float, str], None]:
-    return wait_until
 
 
 def image_bytes(shape: tuple[int, ...], zooms: tuple[float, ...] = (3.0, 3.0, 3.0)) -> bytes:

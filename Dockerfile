@@ -1,0 +1,56 @@
+# syntax=docker/dockerfile:1
+# raytseg's image: the HTTP service (raytseg serve) on its own, or a Ray node of a KubeRay
+# RayService/RayJob (KubeRay replaces the command with `ray start`). One Dockerfile, two
+# variants, chosen with the README's own switch:
+#
+#   docker build -t raytseg:0.1.0-cpu .                                   # CPU build of torch
+#   docker build --build-arg RAYTSEG_TORCH=cuda -t raytseg:0.1.0-cuda .  # CUDA build of torch
+#
+# The CUDA variant needs no CUDA base image: PyPI's torch wheels bring the CUDA libraries,
+# the node brings the driver. Weights are never part of the image: replicas fetch what they
+# serve at start from RAYTSEG_WEIGHTS (s3://..., or a mounted folder).
+# Its steps are the README's commands (scripts/install-runtime.sh), which CI runs too;
+# tests/unit/deploy/test_dockerfile.py keeps them equal.
+
+ARG PYTHON_VERSION=3.11
+FROM python:${PYTHON_VERSION}-slim-bookworm
+
+ARG RAYTSEG_TORCH=cpu
+# The CPU variant takes torch from PyTorch's CPU wheel index (PyPI's Linux wheels are CUDA builds).
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+
+# wget: KubeRay's probes and the health check; bash: KubeRay's container command.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends wget bash ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+# The user KubeRay's docs assume (uid 1000, like rayproject/ray's `ray`), group users (100).
+RUN useradd --uid 1000 --gid 100 --create-home --home-dir /home/ray --shell /bin/bash ray
+
+ENV VIRTUAL_ENV=/opt/raytseg/venv \
+    PATH=/opt/raytseg/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv "$VIRTUAL_ENV"
+
+WORKDIR /opt/raytseg/src
+COPY pyproject.toml README.md ./
+COPY constraints ./constraints
+COPY scripts/install-runtime.sh ./scripts/install-runtime.sh
+COPY raytseg ./raytseg
+RUN if [ "$RAYTSEG_TORCH" = cpu ]; then export PIP_EXTRA_INDEX_URL="$TORCH_CPU_INDEX"; fi \
+    && scripts/install-runtime.sh \
+    && rm -rf build
+
+USER 1000:100
+WORKDIR /home/ray
+ENV HOME=/home/ray \
+    RAYTSEG_CACHE_DIR=/home/ray/.cache/raytseg \
+    TOTALSEG_HOME_DIR=/home/ray/.totalsegmentator
+
+# 8000: the HTTP API; 8080: the Ray metrics agent (KubeRay's `metrics` port).
+EXPOSE 8000 8080
+# For `docker run`; Kubernetes ignores it (KubeRay probes Ray and Serve itself).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+    CMD wget -q -T 5 -O /dev/null http://127.0.0.1:8000/healthz || exit 1
+CMD ["raytseg", "serve", "--host", "0.0.0.0"]
