@@ -32,7 +32,6 @@ from raytseg.serve.runtime import POOL, POSTPROCESS, PREPROCESS, Catalogue, depl
 from raytseg.serve.stages import PassSpec
 
 if TYPE_CHECKING:
-    from ray import ObjectRef
     from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
     Handle = DeploymentHandle[Any]
@@ -174,7 +173,7 @@ class _Calls:
 
     async def finished(self, response: Any) -> Response:
         """Remember a call and wait until it has finished; returns it (not its result)."""
-        await self.watched(_ready_ref(self.add(response)))
+        await self.watched(_ready(self.add(response)))
         return cast("Response", response)
 
     async def watched(self, waiting: Awaitable[T]) -> T:
@@ -230,7 +229,7 @@ def _alive_nodes() -> frozenset[str]:
     return alive
 
 
-async def _ready_ref(response: Response) -> ObjectRef[Any]:
+async def _ready(response: Response) -> None:
     """Wait until a call's result exists in the object store, without fetching it.
 
     A call waiting for its arguments counts as queued at its deployment, for the queue
@@ -247,7 +246,6 @@ async def _ready_ref(response: Response) -> ObjectRef[Any]:
         import ray
 
         await asyncio.to_thread(ray.wait, [ref], fetch_local=False)
-    return ref
 
 
 def _by_reference(stages: Stages) -> Stages:

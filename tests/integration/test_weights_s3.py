@@ -7,7 +7,8 @@ botocore >= 1.31 and therefore by s3fs), so raytseg needs no S3-specific setting
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,41 +27,18 @@ BUCKET = "raytseg-weights"
 FAST = get_task("total").modes["fast"].models[0]  # 297
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
+def s3(
+    s3_client_env: Callable[[Path], dict[str, str]],
+    s3_bucket: Callable[[str], AbstractContextManager[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Iterator[Any]:
     """An s3fs filesystem on the moto server, with dummy credentials and no AWS config files."""
-    import s3fs
-
-    env = {
-        "AWS_ENDPOINT_URL": moto_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    for name, value in env.items():
+    for name, value in s3_client_env(tmp_path).items():
         monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    if not fs.exists(BUCKET):
-        fs.mkdir(BUCKET)
-    yield fs
-    s3fs.S3FileSystem.clear_instance_cache()
+    with s3_bucket(BUCKET) as fs:
+        yield fs
 
 
 @pytest.fixture(scope="module")

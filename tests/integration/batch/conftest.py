@@ -1,7 +1,6 @@
 """Fixtures for the batch job tests: a real S3 protocol server, tiny weights, one local Ray.
 
-- moto's standalone S3 server on 127.0.0.1 (``ThreadedMotoServer``), reached through s3fs
-  the standard way: ``AWS_ENDPOINT_URL`` plus dummy credentials, no AWS config files;
+- moto's S3 server (``tests/integration/conftest.py``) in every job's environment;
 - tiny synthetic weights for the fast ``total`` models (3 mm, and the 6 mm crop model)
   and the fast ``body`` model;
 - the inputs: example CTs, a DICOM zip, a DICOM folder, a corrupt and a truncated file;
@@ -18,10 +17,13 @@ from __future__ import annotations
 import shutil
 import zipfile
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from raytseg.batch.commit import MARKER_NAME
 
 pytest.importorskip("ray.data")
 pytest.importorskip("s3fs")
@@ -29,19 +31,6 @@ pytest.importorskip("moto.server")
 
 BUCKET = "raytseg-batch"
 REFERENCE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "totalseg-reference"
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -56,18 +45,14 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def batch_env(
-    moto_endpoint: str, tiny_weights: Path, tmp_path_factory: pytest.TempPathFactory
+    s3_client_env: Callable[[Path], dict[str, str]],
+    tiny_weights: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, str]]:
     """The environment of every job (also of the subprocess jobs): S3 endpoint, weights."""
     home = tmp_path_factory.mktemp("home")
     env = {
-        "AWS_ENDPOINT_URL": moto_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(home / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
+        **s3_client_env(home),
         # Not HOME: Ray keeps its auth token there, and a process must keep finding it.
         "TOTALSEG_HOME_DIR": str(home / "totalseg"),
         "RAYTSEG_CACHE_DIR": str(home / "cache"),
@@ -82,15 +67,9 @@ def batch_env(
 
 
 @pytest.fixture(scope="module")
-def s3(batch_env: dict[str, str]) -> Iterator[Any]:
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    if not fs.exists(BUCKET):
-        fs.mkdir(BUCKET)
-    yield fs
-    s3fs.S3FileSystem.clear_instance_cache()
+def s3(batch_env: dict[str, str], s3_bucket: Callable[[str], AbstractContextManager[Any]]) -> Iterator[Any]:
+    with s3_bucket(BUCKET) as fs:
+        yield fs
 
 
 @pytest.fixture(scope="session")
@@ -198,3 +177,17 @@ def local_files() -> Callable[[Path], dict[str, bytes]]:
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
     return read
+
+
+@pytest.fixture(scope="session")
+def item_files() -> Callable[[dict[str, bytes], str], dict[str, bytes]]:
+    """``item_files(written, folder)``: the files of one item folder of ``s3_files``'s answer
+    (relative names), without its completion marker, which must be there and not empty."""
+
+    def files_of(written: dict[str, bytes], folder: str) -> dict[str, bytes]:
+        prefix = folder.rstrip("/") + "/"
+        files = {name[len(prefix) :]: data for name, data in written.items() if name.startswith(prefix)}
+        assert files.pop(MARKER_NAME, b""), f"{folder} is not marked complete"
+        return files
+
+    return files_of

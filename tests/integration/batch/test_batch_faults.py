@@ -84,6 +84,7 @@ def test_killed_job_rerun_does_every_item_exactly_once(
     s3_files: Callable[[str], dict[str, bytes]],
     reference_outputs: Callable[..., Path],
     local_files: Callable[[Path], dict[str, bytes]],
+    item_files: Callable[[dict[str, bytes], str], dict[str, bytes]],
 ) -> None:
     source = upload(f"{s3_prefix}/in", *ITEMS.values(), "corrupt.nii.gz")
     output = f"s3://{s3_prefix}/out"
@@ -95,9 +96,7 @@ def test_killed_job_rerun_does_every_item_exactly_once(
     expected = {item: local_files(reference_outputs(same_as(name), "--fast")) for item, name in ITEMS.items()}
     written = s3_files(output)
     for item in first:  # what is marked complete is complete
-        files = {k[len(item) + 1 :]: v for k, v in written.items() if k.startswith(f"{item}/")}
-        assert files.pop(MARKER_NAME)
-        assert files == expected[item]
+        assert item_files(written, item) == expected[item]
 
     report = run_batch(BatchConfig(input=source, output=output, fast=True, device="cpu", max_failures=1))
 
@@ -110,9 +109,7 @@ def test_killed_job_rerun_does_every_item_exactly_once(
     assert {item: data for item, data in markers(s3, output).items() if item in first} == first  # not redone
     written = s3_files(output)
     for item in ITEMS:  # nothing partial or stale left beside the outputs
-        files = {k[len(item) + 1 :]: v for k, v in written.items() if k.startswith(f"{item}/")}
-        assert files.pop(MARKER_NAME)
-        assert files == expected[item], item
+        assert item_files(written, item) == expected[item], item
     assert not [name for name in written if name.startswith(("_staging", "corrupt"))]
     table = read_ids(written["_results.parquet"])
     assert sorted(table) == sorted([*ITEMS, "corrupt"])
@@ -125,6 +122,7 @@ def test_item_of_a_killed_worker_is_retried(
     s3_files: Callable[[str], dict[str, bytes]],
     reference_outputs: Callable[..., Path],
     local_files: Callable[[Path], dict[str, bytes]],
+    item_files: Callable[[dict[str, bytes], str], dict[str, bytes]],
 ) -> None:
     source = upload(f"{s3_prefix}/in", *ITEMS.values())
     output = f"s3://{s3_prefix}/out"
@@ -138,9 +136,7 @@ def test_item_of_a_killed_worker_is_retried(
     written = s3_files(output)
     assert read_statuses(written["_results.parquet"]) == dict.fromkeys(ITEMS, "ok")
     for item, name in ITEMS.items():
-        files = {k[len(item) + 1 :]: v for k, v in written.items() if k.startswith(f"{item}/")}
-        assert files.pop(MARKER_NAME)
-        assert files == local_files(reference_outputs(same_as(name), "--fast")), item
+        assert item_files(written, item) == local_files(reference_outputs(same_as(name), "--fast")), item
 
 
 def test_item_whose_worker_keeps_dying_is_reported_and_the_job_ends(

@@ -12,7 +12,6 @@ import pytest
 
 from raytseg.batch import BatchConfig, run_batch
 from raytseg.batch.cli import EXIT_TOO_MANY_FAILURES, main
-from raytseg.batch.commit import MARKER_NAME
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -24,15 +23,6 @@ GOOD = {  # item id -> input name
 }
 BAD = {"corrupt": "corrupt.nii.gz", "truncated": "truncated.nii.gz"}
 STAGES = ("load", "preprocess", "model", "postprocess", "write", "total")
-
-
-def item_files(written: dict[str, bytes], folder: str) -> dict[str, bytes]:
-    """The files of one item folder (relative names), without its completion marker."""
-    prefix = folder.rstrip("/") + "/"
-    files = {name[len(prefix) :]: data for name, data in written.items() if name.startswith(prefix)}
-    assert MARKER_NAME in files, f"{folder} is not marked complete"
-    del files[MARKER_NAME]
-    return files
 
 
 def assert_same_files(got: dict[str, bytes], expected: dict[str, bytes], what: str) -> None:
@@ -54,6 +44,7 @@ def test_bucket_job_matches_segment_and_reports_every_item(
     s3_files: Callable[[str], dict[str, bytes]],
     reference_outputs: Callable[..., Path],
     local_files: Callable[[Path], dict[str, bytes]],
+    item_files: Callable[[dict[str, bytes], str], dict[str, bytes]],
 ) -> None:
     source = upload(f"{s3_prefix}/in", *GOOD.values(), *BAD.values(), "README.txt")
     output = f"s3://{s3_prefix}/out"
@@ -97,6 +88,7 @@ def test_csv_manifest_multilabel_statistics_with_a_crop_pass(
     s3_files: Callable[[str], dict[str, bytes]],
     reference_outputs: Callable[..., Path],
     local_files: Callable[[Path], dict[str, bytes]],
+    item_files: Callable[[dict[str, bytes], str], dict[str, bytes]],
 ) -> None:
     base = upload(s3_prefix, "ct_small.nii.gz", "dicom_series.zip")
     manifest = (
@@ -136,6 +128,7 @@ def test_parquet_manifest_with_per_row_task_and_output(
     s3_files: Callable[[str], dict[str, bytes]],
     reference_outputs: Callable[..., Path],
     local_files: Callable[[Path], dict[str, bytes]],
+    item_files: Callable[[dict[str, bytes], str], dict[str, bytes]],
 ) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
