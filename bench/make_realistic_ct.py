@@ -21,10 +21,10 @@ SOURCE = REPO.parent / "shared" / "data" / "totalseg-reference" / "example_ct.ni
 TARGET_MM = np.array([0.78, 0.78, 1.5])
 
 
-def make(out: Path) -> Path:
+def make(out: Path, source: Path = SOURCE) -> Path:
     if out.exists():
         return out
-    src = nib.load(SOURCE)
+    src = nib.load(source)
     zoom = np.array(src.header.get_zooms()[:3]) / TARGET_MM
     data = ndimage.zoom(np.asanyarray(src.dataobj).astype(np.float32), zoom, order=1, mode="nearest")
     affine = src.affine.copy()

@@ -84,6 +84,8 @@ class LoadedModel:
         self.device = device
         patch = predictor.configuration_manager.patch_size
         self._lean_cpu_window = device.type == "cpu" and sliding_window.supports(predictor.network, patch)
+        # Tiles per forward pass on a GPU; None runs nnU-Net's own loop (one tile at a time).
+        self.tiles_per_pass: int | None = None
 
     @classmethod
     def load(cls, files: ModelFiles, device: torch.device) -> LoadedModel:
@@ -124,6 +126,8 @@ class LoadedModel:
             logits = predictor.predict_logits_from_preprocessed_data(data)
         elif self._lean_cpu_window:
             logits = sliding_window.predict_logits(predictor, data)
+        elif self.tiles_per_pass is not None and self.device.type == "cuda":
+            logits = sliding_window.predict_logits_on_device(predictor, data, self.tiles_per_pass)
         else:
             logits = predictor.predict_sliding_window_return_logits(data)
         geometry = item.geometry

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -25,6 +26,9 @@ from raytseg.errors import ModelError
 from raytseg.pipeline.plan import ModelRun
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import ChunkSplit, InverseRecord, NetworkOutput, Segmentation
+
+if TYPE_CHECKING:
+    import torch
 
 BODY_EXTREMITIES_MIN_MM3 = 50_000
 
@@ -100,16 +104,17 @@ def model_grid_postprocess(
     return labels
 
 
-def to_input_grid(labels: np.ndarray, inverse: InverseRecord) -> nib.Nifti1Image:
-    """Resample back (order 0), undo reorientation and crop: TotalSegmentator's order."""
+def to_input_grid(
+    labels: np.ndarray, inverse: InverseRecord, device: torch.device | None = None
+) -> nib.Nifti1Image:
+    """Resample back (order 0), undo reorientation and crop: TotalSegmentator's order.
+
+    ``device``: where to resample (see ``preprocess``); None uses scipy on the CPU.
+    """
     img = nib.Nifti1Image(labels, inverse.model_affine)
     if inverse.resampled and labels.shape != inverse.canonical_shape:
-        from scipy import ndimage
-
         zoom = np.array(inverse.canonical_shape) / np.array(labels.shape)
-        # Order 0 copies values, so uint8 gives the same result as TotalSegmentator's
-        # float64 copy at an eighth of the memory.
-        back = ndimage.zoom(labels, zoom, order=0, mode="nearest")
+        back = _scipy_zoom_nearest(labels, zoom) if device is None else _zoom_nearest(labels, zoom, device)
         img = nib.Nifti1Image(back, inverse.canonical_affine)
     from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
@@ -121,6 +126,25 @@ def to_input_grid(labels: np.ndarray, inverse: InverseRecord) -> nib.Nifti1Image
         full[x0:x1, y0:y1, z0:z1] = np.asanyarray(img.dataobj)
         img = nib.Nifti1Image(full, inverse.original_affine)
     return img
+
+
+def _scipy_zoom_nearest(labels: np.ndarray, zoom: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    # Order 0 copies values, so uint8 gives the same result as TotalSegmentator's
+    # float64 copy at an eighth of the memory.
+    back: np.ndarray = ndimage.zoom(labels, zoom, order=0, mode="nearest")
+    return back
+
+
+def _zoom_nearest(labels: np.ndarray, zoom: np.ndarray, device: torch.device) -> np.ndarray:
+    import torch
+
+    from raytseg.pipeline import zoom as torch_zoom
+
+    shape = torch_zoom.output_shape(labels.shape, zoom.tolist())
+    source = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
+    return torch_zoom.zoom(source, shape, order=0).cpu().numpy()
 
 
 def final_labels(img: nib.Nifti1Image, run: ModelRun, ops: FinalOps, zooms: Sequence[float]) -> np.ndarray:
@@ -146,11 +170,12 @@ def postprocess(
     ops: FinalOps,
     *,
     auxiliary: Sequence[int] = (),
+    device: torch.device | None = None,
 ) -> tuple[Segmentation, np.ndarray]:
     """Full postprocess; also returns the model-grid labels (for --fast statistics)."""
     labels = merge_outputs(outputs, run, inverse.split)
     labels = model_grid_postprocess(labels, run, auxiliary, inverse.model_zooms, ops.remove_small_blobs_mm3)
-    img = to_input_grid(labels, inverse)
+    img = to_input_grid(labels, inverse, device)
     header = inverse.original_header.copy()
     header.set_data_dtype(np.uint8)
     data = final_labels(img, run, ops, inverse.original_header.get_zooms()[:3])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -34,6 +34,9 @@ from raytseg.pipeline.records import (
     Volume,
 )
 from raytseg.tasks import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
 
 # nnunet.py: images above this many voxels (and > 200 slices) run as three z chunks
 # when several models are applied.
@@ -63,11 +66,16 @@ def preprocess(
     *,
     crop_box: Box | None = None,
     keep_model_image: bool = False,
+    device: torch.device | None = None,
 ) -> Prepared:
-    """Crop, reorient, resample and normalise ``volume`` for every model of ``run``."""
+    """Crop, reorient, resample and normalise ``volume`` for every model of ``run``.
+
+    ``device``: where to resample (a GPU beside the networks); None resamples with scipy
+    on the CPU. Both give the same voxels (``raytseg.pipeline.zoom``).
+    """
     cropped = _cropped_image(volume, crop_box)
     canonical = nib.as_closest_canonical(cropped)
-    model_img, resampled = _resampled(canonical, run.resample_mm)
+    model_img, resampled = _resampled(canonical, run.resample_mm, device)
     model_data = np.asanyarray(model_img.dataobj)
     split = _split_for(model_data.shape, run)
     chunks = _chunks(model_data, split)
@@ -132,7 +140,9 @@ def _cropped_image(volume: Volume, box: Box | None) -> nib.Nifti1Image:
     return nib.Nifti1Image(region.astype(np.int32), affine)
 
 
-def _resampled(img: nib.Nifti1Image, target_mm: Spacing | None) -> tuple[nib.Nifti1Image, bool]:
+def _resampled(
+    img: nib.Nifti1Image, target_mm: Spacing | None, device: torch.device | None
+) -> tuple[nib.Nifti1Image, bool]:
     """TotalSegmentator's ``change_spacing(img, target, order=1, dtype=int32)``."""
     if target_mm is None:
         return img, False
@@ -140,15 +150,30 @@ def _resampled(img: nib.Nifti1Image, target_mm: Spacing | None) -> tuple[nib.Nif
     target = np.array(target_mm, dtype=np.float64)
     if np.array_equal(current, target):
         return img, False
-    from scipy import ndimage
-
     zoom = current / target
-    data = np.asanyarray(img.dataobj).astype(np.float64, copy=False)
-    resampled = ndimage.zoom(data, zoom, order=1, mode="nearest").astype(np.int32)
+    data = np.asanyarray(img.dataobj)
+    resampled = _zoom_linear(data, zoom, device) if device is not None else _scipy_zoom_linear(data, zoom)
     affine = img.affine.copy()
     for axis in range(3):
         affine[:3, axis] = affine[:3, axis] / zoom[axis]
     return nib.Nifti1Image(resampled, affine), True
+
+
+def _scipy_zoom_linear(data: np.ndarray, zoom: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    resampled: np.ndarray = ndimage.zoom(data.astype(np.float64, copy=False), zoom, order=1, mode="nearest")
+    return resampled.astype(np.int32)
+
+
+def _zoom_linear(data: np.ndarray, zoom: np.ndarray, device: torch.device) -> np.ndarray:
+    import torch
+
+    from raytseg.pipeline import zoom as torch_zoom
+
+    shape = torch_zoom.output_shape(data.shape, zoom.tolist())
+    source = torch.from_numpy(np.ascontiguousarray(data)).to(device).to(torch.float64)
+    return torch_zoom.zoom(source, shape, order=1).to(torch.int32).cpu().numpy()
 
 
 def _split_for(shape: tuple[int, ...], run: ModelRun) -> ChunkSplit | None:

@@ -97,16 +97,21 @@ class Segmenter:
         plans = {key: self.plans(spec) for key, spec in zip(models, plan.main.models, strict=True)}
         timings: dict[str, float] = {}
         with _timed(timings, "preprocess"):
-            prepared = prepare(volume, plan, plans, region)
+            prepared = prepare(volume, plan, plans, region, device=self._resample_device)
         with _timed(timings, "model"):
             outputs = []
             for item in prepared.inputs:
                 self._progress(f"Predicting with {item.model_key}")
                 outputs.append(models[item.model_key].predict(item))
         with _timed(timings, "postprocess"):
-            seg = finish(volume, plan, options, prepared, outputs, region)
+            seg = finish(volume, plan, options, prepared, outputs, region, device=self._resample_device)
         seg.timings.update(timings)
         return seg
+
+    @property
+    def _resample_device(self) -> torch.device | None:
+        """Resample on the GPU beside the networks (same voxels as scipy, see ``zoom``)."""
+        return self.device if self.device.type == "cuda" else None
 
     def _warn_if_synthetic(self, plan: RunPlan) -> None:
         from raytseg.weights.synth import is_synthetic
@@ -153,27 +158,36 @@ def find_region(volume: Volume, crop: CropPass, found: Segmentation) -> Region |
 
 
 def prepare(
-    volume: Volume, plan: RunPlan, plans: Mapping[str, ModelPlans], region: Region | None
+    volume: Volume,
+    plan: RunPlan,
+    plans: Mapping[str, ModelPlans],
+    region: Region | None,
+    *,
+    device: torch.device | None = None,
 ) -> Prepared:
-    """The CPU step before the networks: crop to the region, resample, normalise."""
+    """The step before the networks: crop to the region, resample (on ``device`` if given), normalise."""
     return preprocess(
         volume,
         plan.main,
         plans,
         crop_box=None if region is None else region.box,
         keep_model_image=plan.fast_statistics,
+        device=device,
     )
 
 
-def finish(
+def finish(  # noqa: PLR0913 - the records of one request, plus where to resample
     volume: Volume,
     plan: RunPlan,
     options: SegmentOptions,
     prepared: Prepared,
     outputs: Sequence[NetworkOutput],
     region: Region | None,
+    *,
+    device: torch.device | None = None,
 ) -> Segmentation:
-    """The CPU step after the networks: back to the input grid, label rules, statistics."""
+    """The step after the networks: back to the input grid (resampled on ``device`` if given),
+    label rules, statistics."""
     ops = FinalOps(
         roi_ids=plan.roi_ids,
         keep_inside=None if region is None else region.keep_inside,
@@ -183,7 +197,7 @@ def finish(
         remove_small_blobs_mm3=options.remove_small_blobs,
     )
     aux = list(get_task(plan.main.task).auxiliary)
-    seg, model_labels = postprocess(outputs, prepared.inverse, plan.main, ops, auxiliary=aux)
+    seg, model_labels = postprocess(outputs, prepared.inverse, plan.main, ops, auxiliary=aux, device=device)
     model_grid = (model_labels, prepared.model_image, prepared.inverse.model_zooms)
     return Segmentation(
         labels=seg.labels,

@@ -1,4 +1,6 @@
-"""nnU-Net's sliding window on the CPU, with the output layer fused into the accumulation.
+"""nnU-Net's sliding window, re-housed: lean on the CPU, several tiles per pass on a GPU.
+
+**CPU** (``predict_logits``): the output layer fused into the accumulation.
 
 Same tiles, same order, same Gaussian, same fp16 accumulation as
 ``nnUNetPredictor.predict_sliding_window_return_logits`` on a CPU, so the logits are
@@ -13,10 +15,17 @@ realistic CT this cuts the peak of ``--fast`` by about 1.5 GB
 
 Used only for single-fold 3D models whose network is a dynamic-network-architectures
 U-Net (every TotalSegmentator model); everything else uses nnU-Net's predictor.
+
+**GPU** (``predict_logits_on_device``): nnU-Net's device loop (fp16 autocast, fp16
+accumulators, the same tile order and Gaussian), but ``tiles`` tiles go through the network
+in one forward pass. The accumulation is unchanged; only the convolutions see a larger
+batch, for which cuDNN may pick other algorithms, so outputs can differ in the last bits
+of fp16: ``bench/gpu/run.py`` measures that against nnU-Net's loop before it is used.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,3 +97,32 @@ def _accumulate(
         part = head(features[..., start:stop])[0]
         part *= gaussian[..., start:stop]
         target[..., start:stop] += part
+
+
+@torch.inference_mode()
+def predict_logits_on_device(predictor: Any, data: torch.Tensor, tiles: int) -> torch.Tensor:
+    """fp16 logits of ``data`` on the predictor's device, ``tiles`` tiles per forward pass."""
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    device = predictor.device
+    patch = tuple(predictor.configuration_manager.patch_size)
+    heads = predictor.label_manager.num_segmentation_heads
+    # Autocast only on CUDA, as nnU-Net does (on a CPU it would mean bfloat16).
+    with torch.autocast(device.type, enabled=True) if device.type == "cuda" else contextlib.nullcontext():
+        padded, revert = pad_nd_image(data.to(device), patch, "constant", {"value": 0}, True, None)
+        slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+        logits = torch.zeros((heads, *padded.shape[1:]), dtype=torch.half, device=device)
+        counts = torch.zeros(padded.shape[1:], dtype=torch.half, device=device)
+        gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=device)
+        for start in range(0, len(slicers), tiles):
+            group = slicers[start : start + tiles]
+            batch = torch.stack([padded[sl] for sl in group])
+            for sl, prediction in zip(group, predictor.network(batch), strict=True):
+                prediction *= gaussian
+                logits[sl] += prediction
+                counts[sl[1:]] += gaussian
+        torch.div(logits, counts, out=logits)
+    if torch.any(torch.isinf(logits)):
+        raise ModelError("The network produced infinite logits (fp16 overflow); the weights look broken.")
+    return logits[(slice(None), *revert[1:])]

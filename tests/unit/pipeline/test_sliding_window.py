@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,3 +59,32 @@ def test_decoder_features_feed_the_output_layer_exactly(tmp_path: Path) -> None:
         assert torch.equal(
             network.decoder.seg_layers[-1](sliding_window.decoder_features(network, tile)), network(tile)
         )
+
+
+def test_device_window_with_one_tile_per_pass_is_nnunets_loop(tmp_path: Path) -> None:
+    """The GPU window's bookkeeping (tile order, Gaussian, fp16 accumulation, padding) is
+    nnU-Net's: one tile per pass, on a CPU, gives nnU-Net's logits bit for bit."""
+    predictor, data = _window_case(tmp_path)
+    ours = sliding_window.predict_logits_on_device(predictor, data, 1)
+    with torch.inference_mode():
+        theirs = predictor.predict_sliding_window_return_logits(data)
+    assert ours.dtype == theirs.dtype == torch.half
+    assert torch.equal(ours, theirs)
+
+
+def test_device_window_with_several_tiles_per_pass_keeps_the_labels(tmp_path: Path) -> None:
+    """Batched convolutions round differently (oneDNN here, cuDNN on a GPU): a few fp16 ulps,
+    no label changes on this case. bench/gpu/run.py measures the GPU's."""
+    predictor, data = _window_case(tmp_path)
+    ours = sliding_window.predict_logits_on_device(predictor, data, 3)
+    with torch.inference_mode():
+        theirs = predictor.predict_sliding_window_return_logits(data)
+    assert ours.shape == theirs.shape
+    assert torch.equal(ours.argmax(0), theirs.argmax(0))
+    assert float((ours.float() - theirs.float()).abs().max()) < 0.1
+
+
+def _window_case(tmp_path: Path) -> tuple[Any, torch.Tensor]:
+    predictor = load_fast_model(tmp_path, tiny=True)._predictor
+    predictor.tile_step_size = 0.5
+    return predictor, torch.randn((1, 45, 70, 33), generator=torch.Generator().manual_seed(2))
