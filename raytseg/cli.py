@@ -194,7 +194,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     log.info("Loaded %s: shape %s, voxel size %s mm", volume.source, volume.shape, volume.zooms)
     options = _auto_mr(options, volume.modality)
     segmenter = default_segmenter(args.device, settings)
-    configure_torch_threads(segmenter.device)
+    configure_torch_threads(segmenter.device, cudnn_autotune=settings.cudnn_autotune)
     seg = segmenter.segment(volume, options)
     derived = not args.no_derived_masks
     extra = extra_outputs(seg, volume, ml=args.ml, derived_masks=derived, preview=args.preview)

@@ -46,6 +46,14 @@ class Settings(BaseModel):
     max_archive_bytes: int = Field(
         default=8 * 1024**3, gt=0, description="Refuse zips that expand past this many bytes."
     )
+    cudnn_autotune: bool = Field(
+        default=False,
+        description=(
+            "Let cuDNN time its algorithms for every convolution shape (nnU-Net's and TotalSegmentator's"
+            " choice). Off, cuDNN picks by heuristics: the same kernels in every process, so the same masks"
+            " run after run; on, masks can differ between processes in near-tie voxels."
+        ),
+    )
     ray_address: str | None = Field(
         default=None, description="Ray cluster to join (RAY_ADDRESS, set by KubeRay for a RayJob)."
     )
@@ -73,6 +81,8 @@ class Settings(BaseModel):
             extra["max_voxels"] = int(env["RAYTSEG_MAX_VOXELS"])
         if "RAYTSEG_MAX_ARCHIVE_BYTES" in env:
             extra["max_archive_bytes"] = int(env["RAYTSEG_MAX_ARCHIVE_BYTES"])
+        if "RAYTSEG_CUDNN_AUTOTUNE" in env:
+            extra["cudnn_autotune"] = env["RAYTSEG_CUDNN_AUTOTUNE"]  # pydantic: 1/0, true/false, on/off
         if env.get("RAY_ADDRESS"):
             extra["ray_address"] = env["RAY_ADDRESS"]
         return cls(

@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from core_bench import dice_report, ts_home  # noqa: E402
+from core_bench import ts_home  # noqa: E402
 from make_realistic_ct import make  # noqa: E402
 
 MODES = {"fast": ["--fast"], "total": []}
@@ -171,21 +171,43 @@ def synth_weights(root: Path, tiny: bool) -> dict[str, Any]:
     return {"root": str(root), "tiny": tiny}
 
 
-def cold_cli(tool: str, ct: Path, out: Path, mode: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One cold CLI run (a fresh interpreter), wall time and peak GPU memory."""
+# TotalSegmentator as its CLI runs it; NO_AUTOTUNE also undoes the cuDNN autotuning that
+# nnU-Net's predictor turns on, so both tools can be compared with the same kernels.
+TS_ENTRY = "from totalsegmentator.bin.TotalSegmentator import main; main()"
+TS_NO_AUTOTUNE = """
+import torch
+from nnunetv2.inference import predict_from_raw_data as p
+init = p.nnUNetPredictor.__init__
+def no_autotune(self, *a, **k):
+    init(self, *a, **k)
+    torch.backends.cudnn.benchmark = False
+p.nnUNetPredictor.__init__ = no_autotune
+"""
+
+
+def cold_cli(
+    tool: str, ct: Path, out: Path, mode: str, args: argparse.Namespace, **how: Any
+) -> dict[str, Any]:
+    """One cold CLI run (a fresh interpreter), wall time and peak GPU memory.
+
+    ``how``: ``autotune`` (bool: cuDNN autotuning in that run), ``profile`` (a path: the
+    run's cProfile, top functions by cumulative time, written there).
+    """
     gpu_flag = "gpu" if args.device == "cuda" else "cpu"
-    if tool == "raytseg":
-        cmd = [sys.executable, "-m", "raytseg.cli", "segment", "-i", str(ct), "-o", str(out), "--ml", "-q"]
-    else:
-        entry = "from totalsegmentator.bin.TotalSegmentator import main; main()"
-        cmd = [args.ts_python, "-c", entry, "-i", str(ct), "-o", str(out), "--ml", "-q"]
-    cmd += [*MODES[mode], "-d", gpu_flag]
     env = {
         **os.environ,
         "RAYTSEG_WEIGHTS": str(args.weights),
         "TOTALSEG_HOME_DIR": str(ts_home(args.weights)),
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "RAYTSEG_CUDNN_AUTOTUNE": "1" if how.get("autotune") else "0",
     }
+    if tool == "raytseg":
+        profile = ["-m", "cProfile", "-o", str(args.work / "cold.prof")] if how.get("profile") else []
+        cmd = [sys.executable, *profile, "-m", "raytseg.cli", "segment"]
+    else:
+        entry = TS_ENTRY if how.get("autotune", True) else TS_NO_AUTOTUNE + TS_ENTRY
+        cmd = [args.ts_python, "-c", entry]
+    cmd += ["-i", str(ct), "-o", str(out), "--ml", "-q", *MODES[mode], "-d", gpu_flag]
     sampler = GpuSampler()
     with sampler.running():
         started = time.perf_counter()
@@ -193,12 +215,33 @@ def cold_cli(tool: str, ct: Path, out: Path, mode: str, args: argparse.Namespace
         wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} exited {proc.returncode}: {(proc.stderr or proc.stdout)[-3000:]}")
-    return {"wall_s": round(wall, 2), "peak_gpu_mib": sampler.peak_mib(), "cmd": " ".join(cmd[2:])}
+    if how.get("profile"):
+        _write_profile(args.work / "cold.prof", how["profile"])
+    return {"wall_s": round(wall, 2), "peak_gpu_mib": sampler.peak_mib(), "autotune": how.get("autotune")}
+
+
+def _write_profile(stats_file: Path, out: Path) -> None:
+    import io
+    import pstats
+
+    text = io.StringIO()
+    pstats.Stats(str(stats_file), stream=text).sort_stats("cumulative").print_stats(60)
+    out.write_text(text.getvalue())
 
 
 def compare(ours: Path, theirs: Path) -> dict[str, Any]:
-    min_dice, differing = dice_report(ours, theirs)
-    return {"min_class_dice": round(min_dice, 6), "voxels_differ": differing}
+    """Per-class Dice of two label maps, from one joint histogram (fast on 40M voxels)."""
+    a = np.asanyarray(nib.load(ours).dataobj).astype(np.int64).ravel()
+    b = np.asanyarray(nib.load(theirs).dataobj).astype(np.int64).ravel()
+    joint = np.bincount(a * 256 + b, minlength=256 * 256).reshape(256, 256)
+    both, in_a, in_b = np.diag(joint)[1:], joint.sum(1)[1:], joint.sum(0)[1:]
+    present = (in_a + in_b) > 0
+    dice = 2 * both[present] / (in_a[present] + in_b[present])
+    return {
+        "min_class_dice": round(float(dice.min(initial=1.0)), 6),
+        "classes": int(present.sum()),
+        "voxels_differ": int(joint.sum() - np.trace(joint)),
+    }
 
 
 class Warm:
@@ -266,7 +309,7 @@ class Warm:
         result["device_vs_cpu_resampling_voxels_differ"] = int((labels[True] != labels[False]).sum())
         return result
 
-    def bare_windows(self, ct: Path, mode: str) -> dict[str, Any]:
+    def bare_windows(self, ct: Path, mode: str, tiles: list[int] | None = None) -> dict[str, Any]:
         """nnU-Net's sliding window alone per model; with --tiles, the batched window too."""
         from raytseg.pipeline.load import load_volume
         from raytseg.pipeline.run import prepare
@@ -276,7 +319,10 @@ class Warm:
         seconds: dict[str, float] = {}
         changed: dict[str, int] = {}
         for item in prepared.inputs:
-            for name, (t, n) in self._windows(models[item.model_key]._predictor, item).items():
+            found = self._windows(
+                models[item.model_key]._predictor, item, self.args.tiles if tiles is None else tiles
+            )
+            for name, (t, n) in found.items():
                 seconds[name] = seconds.get(name, 0.0) + t
                 changed[name] = changed.get(name, 0) + n
         return {
@@ -286,7 +332,7 @@ class Warm:
             "voxels": int(sum(np.prod(i.data.shape[1:]) for i in prepared.inputs)),
         }
 
-    def _windows(self, predictor: Any, item: Any) -> dict[str, tuple[float, int]]:
+    def _windows(self, predictor: Any, item: Any, tiles: list[int]) -> dict[str, tuple[float, int]]:
         import torch
 
         from raytseg.pipeline import sliding_window
@@ -298,10 +344,22 @@ class Warm:
             labels = ref.argmax(0)
             found = {"nnunet": (seconds, 0)}
             batched = sliding_window.predict_logits_on_device
-            for k in self.args.tiles:
+            for k in tiles:
                 out, t = self._timed_twice(lambda k=k: batched(predictor, data, k))
                 found[f"tiles_{k}"] = (t, int((out.argmax(0) != labels).sum()))
         return found
+
+    def autotune_effect(self, ct: Path, mode: str) -> dict[str, Any]:
+        """Bare windows and the warm image with cuDNN autotuning off (raytseg's default) and on."""
+        import torch
+
+        result = {}
+        for autotune in (False, True):
+            torch.backends.cudnn.benchmark = autotune
+            windows = self.bare_windows(ct, mode, tiles=[])
+            result[f"autotune_{'on' if autotune else 'off'}"] = {"windows_s": windows["total_s"]}
+        torch.backends.cudnn.benchmark = False
+        return result
 
     def _timed_twice(self, fn: Callable[[], Any]) -> tuple[Any, float]:
         """The second of two calls (the first loads kernels and autotunes), synchronised."""
@@ -464,6 +522,40 @@ def run_all(report: Report, ct: Path, args: argparse.Namespace) -> None:
         report.step(f"bare_windows_{mode}", lambda m=mode: warm.bare_windows(ct, m))
 
 
+def run_parity(report: Report, ct: Path, args: argparse.Namespace) -> None:
+    """Same kernels, same masks: raytseg and TotalSegmentator with cuDNN autotuning off, and
+    how far TotalSegmentator's own autotuned output (``--ts-reference``) moves from that."""
+    mode = args.batch_mode
+    work = args.work
+    ours_off, ours_on = work / f"raytseg_{mode}_off.nii.gz", work / f"raytseg_{mode}_on.nii.gz"
+    theirs_off = work / f"totalsegmentator_{mode}_off.nii.gz"
+    reference = None if args.ts_reference is None else args.ts_reference / f"totalsegmentator_{mode}.nii.gz"
+    profile = args.out / f"profile_cold_{mode}.txt"
+    report.step(
+        f"cli_raytseg_{mode}_off", lambda: cold_cli("raytseg", ct, ours_off, mode, args, profile=profile)
+    )
+    report.step(
+        f"cli_totalsegmentator_{mode}_off", lambda: cold_cli("ts", ct, theirs_off, mode, args, autotune=False)
+    )
+    pairs = {"raytseg_off_vs_ts_off": (ours_off, theirs_off)}
+    if reference is not None:
+        pairs["ts_off_vs_ts_autotuned_run1"] = (theirs_off, reference)
+        pairs["raytseg_off_vs_ts_autotuned_run1"] = (ours_off, reference)
+    for name, (a, b) in pairs.items():
+        if a.exists() and b.exists():
+            report.step(f"dice_{name}", lambda a=a, b=b: compare(a, b))
+    warm = report.step("warm_setup", lambda: Warm(args))
+    if warm is not None:
+        report.step(f"autotune_effect_{mode}", lambda: warm.autotune_effect(ct, mode))
+        report.step(f"warm_{mode}", lambda: warm.warm(ct, mode))
+        sampler = GpuSampler()
+        with sampler.running():
+            report.step(f"batch_{mode}", lambda: warm.batch(ct, mode, sampler))
+    report.step(f"cli_raytseg_{mode}_on", lambda: cold_cli("raytseg", ct, ours_on, mode, args, autotune=True))
+    if reference is not None and ours_on.exists():
+        report.step("dice_raytseg_on_vs_ts_autotuned_run1", lambda: compare(ours_on, reference))
+
+
 def parse_args() -> argparse.Namespace:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
@@ -478,6 +570,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-mode", default="total", choices=list(MODES))
     parser.add_argument("--workers", type=int, default=4, help="threads preparing/finishing in the batch")
     parser.add_argument("--skip-ts", action="store_true")
+    parser.add_argument("--parity", action="store_true", help="the autotuning/parity run instead")
     parser.add_argument("--ts-reference", type=Path, help="with --skip-ts: an earlier run's TS outputs")
     parser.add_argument("--deadline-s", type=float, default=1e9, help="skip steps that would start later")
     parser.add_argument("--tiles", type=int, nargs="*", default=[2, 4], help="tiles per pass to compare")
@@ -504,7 +597,7 @@ def main() -> None:
         raise SystemExit("no benchmark CT; see the report")
     ct_path = Path(ct)
     report.data["ct_shape"] = list(nib.load(ct_path).shape)
-    run_all(report, ct_path, args)
+    (run_parity if args.parity else run_all)(report, ct_path, args)
     failed = [name for name, step in report.data["steps"].items() if not step["ok"]]
     report.data["failed_steps"] = failed
     report.save()

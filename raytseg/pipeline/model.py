@@ -53,8 +53,9 @@ def select_device(name: str) -> torch.device:
     return torch.device(f"cuda:{index}")
 
 
-def configure_torch_threads(device: torch.device) -> None:
-    """Process-wide torch threads as TotalSegmentator sets them: all cores on CPU, 1 with CUDA.
+def configure_torch_threads(device: torch.device, *, cudnn_autotune: bool = False) -> None:
+    """Process-wide torch settings: threads as TotalSegmentator sets them (all cores on CPU,
+    1 with CUDA) and cuDNN autotuning (``Settings.cudnn_autotune``).
 
     Called by entry points (CLI, Ray actors), never inside a library call.
     """
@@ -63,6 +64,7 @@ def configure_torch_threads(device: torch.device) -> None:
     import torch
 
     torch.set_num_threads((os.cpu_count() or 1) if device.type == "cpu" else 1)
+    torch.backends.cudnn.benchmark = cudnn_autotune
 
 
 @dataclass(frozen=True)
@@ -188,41 +190,14 @@ def _read_checkpoints(files: ModelFiles) -> tuple[list[dict[str, Any]], dict[str
 def _build_predictor(
     plans: ModelPlans, parameters: list[dict[str, Any]], checkpoint: dict[str, Any], device: torch.device
 ) -> Any:
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     manager = PlansManager(plans.plans)
     configuration = checkpoint.get("init_args", {}).get("configuration", plans.configuration)
     config = manager.get_configuration(configuration)
-    labels = manager.get_label_manager(plans.dataset_json)
-    network = get_network_from_plans(
-        config.network_arch_class_name,
-        config.network_arch_init_kwargs,
-        config.network_arch_init_kwargs_req_import,
-        determine_num_input_channels(manager, config, plans.dataset_json),
-        labels.num_segmentation_heads,
-        allow_init=False,
-        deep_supervision=False,
-    )
-    try:
-        network.load_state_dict(parameters[0])
-    except RuntimeError as exc:
-        raise WeightsIntegrityError(
-            f"Weights of {plans.model_key} do not match its plans.json: {exc}"
-        ) from exc
+    network = _network(plans, manager, config, parameters[0])
     network.to(device).eval()
-    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a CPU notice here
-        predictor = nnUNetPredictor(
-            tile_step_size=0.5,
-            use_gaussian=True,
-            use_mirroring=False,  # TotalSegmentator never uses test-time mirroring
-            perform_everything_on_device=device.type == "cuda",
-            device=device,
-            verbose=False,
-            allow_tqdm=False,
-        )
+    predictor = _predictor(device)
     if len(parameters) == 1:
         # One fold: the network already holds these weights; keep views of them instead
         # of a second copy (nnU-Net only re-reads the list when averaging several folds).
@@ -236,4 +211,49 @@ def _build_predictor(
         checkpoint["trainer_name"],
         checkpoint.get("inference_allowed_mirroring_axes"),
     )
+    return predictor
+
+
+def _network(plans: ModelPlans, manager: Any, config: Any, weights: dict[str, Any]) -> Any:
+    """The architecture plans.json names, holding ``weights``."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    network = get_network_from_plans(
+        config.network_arch_class_name,
+        config.network_arch_init_kwargs,
+        config.network_arch_init_kwargs_req_import,
+        determine_num_input_channels(manager, config, plans.dataset_json),
+        manager.get_label_manager(plans.dataset_json).num_segmentation_heads,
+        allow_init=False,
+        deep_supervision=False,
+    )
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise WeightsIntegrityError(
+            f"Weights of {plans.model_key} do not match its plans.json: {exc}"
+        ) from exc
+    return network
+
+
+def _predictor(device: torch.device) -> Any:
+    """nnU-Net's predictor with TotalSegmentator's settings."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    # nnU-Net's constructor turns on cuDNN autotuning for the whole process; the process's
+    # own choice (configure_torch_threads) stands instead.
+    autotune = torch.backends.cudnn.benchmark
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a CPU notice here
+        predictor = nnUNetPredictor(
+            tile_step_size=0.5,
+            use_gaussian=True,
+            use_mirroring=False,  # TotalSegmentator never uses test-time mirroring
+            perform_everything_on_device=device.type == "cuda",
+            device=device,
+            verbose=False,
+            allow_tqdm=False,
+        )
+    torch.backends.cudnn.benchmark = autotune
     return predictor

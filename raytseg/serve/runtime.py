@@ -78,7 +78,7 @@ def torch_device(config: ServeConfig) -> torch.device:
     from raytseg.pipeline.model import configure_torch_threads, select_device
 
     device = select_device(config.device)
-    configure_torch_threads(device)
+    configure_torch_threads(device, cudnn_autotune=settings_for(config).cudnn_autotune)
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     return device
