@@ -11,4 +11,4 @@ export RAYTSEG_REQUIRE_REFERENCE=${RAYTSEG_REQUIRE_REFERENCE:-1}
 .venv/bin/ruff check raytseg tests tools bench
 .venv/bin/ruff format --check raytseg tests tools bench
 .venv/bin/mypy
-exec .venv/bin/pytest -q "$@"
+exec .venv/bin/pytest -q --durations=25 "$@"

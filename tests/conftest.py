@@ -108,3 +108,18 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str, every_s: 
 def waiter() -> Callable[..., None]:
     """``waiter(check, timeout_s, what, every_s=0.5)``: poll until ``check()`` or fail."""
     return wait_until
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail a run that leaves this process connected to a Ray it started: some fixture did
+    not stop what it started. Ray is shut down here, while every module is still loaded,
+    instead of by its atexit hook in the middle of interpreter teardown."""
+    ray = sys.modules.get("ray")
+    if ray is None or not getattr(ray, "is_initialized", lambda: False)():
+        return
+    ray.shutdown()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write("\n")
+        reporter.write_line("ERROR: the tests left Ray running in the pytest process", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -101,6 +101,10 @@ def local_cluster(
         dashboard_port = port()
         cluster = Cluster(
             initialize_head=True,
+            # This fixture shuts the cluster down itself. Ray's exit hooks (an atexit handler
+            # and a SIGTERM handler per node) would keep every node, and its GCS client's
+            # gRPC threads, alive until the interpreter exits, long after its GCS is gone.
+            shutdown_at_exit=False,
             head_node_args={
                 "num_cpus": 0,  # as the chart's head: no replicas there
                 "node_ip_address": "127.0.0.1",

@@ -1,5 +1,9 @@
 """One Serve app on a local Ray (CPU, tiny synthetic weights), shared by the module's tests.
 
+The app (over ten replicas, several GB) is module-scoped: it stops when its module's tests
+are done, never lives on through the rest of the session (the reference tests, the unit
+tests), and each module starts from a fresh service.
+
 The app serves ``total`` (default and fast) with dedicated model deployments, and the
 multiplexed pool for the 6 mm crop model that ``roi_subset`` needs. Its limits are small
 so the 413/429 paths are cheap to reach. The reference for every comparison is the
@@ -69,7 +73,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def service(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     import ray
 
@@ -123,7 +127,7 @@ def service(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def api(service: Service) -> Iterator[httpx.Client]:
     with service.client() as client:
         yield client
@@ -227,7 +231,7 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, lab), v in samples.items() if n == name and wanted <= lab)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def metrics(service: Service) -> Callable[[], Samples]:
     assert service.metrics_url, "the node reports no metrics export port"
     return lambda: scrape(service.metrics_url)
@@ -260,6 +264,6 @@ def calls_of(ray_dir: Path, request_id: str) -> dict[str, list[tuple[float, floa
     return found
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def replica_calls(service: Service) -> Callable[[str], dict[str, list[tuple[float, float]]]]:
     return lambda request_id: calls_of(service.ray_dir, request_id)
