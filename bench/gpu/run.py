@@ -1,21 +1,28 @@
 """GPU benchmark: raytseg against TotalSegmentator 2.18 on one GPU, same CT, same weights.
 
 One script for one device call (``bench/gpu/device.sh`` installs the carried wheels and
-runs it). In order, each step recorded in ``<out>/gpu_bench.json`` as soon as it ends, so
-a run cut short still reports what it measured:
+runs it). Every step is recorded in ``<out>/gpu_bench.json`` as soon as it ends, and steps
+that would start after ``--deadline-s`` are skipped (and said to be), so a run cut short
+still reports what it measured. First the benchmark CT (``make_realistic_ct.py``: 469 x 388
+x 224 at 0.78 x 0.78 x 1.5 mm) and realistic-size synthetic weights. Then, by default
+(``run_all``; the batch mode's in-process figures come before its expensive cold runs):
 
-1. the benchmark CT (``make_realistic_ct.py``: 469 x 388 x 224 at 0.78 x 0.78 x 1.5 mm) and
-   realistic-size synthetic weights for ``total`` and ``total --fast``;
-2. per mode, a cold CLI run of TotalSegmentator and of raytseg (``--ml``), wall time, peak
-   GPU memory (nvidia-smi, sampled every 100 ms), and the per-class Dice of the two outputs;
-3. per mode, in one process with the models loaded: the warm per-image time (median of
-   ``--repeat``) with its stage split, the same with the resampling left on the CPU (scipy)
-   and the Dice between the two, peak GPU memory (torch's allocator), and the bare
-   sliding windows (nnU-Net's ``predict_sliding_window_return_logits``, synchronised);
-4. a batch of ``--batch`` images (the CT shifted by k HU) through the stage functions,
-   preparation and finishing in worker threads while the main thread runs the networks,
-   as the Ray batch job overlaps them: wall time, images/hour, GPU busy share
-   (nvidia-smi's utilization.gpu over the batch), model-stage share of the wall time.
+- per mode, a cold CLI run of raytseg and of TotalSegmentator (``--ml``), wall time, peak
+  GPU memory (nvidia-smi, every 100 ms), and the per-class Dice of the two outputs;
+- in one process with the models loaded: the warm per-image time (median of ``--repeat``)
+  with its stage split, the same with the resampling left on the CPU (scipy) and the voxels
+  that differ, peak GPU memory (torch's allocator); the bare sliding windows (nnU-Net's
+  ``predict_sliding_window_return_logits``, synchronised) and, per ``--tiles``, the batched
+  window with the labels it changes; a cProfile of one warm image;
+- a batch of ``--batch`` images (the CT shifted by k HU) through the stage functions,
+  preparation and finishing in worker threads while the main thread runs the networks, as
+  the Ray batch job overlaps them: wall time, images/hour, GPU busy share (nvidia-smi's
+  utilization.gpu over the batch), model-stage share of the wall time.
+
+With ``--parity`` (``run_parity``): both tools with cuDNN autotuning off (TotalSegmentator
+through a patched nnU-Net predictor), their Dice, and how far an earlier autotuned
+TotalSegmentator output (``--ts-reference``) lies from them; a cProfile of the cold CLI;
+the windows with autotuning off and on.
 
 Ray is not installed on the device machine (its wheel alone is over the carry limit), so
 the Serve application with fractional-GPU replicas is not measured here.
