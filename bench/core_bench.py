@@ -125,19 +125,21 @@ def bare_network_seconds(ct: Path, weights: Path, fast: bool) -> float:
 
     from raytseg.config import Settings
     from raytseg.pipeline.load import LoadLimits, load_volume
-    from raytseg.pipeline.model import configure_torch_threads, select_device
-    from raytseg.pipeline.plan import plan_run
+    from raytseg.pipeline.model import configure_torch, select_device
+    from raytseg.pipeline.passes import prepare
+    from raytseg.pipeline.plan import Pass, plan_run
     from raytseg.pipeline.records import SegmentOptions
-    from raytseg.pipeline.run import Segmenter, prepare
+    from raytseg.pipeline.run import Segmenter
     from raytseg.weights.store import WeightsStore
 
     settings = Settings.from_env({**os.environ, "RAYTSEG_WEIGHTS": str(weights)})
     segmenter = Segmenter(WeightsStore(settings), select_device("cpu"))
-    configure_torch_threads(segmenter.device)
-    plan = plan_run(SegmentOptions(fast=fast))
+    configure_torch(segmenter.device)
+    options = SegmentOptions(fast=fast)
+    plan = plan_run(options)
     volume = load_volume(ct, LoadLimits.from_settings(settings))
     plans = {f"{s.dataset_id}/{s.trainer_folder}": segmenter.plans(s) for s in plan.main.models}
-    prepared = prepare(volume, plan, plans, None)
+    prepared = prepare(volume, Pass(plan, options), plans, None)
     total = 0.0
     for spec, item in zip(plan.main.models, prepared.inputs, strict=True):
         predictor = segmenter.model(spec)._predictor

@@ -71,22 +71,23 @@ class InProcess:
     def __init__(self, data: bytes, weights: Path) -> None:
         from raytseg.config import Settings
         from raytseg.pipeline.load import LoadLimits, load_volume
-        from raytseg.pipeline.model import configure_torch_threads, select_device
-        from raytseg.pipeline.plan import plan_run
+        from raytseg.pipeline.model import configure_torch, select_device
+        from raytseg.pipeline.passes import prepare
+        from raytseg.pipeline.plan import Pass, plan_run
         from raytseg.pipeline.records import SegmentOptions
-        from raytseg.pipeline.run import Segmenter, prepare
+        from raytseg.pipeline.run import Segmenter
         from raytseg.weights.store import WeightsStore
 
         settings = Settings.from_env({**os.environ, "RAYTSEG_WEIGHTS": str(weights)})
         self.segmenter = Segmenter(WeightsStore(settings), select_device("cpu"))
-        configure_torch_threads(self.segmenter.device)
+        configure_torch(self.segmenter.device)
         self.data, self.options = data, SegmentOptions(fast=True)
         self.limits = LoadLimits.from_settings(settings)
         plan = plan_run(self.options)
         (spec,) = plan.main.models
         self.model = self.segmenter.model(spec)
         plans = {f"{spec.dataset_id}/{spec.trainer_folder}": self.segmenter.plans(spec)}
-        (self.item,) = prepare(load_volume(data, self.limits), plan, plans, None).inputs
+        (self.item,) = prepare(load_volume(data, self.limits), Pass(plan, self.options), plans, None).inputs
 
     def pipeline(self) -> bytes:
         """Everything the service does for a request, except HTTP and Ray."""

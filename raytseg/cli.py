@@ -167,9 +167,10 @@ def _settings() -> Any:
 def _cmd_segment(args: argparse.Namespace) -> int:
     from raytseg.pipeline.export import write_segmentation
     from raytseg.pipeline.load import LoadLimits, load_volume
-    from raytseg.pipeline.model import configure_torch_threads
+    from raytseg.pipeline.model import configure_torch
+    from raytseg.pipeline.passes import extra_outputs
     from raytseg.pipeline.records import SegmentOptions
-    from raytseg.pipeline.run import default_segmenter, extra_outputs
+    from raytseg.pipeline.run import default_segmenter
 
     settings = _settings()
     if args.license_number:
@@ -192,23 +193,14 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     )
     volume = load_volume(args.input, LoadLimits.from_settings(settings))
     log.info("Loaded %s: shape %s, voxel size %s mm", volume.source, volume.shape, volume.zooms)
-    options = _auto_mr(options, volume.modality)
     segmenter = default_segmenter(args.device, settings)
-    configure_torch_threads(segmenter.device, cudnn_autotune=settings.cudnn_autotune)
+    configure_torch(segmenter.device, cudnn_autotune=settings.cudnn_autotune)
     seg = segmenter.segment(volume, options)
     derived = not args.no_derived_masks
     extra = extra_outputs(seg, volume, ml=args.ml, derived_masks=derived, preview=args.preview)
     written = write_segmentation(seg, args.output, ml=args.ml, extra_files=extra)
     log.info("Wrote %d file(s) to %s in %.1f s", len(written), args.output, seg.timings.get("total", 0.0))
     return 0
-
-
-def _auto_mr(options: Any, modality: str | None) -> Any:
-    """TotalSegmentator switches ``total`` to ``total_mr`` for DICOM series tagged MR."""
-    if modality == "MR" and options.task == "total":
-        log.info("DICOM modality is MR: using task total_mr.")
-        return options.model_copy(update={"task": "total_mr"})
-    return options
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:

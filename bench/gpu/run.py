@@ -257,44 +257,45 @@ class Warm:
     def __init__(self, args: argparse.Namespace) -> None:
         from raytseg.config import Settings
         from raytseg.pipeline.load import LoadLimits
-        from raytseg.pipeline.model import configure_torch_threads, select_device
+        from raytseg.pipeline.model import configure_torch, select_device
         from raytseg.pipeline.run import Segmenter
         from raytseg.weights.store import WeightsStore
 
         settings = Settings.from_env({**os.environ, "RAYTSEG_WEIGHTS": str(args.weights)})
         self.device = select_device("gpu" if args.device == "cuda" else "cpu")
-        configure_torch_threads(self.device)
+        configure_torch(self.device)
         self.segmenter = Segmenter(WeightsStore(settings), self.device, progress=lambda _: None)
         self.limits = LoadLimits.from_settings(settings)
         self.args = args
 
     def models(self, mode: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-        from raytseg.pipeline.plan import plan_run
+        """The pass of ``total`` in ``mode``, its networks and plans, by model key."""
+        from raytseg.pipeline.plan import Pass, plan_run
         from raytseg.pipeline.preprocess import model_key
         from raytseg.pipeline.records import SegmentOptions
 
         options = SegmentOptions(fast=mode == "fast")
-        plan = plan_run(options)
+        plan = plan_run(options)  # one pass: no crop for total / total --fast
         models = {model_key(s): self.segmenter.model(s) for s in plan.main.models}
         plans = {model_key(s): self.segmenter.plans(s) for s in plan.main.models}
-        return (options, plan), models, plans
+        return Pass(plan, options), models, plans
 
     def one_image(self, ct: Path, mode: str, resample_on_device: bool) -> tuple[float, dict[str, float], Any]:
         from raytseg.pipeline.load import load_volume
-        from raytseg.pipeline.run import finish, prepare
+        from raytseg.pipeline.passes import finish, prepare
 
-        (options, plan), models, plans = self.models(mode)
+        step, models, plans = self.models(mode)
         device = self.device if resample_on_device and self.device.type == "cuda" else None
         started = time.perf_counter()
         timings: dict[str, float] = {}
         with _timed(timings, "load"):
             volume = load_volume(ct, self.limits)
         with _timed(timings, "preprocess"):
-            prepared = prepare(volume, plan, plans, None, device=device)
+            prepared = prepare(volume, step, plans, None, device=device)
         with _timed(timings, "model"):
             outputs = [models[item.model_key].predict(item) for item in prepared.inputs]
         with _timed(timings, "postprocess"):
-            seg = finish(volume, plan, options, prepared, outputs, None, device=device)
+            seg = finish(volume, step, prepared, outputs, None, device=device)
         return time.perf_counter() - started, timings, seg.labels
 
     def warm(self, ct: Path, mode: str) -> dict[str, Any]:
@@ -319,10 +320,10 @@ class Warm:
     def bare_windows(self, ct: Path, mode: str, tiles: list[int] | None = None) -> dict[str, Any]:
         """nnU-Net's sliding window alone per model; with --tiles, the batched window too."""
         from raytseg.pipeline.load import load_volume
-        from raytseg.pipeline.run import prepare
+        from raytseg.pipeline.passes import prepare
 
-        (_, plan), models, plans = self.models(mode)
-        prepared = prepare(load_volume(ct, self.limits), plan, plans, None)
+        step, models, plans = self.models(mode)
+        prepared = prepare(load_volume(ct, self.limits), step, plans, None)
         seconds: dict[str, float] = {}
         changed: dict[str, int] = {}
         for item in prepared.inputs:
@@ -379,7 +380,7 @@ class Warm:
 
     def tiles_end_to_end(self, ct: Path, mode: str) -> dict[str, Any]:
         """Labels with several tiles per pass against nnU-Net's loop, per-class Dice."""
-        (_, plan), models, _ = self.models(mode)
+        _, models, _ = self.models(mode)
         _, _, reference = self.one_image(ct, mode, True)
         result: dict[str, Any] = {}
         for k in self.args.tiles:
@@ -416,16 +417,16 @@ class Warm:
     def batch(self, ct: Path, mode: str, sampler: GpuSampler) -> dict[str, Any]:
         """Prepare/finish in threads, networks on this thread: the batch job's overlap."""
         from raytseg.pipeline.load import load_volume
-        from raytseg.pipeline.run import finish, prepare
+        from raytseg.pipeline.passes import finish, prepare
 
-        (options, plan), models, plans = self.models(mode)
+        step, models, plans = self.models(mode)
         device = self.device if self.device.type == "cuda" else None
         source = load_volume(ct, self.limits)
         model_s = 0.0
 
         def prepared(k: int) -> tuple[Any, Any]:
             volume = _shifted(source, k)
-            return volume, prepare(volume, plan, plans, None, device=device)
+            return volume, prepare(volume, step, plans, None, device=device)
 
         with ThreadPoolExecutor(self.args.workers) as pool:
             started = time.perf_counter()
@@ -436,7 +437,7 @@ class Warm:
                 t0 = time.perf_counter()
                 outputs = [models[i.model_key].predict(i) for i in prep.inputs]
                 model_s += time.perf_counter() - t0
-                done = pool.submit(finish, volume, plan, options, prep, outputs, None, device=device)
+                done = pool.submit(finish, volume, step, prep, outputs, None, device=device)
                 finished.append(done)
             for future in finished:
                 future.result()

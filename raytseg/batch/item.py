@@ -5,11 +5,11 @@
     prepare      (actor)    region, prepare the next pass; main pass:
     pass 0                  export, stage, commit, mark
 
-A request runs one pass per model run: crop passes first (``plan.crop``, innermost
-first), the main pass last, exactly as ``Segmenter`` recurses through them. The steps call
-the same stage functions as ``Segmenter`` (``prepare``, ``finish``, ``find_region``,
-``empty_segmentation``, ``extra_outputs``, ``write_segmentation``), so outputs are
-byte-identical to ``raytseg segment``. No step imports Ray: the Ray adapter
+A request runs the passes ``admit`` gives (crop passes first, the main pass last), and
+what follows each pass is ``after_pass``'s answer, as in ``Segmenter``. The steps call
+the same stage functions as ``Segmenter`` (``prepare``, ``finish``, ``after_pass``,
+``extra_outputs``, ``write_segmentation``), so outputs are byte-identical to
+``raytseg segment``. No step imports Ray: the Ray adapter
 (``raytseg.batch.job``) runs them in tasks and actors, tests run them in-process.
 
 Any error inside a step turns the item into a failed result and the item flows on
@@ -42,22 +42,14 @@ from raytseg.batch.retry import RetryPolicy
 from raytseg.config import Settings
 from raytseg.errors import InputError, LicenseError
 from raytseg.pipeline.load import LoadLimits, load_volume
-from raytseg.pipeline.plan import CropPass, RunPlan, plan_run
+from raytseg.pipeline.passes import Region, after_pass, extra_outputs, finish, prepare
+from raytseg.pipeline.plan import Pass, admit
 from raytseg.pipeline.preprocess import ModelPlans, model_key
 from raytseg.pipeline.records import NetworkOutput, Prepared, Segmentation, SegmentOptions, Volume
-from raytseg.pipeline.run import (
-    Region,
-    crop_pass_options,
-    empty_segmentation,
-    extra_outputs,
-    find_region,
-    finish,
-    prepare,
-)
-from raytseg.tasks import ModelSpec, get_task
+from raytseg.tasks import ModelSpec
 
 if TYPE_CHECKING:
-    from raytseg.pipeline.model import LoadedModel
+    from raytseg.pipeline.model import Network
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +59,7 @@ ML_FILE_NAME = "segmentation.nii.gz"  # the --ml output of an item
 class Models(Protocol):
     """Resident networks by spec (``Segmenter`` is one)."""
 
-    def model(self, spec: ModelSpec) -> LoadedModel: ...
+    def model(self, spec: ModelSpec) -> Network: ...
 
 
 class Plans(Protocol):
@@ -118,8 +110,8 @@ class ItemState:
     attempt: str
     started: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
-    chain: tuple[RunPlan, ...] = ()  # crop passes (innermost first), then the main pass
-    level: int = 0  # the pass being run
+    passes: tuple[Pass, ...] = ()  # crop passes (innermost first), then the main pass
+    level: int = 0  # the index of the pass being run
     volume: Volume | None = None
     voxels: int | None = None
     region: Region | None = None
@@ -177,18 +169,17 @@ def _load_and_prepare(state: ItemState, job: JobSpec, plans: Plans) -> None:
     with _timed(state, "load"):
         source = state.item.input
         volume = job.retry.call(lambda: load_volume(source, job.limits), f"Reading {source}")
-    state.options = auto_mr(state.options, volume.modality)
-    _check_license(state.options.task, job.settings)
-    state.chain = pass_chain(plan_run(state.options))
+    admitted = admit(state.options, job.settings, modality=volume.modality)
+    state.options, state.passes = admitted.options, admitted.passes
     state.volume, state.voxels = volume, math.prod(volume.shape)
     _prepare_pass(state, plans, region=None)
-    if not needs_voxels_later(state.chain, state.options, job.config):
+    if not needs_voxels_later(state.passes, job.config):
         state.volume = _without_voxels(volume)
 
 
 def _predict(state: ItemState, models: Models) -> None:
     assert state.prepared is not None
-    specs = {model_key(spec): spec for spec in state.chain[state.level].main.models}
+    specs = {model_key(spec): spec for spec in state.passes[state.level].plan.main.models}
     with _timed(state, "model"):
         state.outputs = tuple(models.model(specs[x.model_key]).predict(x) for x in state.prepared.inputs)
     # The inputs are spent; only the inverse record travels on.
@@ -198,29 +189,26 @@ def _predict(state: ItemState, models: Models) -> None:
 def _advance(state: ItemState, job: JobSpec, plans: Plans) -> None:
     assert state.prepared is not None
     assert state.volume is not None
-    region = None
     with _timed(state, "postprocess"):
-        plan = state.chain[state.level]
-        seg = finish(state.volume, plan, _pass_options(state), state.prepared, state.outputs, state.region)
+        step = state.passes[state.level]
+        seg = finish(state.volume, step, state.prepared, state.outputs, state.region)
         state.prepared, state.outputs = None, ()
-        if state.level < len(state.chain) - 1:
-            region = find_region(state.volume, _crop_of(state.chain[state.level + 1]), seg)
-            if region is None:
-                log.info("%s: the crop region is empty; writing an empty segmentation.", state.item.id)
-                seg = empty_segmentation(state.volume, state.chain[-1], state.options)
-    if region is None:
-        _write(state, job, seg)
+        following = after_pass(state.volume, state.passes, state.level, seg)
+    if isinstance(following, Segmentation):
+        if following is not seg:
+            log.info("%s: the crop region is empty; writing an empty segmentation.", state.item.id)
+        _write(state, job, following)
     else:
         state.level += 1
-        _prepare_pass(state, plans, region)
+        _prepare_pass(state, plans, following)
 
 
 def _prepare_pass(state: ItemState, plans: Plans, region: Region | None) -> None:
     assert state.volume is not None
-    plan = state.chain[state.level]
-    model_plans = {model_key(spec): plans.plans(spec) for spec in plan.main.models}
+    step = state.passes[state.level]
+    model_plans = {model_key(spec): plans.plans(spec) for spec in step.plan.main.models}
     with _timed(state, "preprocess"):
-        state.prepared = prepare(state.volume, plan, model_plans, region)
+        state.prepared = prepare(state.volume, step, model_plans, region)
     state.region = region
 
 
@@ -257,31 +245,19 @@ def _write_files(seg: Segmentation, folder: str, *, ml: bool, extra: dict[str, b
 # --- helpers -------------------------------------------------------------------------
 
 
-def pass_chain(plan: RunPlan) -> tuple[RunPlan, ...]:
-    """The passes of ``plan`` in the order they run: innermost crop pass first."""
-    return (*pass_chain(plan.crop.plan), plan) if plan.crop is not None else (plan,)
-
-
-def auto_mr(options: SegmentOptions, modality: str | None) -> SegmentOptions:
-    """``raytseg segment``'s rule: task ``total`` on a DICOM series tagged MR runs ``total_mr``."""
-    if modality == "MR" and options.task == "total":
-        return options.model_copy(update={"task": "total_mr"})
-    return options
-
-
-def needs_voxels_later(chain: tuple[RunPlan, ...], options: SegmentOptions, config: BatchConfig) -> bool:
+def needs_voxels_later(passes: tuple[Pass, ...], config: BatchConfig) -> bool:
     """Whether a step after the first model pass reads the input's voxels.
 
     They are needed to prepare a pass after a crop pass, for statistics on the input grid,
     for the skin mask of task ``body`` and for previews. Otherwise they are dropped after
     preprocessing, so the image itself never travels through the model stage.
     """
-    main = chain[-1]
+    main = passes[-1]
     return (
-        len(chain) > 1
-        or (options.statistics and not main.fast_statistics)
+        len(passes) > 1
+        or (main.options.statistics and not main.plan.fast_statistics)
         or config.preview
-        or (config.derived_masks and not config.ml and main.main.task == "body")
+        or (config.derived_masks and not config.ml and main.plan.main.task == "body")
     )
 
 
@@ -289,25 +265,6 @@ def _without_voxels(volume: Volume) -> Volume:
     # Header, affine and source are all ``finish`` and ``write`` read when
     # needs_voxels_later() is False; an empty array makes any other read fail loudly.
     return dataclasses.replace(volume, data=np.empty((0, 0, 0), dtype=volume.data.dtype))
-
-
-def _pass_options(state: ItemState) -> SegmentOptions:
-    if state.level == len(state.chain) - 1:
-        return state.options
-    return crop_pass_options(_crop_of(state.chain[state.level + 1]))
-
-
-def _crop_of(plan: RunPlan) -> CropPass:
-    assert plan.crop is not None, "every pass after the first has a crop pass"
-    return plan.crop
-
-
-def _check_license(task_name: str, settings: Settings) -> None:
-    task = get_task(task_name)
-    if task.license_required:
-        from raytseg.weights.license import require_license
-
-        require_license(task, settings)
 
 
 def _guarded(state: ItemState, job: JobSpec, step: Callable[[], None]) -> None:

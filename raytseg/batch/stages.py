@@ -61,14 +61,15 @@ class ModelStage:
 
     def __init__(self, job: JobSpec, specs: list[ModelSpec], cpus: float) -> None:
         from raytseg.metrics import recorder
-        from raytseg.pipeline.model import select_device
+        from raytseg.pipeline.model import configure_torch, select_device
         from raytseg.pipeline.run import Segmenter
         from raytseg.weights.store import WeightsStore
 
         configure_storage(job.config)
         self.job = job
         device = select_device(job.config.device)
-        _set_torch_threads(job, device.type, cpus)
+        threads = _torch_threads(job, device.type, cpus)
+        configure_torch(device, threads=threads, cudnn_autotune=job.settings.cudnn_autotune)
         self.segmenter = Segmenter(WeightsStore(job.settings), device)
         for spec in specs:  # later (auto-MR) models load on first use
             started = time.perf_counter()
@@ -86,7 +87,7 @@ class ModelStage:
         return {"state": _pack(states)}
 
 
-def _set_torch_threads(job: JobSpec, device_type: str, cpus: float) -> None:
+def _torch_threads(job: JobSpec, device_type: str, cpus: float) -> int | None:
     """``model.threads``, else 1 on a GPU, else the node's cores shared by the stage's actors.
 
     On a CPU the network is the bottleneck: it gets every core (as in TotalSegmentator),
@@ -95,16 +96,10 @@ def _set_torch_threads(job: JobSpec, device_type: str, cpus: float) -> None:
     """
     import os
 
-    import torch
-
     model = job.config.model
-    if model.threads:
-        threads = model.threads
-    elif device_type == "cuda":
-        threads = 1
-    else:
-        threads = max(1, round(cpus), (os.cpu_count() or 1) // model.concurrency[1])
-    torch.set_num_threads(threads)
+    if model.threads or device_type != "cpu":
+        return model.threads or None  # None: configure_torch's default (1 with CUDA)
+    return max(1, round(cpus), (os.cpu_count() or 1) // model.concurrency[1])
 
 
 def _cpu_segmenter(job: JobSpec) -> Segmenter:

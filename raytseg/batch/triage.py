@@ -15,19 +15,18 @@ from typing import Any
 
 from raytseg.batch.config import BatchConfig
 from raytseg.batch.inputs import WorkItem
-from raytseg.batch.item import JobSpec, pass_chain
+from raytseg.batch.item import JobSpec
 from raytseg.batch.results import ItemResult
 from raytseg.config import Settings
 from raytseg.errors import InputError, LicenseError, RaytsegError, StaleOutputError
-from raytseg.pipeline.plan import plan_run
+from raytseg.pipeline.plan import admit
 from raytseg.pipeline.preprocess import model_key
-from raytseg.pipeline.records import SegmentOptions
-from raytseg.tasks import ModelSpec, get_task
+from raytseg.tasks import ModelSpec
 
 
 def check_job_options(config: BatchConfig, settings: Settings) -> None:
     """Fail fast on a bad job-wide task or options (per-row tasks fail their rows only)."""
-    _check_options(config.segment_options(), settings)
+    admit(config.segment_options(), settings)
 
 
 def triage(items: Sequence[WorkItem], job: JobSpec) -> tuple[list[WorkItem], list[ItemResult]]:
@@ -56,10 +55,10 @@ def model_levels(items: Sequence[WorkItem], job: JobSpec) -> list[list[ModelSpec
     """The networks each model stage serves: level k runs the k-th pass of every item."""
     levels: list[dict[str, ModelSpec]] = []
     for options in {job.options_for(item) for item in items}:
-        for level, plan in enumerate(pass_chain(plan_run(options))):
+        for level, step in enumerate(admit(options, job.settings).passes):
             if level == len(levels):
                 levels.append({})
-            levels[level].update({model_key(spec): spec for spec in plan.main.models})
+            levels[level].update({model_key(spec): spec for spec in step.plan.main.models})
     return [list(specs.values()) for specs in levels]
 
 
@@ -76,18 +75,9 @@ def failed_result(item: WorkItem, task: str, error: Exception) -> ItemResult:
     )
 
 
-def _check_options(options: SegmentOptions, settings: Settings) -> None:
-    plan_run(options)
-    task = get_task(options.task)
-    if task.license_required:
-        from raytseg.weights.license import require_license
-
-        require_license(task, settings)
-
-
 def _task_error(job: JobSpec, item: WorkItem) -> RaytsegError | None:
     try:
-        _check_options(job.options_for(item), job.settings)
+        admit(job.options_for(item), job.settings)
     except (InputError, LicenseError) as exc:
         return exc
     return None

@@ -20,7 +20,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -53,17 +53,22 @@ def select_device(name: str) -> torch.device:
     return torch.device(f"cuda:{index}")
 
 
-def configure_torch_threads(device: torch.device, *, cudnn_autotune: bool = False) -> None:
-    """Process-wide torch settings: threads as TotalSegmentator sets them (all cores on CPU,
-    1 with CUDA) and cuDNN autotuning (``Settings.cudnn_autotune``).
+def configure_torch(
+    device: torch.device, *, threads: int | None = None, cudnn_autotune: bool = False
+) -> None:
+    """Process-wide torch settings: ``threads`` (default as TotalSegmentator sets them: all
+    cores on CPU, 1 with CUDA) and cuDNN autotuning (``Settings.cudnn_autotune``).
 
-    Called by entry points (CLI, Ray actors), never inside a library call.
+    Called once by each entry point (CLI, serve replicas, batch actors), never inside a
+    library call.
     """
     import os
 
     import torch
 
-    torch.set_num_threads((os.cpu_count() or 1) if device.type == "cpu" else 1)
+    if threads is None:
+        threads = (os.cpu_count() or 1) if device.type == "cpu" else 1
+    torch.set_num_threads(threads)
     torch.backends.cudnn.benchmark = cudnn_autotune
 
 
@@ -73,6 +78,18 @@ class ModelFiles:
 
     plans: ModelPlans
     checkpoints: tuple[Path, ...]
+
+
+class Network(Protocol):
+    """A loaded network that predicts one network input: the model stage's one seam.
+
+    ``LoadedModel`` (nnU-Net) is the real one; ``raytseg.testing.FakeNetwork`` stands in
+    where a test is about what surrounds the network, not the network.
+    """
+
+    key: str
+
+    def predict(self, item: NetworkInput) -> NetworkOutput: ...
 
 
 class LoadedModel:
@@ -243,7 +260,7 @@ def _predictor(device: torch.device) -> Any:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     # nnU-Net's constructor turns on cuDNN autotuning for the whole process; the process's
-    # own choice (configure_torch_threads) stands instead.
+    # own choice (configure_torch) stands instead.
     autotune = torch.backends.cudnn.benchmark
     with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints a CPU notice here
         predictor = nnUNetPredictor(

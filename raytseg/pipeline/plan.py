@@ -1,22 +1,29 @@
 """Decide which model passes a request needs, as TotalSegmentator's ``python_api`` does.
 
-A request runs at most two passes over the image:
+A request runs its passes over the image in the order ``passes()`` gives:
 
-1. a *crop pass* when the task works in a region (``lung_vessels`` in the lungs) or the
+1. *crop passes* when the task works in a region (``lung_vessels`` in the lungs) or the
    user asked for ``--roi_subset`` or ``--body_seg``: a small, coarse model (6 mm
-   ``total``, 3 mm with ``--robust_crop``, 6 mm ``body``) finds the region;
+   ``total``, 3 mm with ``--robust_crop``, 6 mm ``body``) finds the region (``teeth``
+   needs two: its crop task is itself cropped);
 2. the *main pass*: the task's models on the image cropped to that region.
 
-Planning is pure: it reads the catalogue and the options, never the image or the weights.
+``admit`` is the one gate before a run, for every entry point: the MR rule, planning
+(task, mode and class checks) and the license. Planning is pure: it reads the catalogue
+and the options, never the image or the weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from raytseg.errors import InvalidOptionError, UnknownClassError
 from raytseg.pipeline.records import SegmentOptions, Spacing
 from raytseg.tasks import ModelSpec, TaskSpec, get_task
+
+if TYPE_CHECKING:
+    from raytseg.config import Settings
 
 # TotalSegmentator overrides each task's crop margin with 20 mm whenever the default
 # crop models find the region (python_api.py: ``crop_addon = [20,20,20] if crop_model is None``).
@@ -65,6 +72,65 @@ class RunPlan:
     def all_models(self) -> tuple[ModelSpec, ...]:
         inner = self.crop.plan.all_models if self.crop else ()
         return inner + self.main.models
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass of a request, in run order."""
+
+    plan: RunPlan  # the models and label rules of this pass
+    options: SegmentOptions  # what its postprocessing applies: the request's for the main pass
+    feeds: CropPass | None = None  # the next pass's crop, which reads this pass's labels
+
+    @property
+    def is_main(self) -> bool:
+        return self.feeds is None
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request that passed every check: its options (after the MR rule) and its passes."""
+
+    options: SegmentOptions
+    plan: RunPlan
+    passes: tuple[Pass, ...]
+
+
+def admit(options: SegmentOptions, settings: Settings, *, modality: str | None = None) -> Admitted:
+    """Every check and decision before a run, the same for every entry point.
+
+    ``modality`` is the image's DICOM Modality when known (None before loading, or for
+    NIfTI): task ``total`` on an image tagged MR runs ``total_mr``, as ``TotalSegmentator``
+    does for DICOM input.
+
+    Raises:
+        InputError subclasses: an unknown task or class, invalid options.
+        LicenseError: the task needs a license key and none is set.
+    """
+    options = for_modality(options, modality)
+    plan = plan_run(options)
+    task = get_task(options.task)
+    if task.license_required:
+        from raytseg.weights.license import require_license
+
+        require_license(task, settings)
+    return Admitted(options, plan, passes(plan, options))
+
+
+def for_modality(options: SegmentOptions, modality: str | None) -> SegmentOptions:
+    """The MR rule: task ``total`` on an image whose DICOM Modality is MR runs ``total_mr``."""
+    if modality == "MR" and options.task == "total":
+        return options.model_copy(update={"task": "total_mr"})
+    return options
+
+
+def passes(plan: RunPlan, options: SegmentOptions) -> tuple[Pass, ...]:
+    """The passes of ``plan`` in the order they run: innermost crop pass first, main pass last."""
+    chain: tuple[Pass, ...] = (Pass(plan, options),)
+    while chain[0].plan.crop is not None:
+        crop = chain[0].plan.crop
+        chain = (Pass(crop.plan, SegmentOptions(task=crop.plan.main.task), crop), *chain)
+    return chain
 
 
 def plan_run(options: SegmentOptions) -> RunPlan:

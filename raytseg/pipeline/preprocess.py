@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import nibabel as nib
 import numpy as np
@@ -57,6 +57,31 @@ class ModelPlans:
 def model_key(spec: ModelSpec) -> str:
     """Stable name of a model: ``<dataset id>/<trainer>__<plans>__<configuration>``."""
     return f"{spec.dataset_id}/{spec.trainer_folder}"
+
+
+class PlansSource(Protocol):
+    """Where plans.json and dataset.json come from (``WeightsStore`` is one)."""
+
+    def read_plans(self, spec: ModelSpec) -> tuple[dict[str, Any], dict[str, Any]]: ...
+
+
+def read_model_plans(source: PlansSource, spec: ModelSpec) -> ModelPlans:
+    plans, dataset_json = source.read_plans(spec)
+    return ModelPlans(model_key(spec), spec.configuration, plans, dataset_json)
+
+
+class PlansCache:
+    """Each model's plans, read once per process: every pass prepares with them."""
+
+    def __init__(self, source: PlansSource) -> None:
+        self._source = source
+        self._plans: dict[str, ModelPlans] = {}
+
+    def __call__(self, spec: ModelSpec) -> ModelPlans:
+        key = model_key(spec)
+        if key not in self._plans:
+            self._plans[key] = read_model_plans(self._source, spec)
+        return self._plans[key]
 
 
 def preprocess(

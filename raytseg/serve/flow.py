@@ -1,7 +1,8 @@
 """Routing one segmentation through the deployments; shared by the HTTP routes and the job runner.
 
-The flow is ``raytseg.pipeline.run.Segmenter._run`` spread over replicas: the same plan,
-the same crop pass (``find_region`` between the passes), the same steps. Each call takes
+The flow is ``raytseg.pipeline.run.Segmenter``'s loop spread over replicas: the same
+admission, the same passes in the same order, ``after_pass`` (in ``end_pass``) between
+them, the same steps. Each call takes
 the earlier calls' responses as arguments; the flow waits until a call has finished (its
 result exists) before making the next, but never fetches an intermediate result: the
 arrays go from replica to replica (``raytseg.serve.handoff``), and only the final answer
@@ -22,10 +23,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from raytseg.errors import NotDeployedError, ReplicaUnavailableError
-from raytseg.pipeline.plan import CropPass, RunPlan
+from raytseg.pipeline.plan import Admitted, Pass, for_modality
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import SegmentOptions
-from raytseg.pipeline.run import crop_pass_options
 from raytseg.serve.errors import as_raytseg_error
 from raytseg.serve.handoff import Delivered, Delivery, Entrypoint, Tags
 from raytseg.serve.runtime import POOL, POSTPROCESS, PREPROCESS, Catalogue, deployment_name
@@ -79,12 +79,13 @@ class Flow:
         self._stages = _by_reference(stages)
         self._catalogue = catalogue
 
-    def check(self, options: SegmentOptions) -> RunPlan:
-        """The plan, refused (4xx) before any image is read if it is invalid or not served."""
-        plan = self._catalogue.plan(options)
-        for spec in plan.all_models:
+    def check(self, options: SegmentOptions, modality: str | None = None) -> Admitted:
+        """The admitted request, refused (4xx) before any image is read if it is invalid,
+        unlicensed or not served."""
+        admitted = self._catalogue.admit(options, modality)
+        for spec in admitted.plan.all_models:
             self._model(model_key(spec))
-        return plan
+        return admitted
 
     async def segment(
         self, source: bytes | str, options: SegmentOptions, delivery: Delivery, entrypoint: Entrypoint
@@ -94,10 +95,10 @@ class Flow:
         Raises:
             RaytsegError: any failure, translated; calls still pending are cancelled first.
         """
-        plan = self.check(options)
+        self.check(options)
         calls = _Calls()
         try:
-            return await self._run(calls, source, plan, options, delivery, entrypoint)
+            return await self._run(calls, source, options, delivery, entrypoint)
         except asyncio.CancelledError:  # timeout or client gone: stop the work, keep cancelling
             calls.cancel()
             raise
@@ -109,36 +110,38 @@ class Flow:
         self,
         calls: _Calls,
         source: bytes | str,
-        plan: RunPlan,
         options: SegmentOptions,
         delivery: Delivery,
         entry: Entrypoint,
     ) -> Delivered:
-        tags = Tags(options.task, entry)
-        volume = await calls.finished(self._stages.preprocess.load.remote(source, tags))
-        found = None
-        if plan.crop is not None:
-            found = await self._crop_pass(calls, volume, plan.crop, Tags(options.task, entry, crop_pass=True))
-        spec = PassSpec(plan, options, tags, delivery)
-        prepared = await calls.finished(self._stages.preprocess.prepare.remote(spec, volume, found))
-        outputs = await self._predict(calls, plan, prepared, tags)
-        finish = self._stages.postprocess.finish.remote(spec, volume, prepared, found, *outputs)
-        return cast(Delivered, await calls.watched(calls.add(finish)))
+        preprocess, postprocess = self._stages.preprocess, self._stages.postprocess
+        volume = await calls.finished(preprocess.load.remote(source, Tags(options.task, entry)))
+        admitted = await self._admit_loaded(calls, options, volume)
+        before = None
+        for index, step in enumerate(admitted.passes):
+            tags = Tags(admitted.options.task, entry, crop_pass=not step.is_main)
+            spec = PassSpec(admitted.passes, index, tags, delivery)
+            prepared = await calls.finished(preprocess.prepare.remote(spec, volume, before))
+            outputs = await self._predict(calls, step, prepared, tags)
+            if step.is_main:
+                finish = postprocess.finish.remote(spec, volume, prepared, before, *outputs)
+                return cast(Delivered, await calls.watched(calls.add(finish)))
+            before = await calls.finished(
+                postprocess.end_pass.remote(spec, volume, prepared, before, *outputs)
+            )
+        raise AssertionError("the main pass always ends the run")
 
-    async def _crop_pass(self, calls: _Calls, volume: Response, crop: CropPass, tags: Tags) -> Response:
-        """The crop pass (itself possibly cropped, as for ``teeth``), ending in ``find_region``."""
-        found = None
-        if crop.plan.crop is not None:
-            found = await self._crop_pass(calls, volume, crop.plan.crop, tags)
-        spec = PassSpec(crop.plan, crop_pass_options(crop), tags)
-        prepared = await calls.finished(self._stages.preprocess.prepare.remote(spec, volume, found))
-        outputs = await self._predict(calls, crop.plan, prepared, tags)
-        post = self._stages.postprocess
-        return await calls.finished(post.find_region.remote(spec, crop, volume, prepared, found, *outputs))
+    async def _admit_loaded(self, calls: _Calls, options: SegmentOptions, volume: Response) -> Admitted:
+        """The request admitted for the loaded image: its modality can change the task
+        (the MR rule), which is asked of the image only when the rule could apply."""
+        if for_modality(options, "MR") == options:
+            return self.check(options)
+        modality = await calls.watched(calls.add(self._stages.preprocess.modality.remote(volume)))
+        return self.check(options, modality)
 
-    async def _predict(self, calls: _Calls, plan: RunPlan, prepared: Response, tags: Tags) -> list[Response]:
+    async def _predict(self, calls: _Calls, step: Pass, prepared: Response, tags: Tags) -> list[Response]:
         """One call per network of the pass, all sent at once (they need only ``prepared``)."""
-        sent = [self._model(model_key(m)).predict.remote(prepared, tags) for m in plan.main.models]
+        sent = [self._model(model_key(m)).predict.remote(prepared, tags) for m in step.plan.main.models]
         return list(await asyncio.gather(*(calls.finished(response) for response in sent)))
 
     def _model(self, key: str) -> Handle:

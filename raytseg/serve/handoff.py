@@ -12,10 +12,11 @@ may be scaled down, and Serve does not track refs nested in return values reliab
                          │                        │ NetworkOutput per z chunk
                          └──────────────────────▶ finish ──Delivered (bytes, or locations written)
 
-A crop pass runs the same way and ends in ``find_region`` (``FoundRegion``), which the
-main pass's ``prepare`` and ``finish`` take as an argument; an empty region makes
-``prepare`` return None, every later stage passes that on, and ``finish`` answers the
-all-zero segmentation, without the caller having to look.
+A crop pass runs the same way and ends in ``end_pass`` (``AfterPass``: what
+``raytseg.pipeline.passes.after_pass`` answered), which the next pass's ``prepare`` and
+``finish`` take as an argument. When the crop region is empty that answer is already the
+request's (all-zero) segmentation: ``prepare`` returns None, every later stage passes it
+on, and ``finish`` delivers it, without the caller having to look.
 
 Arrays read from the object store are read-only views; ``own_arrays`` copies the few a
 stage is about to modify.
@@ -30,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import numpy as np
 
 if TYPE_CHECKING:
-    from raytseg.pipeline.run import Region
+    from raytseg.pipeline.passes import Region
+    from raytseg.pipeline.records import Segmentation
 
 Entrypoint = Literal["http", "job"]
 T = TypeVar("T")
@@ -50,10 +52,24 @@ class Tags:
 
 
 @dataclass(frozen=True)
-class FoundRegion:
-    """Where a crop pass found the task's region; ``region`` is None when it is empty."""
+class AfterPass:
+    """What follows a crop pass: the next pass's region, or already the request's answer."""
 
-    region: Region | None
+    following: Region | Segmentation
+
+    @property
+    def region(self) -> Region | None:
+        """The region; None when the crop region was empty (``answer`` is set instead)."""
+        from raytseg.pipeline.passes import Region
+
+        return self.following if isinstance(self.following, Region) else None
+
+    @property
+    def answer(self) -> Segmentation | None:
+        """The request's all-zero segmentation when the crop region was empty, else None."""
+        from raytseg.pipeline.records import Segmentation
+
+        return self.following if isinstance(self.following, Segmentation) else None
 
 
 @dataclass(frozen=True)

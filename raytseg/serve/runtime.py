@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from raytseg.config import Settings
 from raytseg.errors import NotDeployedError
 from raytseg.metrics import recorder
-from raytseg.pipeline.plan import RunPlan, plan_run
+from raytseg.pipeline.plan import Admitted, admit, plan_run
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import SegmentOptions
 from raytseg.serve.config import ServeConfig
@@ -73,27 +73,22 @@ def model_spec(key: str) -> ModelSpec:
 
 def torch_device(config: ServeConfig) -> torch.device:
     """The replica's device; also sets its torch threads (once, in the constructor)."""
-    import torch
-
-    from raytseg.pipeline.model import configure_torch_threads, select_device
+    from raytseg.pipeline.model import configure_torch, select_device
 
     device = select_device(config.device)
-    configure_torch_threads(device, cudnn_autotune=settings_for(config).cudnn_autotune)
-    if config.torch_threads is not None:
-        torch.set_num_threads(config.torch_threads)
+    autotune = settings_for(config).cudnn_autotune
+    configure_torch(device, threads=config.torch_threads, cudnn_autotune=autotune)
     return device
 
 
 def load_model(store: WeightsStore, key: str, device: torch.device) -> LoadedModel:
     """Build one network from the weights store, recording the load time."""
     from raytseg.pipeline.model import LoadedModel, ModelFiles
-    from raytseg.pipeline.preprocess import ModelPlans
+    from raytseg.pipeline.preprocess import read_model_plans
 
     spec = model_spec(key)
     started = time.perf_counter()
-    plans, dataset_json = store.read_plans(spec)
-    model_plans = ModelPlans(key, spec.configuration, plans, dataset_json)
-    files = ModelFiles(model_plans, tuple(store.checkpoint_paths(spec)))
+    files = ModelFiles(read_model_plans(store, spec), tuple(store.checkpoint_paths(spec)))
     model = LoadedModel.load(files, device)
     seconds = time.perf_counter() - started
     recorder().model_load(key, seconds)
@@ -107,13 +102,20 @@ class Catalogue:
 
     config: ServeConfig
 
-    def plan(self, options: SegmentOptions) -> RunPlan:
-        """``plan_run(options)``, refused unless the task and mode are served here.
+    def admit(self, options: SegmentOptions, modality: str | None = None) -> Admitted:
+        """``admit(options)`` (the checks of every entry point), refused unless the task and
+        mode it runs are served here.
 
         Raises:
             UnknownTaskError, InvalidOptionError, UnknownClassError: from planning.
+            LicenseError: the task needs a license key and none is set.
             NotDeployedError: the task or mode exists but is not served here.
         """
+        admitted = admit(options, settings_for(self.config), modality=modality)
+        self._check_served(admitted.options)
+        return admitted
+
+    def _check_served(self, options: SegmentOptions) -> None:
         task = get_task(options.task)
         entry = self.config.tasks.get(task.name)
         if entry is None:
@@ -124,7 +126,6 @@ class Catalogue:
             raise NotDeployedError(
                 f"Task {task.name!r} is served in mode(s) {', '.join(entry.modes)}, not {mode!r}."
             )
-        return plan_run(options)
 
     def dedicated_models(self) -> dict[str, ModelSpec]:
         """Models with deployments of their own: every model a dedicated task's modes run

@@ -27,14 +27,14 @@ import numpy as np
 from raytseg.metrics import recorder
 from raytseg.pipeline.export import class_mask_files, multilabel_nifti_bytes, write_segmentation
 from raytseg.pipeline.load import LoadLimits, load_volume
-from raytseg.pipeline.plan import CropPass, RunPlan
-from raytseg.pipeline.preprocess import ModelPlans, model_key
-from raytseg.pipeline.records import NetworkOutput, Prepared, Segmentation, SegmentOptions, Volume
-from raytseg.pipeline.run import empty_segmentation, extra_outputs, find_region, finish, prepare
+from raytseg.pipeline.passes import after_pass, extra_outputs, finish, prepare
+from raytseg.pipeline.plan import Pass
+from raytseg.pipeline.preprocess import PlansCache, model_key
+from raytseg.pipeline.records import NetworkOutput, Prepared, Segmentation, Volume
 from raytseg.pipeline.stats import statistics_json
 from raytseg.serve.config import ServeConfig
-from raytseg.serve.handoff import Delivered, Delivery, FoundRegion, Tags, own_arrays
-from raytseg.serve.runtime import model_spec, weights_store
+from raytseg.serve.handoff import AfterPass, Delivered, Delivery, Tags, own_arrays
+from raytseg.serve.runtime import weights_store
 from raytseg.storage import join
 
 log = logging.getLogger(__name__)
@@ -43,72 +43,79 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so the same segmentation zips to the
 
 @dataclass(frozen=True)
 class PassSpec:
-    """One model pass of a request: what to run and how to report it."""
+    """One model pass of a request (``passes[index]``): what to run and how to report it."""
 
-    plan: RunPlan
-    options: SegmentOptions
+    passes: tuple[Pass, ...]
+    index: int
     tags: Tags
     delivery: Delivery = Delivery()
+
+    @property
+    def step(self) -> Pass:
+        return self.passes[self.index]
 
 
 class CpuStage:
     """Load, preprocess, postprocess and export for the Serve app (no GPU).
 
-    Arguments named ``volume``, ``prepared``, ``found`` and ``outputs`` arrive as results
-    of earlier calls (Ray resolves the responses the caller passed); ``prepared`` is None
-    when the pass's crop region was empty, and ``found`` is None when there is no crop pass.
+    Arguments named ``volume``, ``prepared``, ``before`` and ``outputs`` arrive as results
+    of earlier calls (Ray resolves the responses the caller passed); ``before`` is what
+    followed the previous pass (None for the first), and ``prepared`` is None when that
+    was already the answer (an empty crop region).
     """
 
     def __init__(self, config: ServeConfig) -> None:
         self._store = weights_store(config)
         self._limits = LoadLimits(config.limits.max_voxels, config.limits.max_archive_bytes)
-        self._plans: dict[str, ModelPlans] = {}
+        self._plans = PlansCache(self._store)
 
     def load(self, source: bytes | str, tags: Tags) -> Volume:
         """Read the upload (bytes) or a job's input location."""
         with _timed(tags, "load"):
             return load_volume(source, self._limits)
 
-    def prepare(self, spec: PassSpec, volume: Volume, found: FoundRegion | None) -> Prepared | None:
+    def modality(self, volume: Volume) -> str | None:
+        """The loaded image's DICOM Modality, for the MR rule (``admit``)."""
+        return volume.modality
+
+    def prepare(self, spec: PassSpec, volume: Volume, before: AfterPass | None) -> Prepared | None:
         """Crop, resample and normalise for every model of the pass."""
-        if found is not None and found.region is None:
+        if before is not None and before.answer is not None:
             return None
         with _timed(spec.tags, "preprocess"):
-            plans = {model_key(m): self._model_plans(model_key(m)) for m in spec.plan.main.models}
-            return prepare(own_arrays(volume), spec.plan, plans, None if found is None else found.region)
+            plans = {model_key(m): self._plans(m) for m in spec.step.plan.main.models}
+            region = None if before is None else before.region
+            return prepare(own_arrays(volume), spec.step, plans, region)
 
-    def find_region(  # noqa: PLR0913 - upstream results must be top-level arguments
+    def end_pass(  # noqa: PLR0913 - upstream results must be top-level arguments
         self,
         spec: PassSpec,
-        crop: CropPass,
         volume: Volume,
         prepared: Prepared | None,
-        found: FoundRegion | None,
+        before: AfterPass | None,
         *outputs: tuple[NetworkOutput, ...],
-    ) -> FoundRegion:
-        """Finish a crop pass and find the region its rois cover (None when empty)."""
-        if prepared is None:  # its own crop region was empty, so is this one
-            return FoundRegion(None)
+    ) -> AfterPass:
+        """Finish a pass: what follows it (the next pass's region, or the answer)."""
+        if prepared is None:  # answered before this pass: pass the answer on
+            assert before is not None
+            return before
         with _timed(spec.tags, "postprocess"):
-            seg = self._segmentation(spec, volume, prepared, found, outputs)
-            return FoundRegion(find_region(volume, crop, seg))
+            seg = self._segmentation(spec, volume, prepared, before, outputs)
+            return AfterPass(after_pass(volume, spec.passes, spec.index, seg))
 
     def finish(  # noqa: PLR0913 - upstream results must be top-level arguments
         self,
         spec: PassSpec,
         volume: Volume,
         prepared: Prepared | None,
-        found: FoundRegion | None,
+        before: AfterPass | None,
         *outputs: tuple[NetworkOutput, ...],
     ) -> Delivered:
-        """Postprocess the main pass, then export it as the request asked."""
-        if prepared is None:  # TotalSegmentator answers an empty crop region with zeros
-            seg = empty_segmentation(volume, spec.plan, spec.options)
-        else:
-            with _timed(spec.tags, "postprocess"):
-                seg = self._segmentation(spec, volume, prepared, found, outputs)
+        """Finish the main pass, then export the answer as the request asked."""
+        answer = self.end_pass(spec, volume, prepared, before, *outputs).answer
+        assert answer is not None, "the main pass always answers"
         with _timed(spec.tags, "export"):
-            delivered = _deliver(seg, volume, spec.delivery)
+            delivered = _deliver(answer, volume, spec.delivery)
         recorder().voxels(spec.tags.task, int(np.prod(volume.shape)), spec.tags.entrypoint)
         return delivered
 
@@ -120,19 +127,12 @@ class CpuStage:
         spec: PassSpec,
         volume: Volume,
         prepared: Prepared,
-        found: FoundRegion | None,
+        before: AfterPass | None,
         outputs: tuple[tuple[NetworkOutput, ...], ...],
     ) -> Segmentation:
         owned = tuple(own_arrays(o) for per_model in outputs for o in per_model)
-        region = None if found is None else found.region
-        return finish(volume, spec.plan, spec.options, own_arrays(prepared), owned, region)
-
-    def _model_plans(self, key: str) -> ModelPlans:
-        if key not in self._plans:
-            spec = model_spec(key)
-            plans, dataset_json = self._store.read_plans(spec)
-            self._plans[key] = ModelPlans(key, spec.configuration, plans, dataset_json)
-        return self._plans[key]
+        region = None if before is None else before.region
+        return finish(volume, spec.step, own_arrays(prepared), owned, region)
 
 
 def _deliver(seg: Segmentation, volume: Volume, delivery: Delivery) -> Delivered:

@@ -32,16 +32,18 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raytseg.errors import InvalidOptionError
+from raytseg.errors import InvalidOptionError, RaytsegError
 from raytseg.tasks.registry import ModelSpec, TaskSpec, get_task, load_catalog
 from raytseg.weights._archive import SYNTHETIC_MARKER
 from raytseg.weights.store import (
     CHECKPOINT_FILE,
     DATASET_FILE,
     PLANS_FILE,
+    WeightsStore,
     dataset_folder_name,
     datasets_for_task,
 )
@@ -57,6 +59,7 @@ __all__ = [
     "random_network_weights",
     "synthesize",
     "synthesize_task",
+    "warn_if_synthetic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -432,3 +435,23 @@ def _model_for(
                 if model.dataset_id == dataset_id:
                     return model, task, mode.resample_mm
     raise InvalidOptionError(f"No catalogue task runs dataset {dataset_id}; nothing to synthesize.")
+
+
+def warn_if_synthetic(specs: Iterable[ModelSpec], store: WeightsStore) -> None:
+    """Log a warning when one of ``specs`` has synthetic random weights (once per call).
+
+    Every entry point that runs models calls it: output of random weights must never pass
+    for a segmentation. A model that is missing is not reported here but where it loads.
+    """
+    for spec in specs:
+        try:
+            synthetic = is_synthetic(store.model_folder(spec))
+        except RaytsegError:
+            continue
+        if synthetic:
+            logger.warning(
+                "Model %s/%s has synthetic random weights: its output is meaningless, not a segmentation.",
+                spec.dataset_id,
+                spec.trainer_folder,
+            )
+            return

@@ -1,11 +1,15 @@
 """One Serve app on a local Ray (CPU, tiny synthetic weights), shared by the module's tests.
 
-The app (over ten replicas, several GB) is module-scoped: it stops when its module's tests
-are done, never lives on through the rest of the session (the reference tests, the unit
-tests), and each module starts from a fresh service.
+The app (over ten replicas, several GB) is package-scoped (this folder is a package for
+that reason): it starts once for the folder's tests and stops when the last of them is done,
+so it never lives on through the rest of the session (the reference tests, the unit tests).
+Once, not once per module: every start of a local Ray on a busy 2-core machine risks Ray's
+fixed 30 s wait for its raylet ("The current node timed out during startup"), which a CI
+run hit on its second of seven starts.
 
 The app serves ``total`` (default and fast) with dedicated model deployments, and the
-multiplexed pool for the 6 mm crop model that ``roi_subset`` needs. Its limits are small
+multiplexed pool for the 6 mm crop model that ``roi_subset`` needs and for ``total_mr``
+fast (MR DICOM uploads with task ``total`` run it). Its limits are small
 so the 413/429 paths are cheap to reach. The reference for every comparison is the
 in-process pipeline (``raytseg.pipeline.run.Segmenter``) on the same weights.
 """
@@ -70,10 +74,11 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("weights")
     synthesize_task("total", root, tiny=True)
     synthesize_task("total", root, fast=True, tiny=True)
+    synthesize_task("total_mr", root, fast=True, tiny=True)  # served by the pool (the MR rule)
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def service(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     import ray
 
@@ -92,7 +97,10 @@ def service(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "device": "cpu",
             "torch_threads": 1,
             "weights": str(weights),
-            "tasks": {"total": {"modes": ["default", "fast"]}},
+            "tasks": {
+                "total": {"modes": ["default", "fast"]},
+                "total_mr": {"modes": ["fast"], "dedicated": False},
+            },
             "models": {**small, "num_gpus": 0, "health_check_period_s": 2},
             "pool": {**small, "num_gpus": 0},
             "preprocess": small,
@@ -127,7 +135,7 @@ def service(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def api(service: Service) -> Iterator[httpx.Client]:
     with service.client() as client:
         yield client
@@ -231,7 +239,7 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, lab), v in samples.items() if n == name and wanted <= lab)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def metrics(service: Service) -> Callable[[], Samples]:
     assert service.metrics_url, "the node reports no metrics export port"
     return lambda: scrape(service.metrics_url)
@@ -264,6 +272,6 @@ def calls_of(ray_dir: Path, request_id: str) -> dict[str, list[tuple[float, floa
     return found
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def replica_calls(service: Service) -> Callable[[str], dict[str, list[tuple[float, float]]]]:
     return lambda request_id: calls_of(service.ray_dir, request_id)

@@ -73,6 +73,29 @@ def test_dicom_zip_upload(
     assert answer.content == reference(body, SegmentOptions(task="total", fast=True))
 
 
+def test_an_mr_dicom_series_runs_total_mr(
+    api: httpx.Client, make_zip: Any, reference: Reference, reference_data: Path
+) -> None:
+    """Task ``total`` on a DICOM series tagged MR runs ``total_mr``, as ``raytseg segment`` does.
+
+    The series is the example CT with its Modality tag set to MR: the rule reads the tag.
+    """
+    import pydicom
+
+    members = {}
+    for path in sorted((reference_data / "example_ct_dicom").iterdir()):
+        dataset = pydicom.dcmread(path)
+        dataset.Modality = "MR"
+        buffer = io.BytesIO()
+        dataset.save_as(buffer)
+        members[path.name] = buffer.getvalue()
+    body = make_zip(members)
+    answer = api.post("/v1/segment", params={"fast": "true"}, content=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-disposition"] == 'attachment; filename="total_mr.nii.gz"'
+    assert answer.content == reference(body, SegmentOptions(task="total", fast=True))
+
+
 def test_concurrent_requests(service: Any, ct: bytes, tiny_ct: bytes, reference: Reference) -> None:
     bodies = [ct, tiny_ct, ct, tiny_ct]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raytseg.config import Settings
-from raytseg.pipeline.model import _predictor, configure_torch_threads
+from raytseg.pipeline.model import _predictor, configure_torch
 
 
 @pytest.mark.parametrize("autotune", [False, True])
@@ -23,9 +23,9 @@ def test_building_a_gpu_predictor_keeps_the_process_cudnn_setting(autotune: bool
 def test_entry_points_set_cudnn_autotuning_from_settings() -> None:
     before, threads = torch.backends.cudnn.benchmark, torch.get_num_threads()
     try:
-        configure_torch_threads(torch.device("cpu"), cudnn_autotune=True)
+        configure_torch(torch.device("cpu"), cudnn_autotune=True)
         assert torch.backends.cudnn.benchmark is True
-        configure_torch_threads(torch.device("cpu"))
+        configure_torch(torch.device("cpu"))
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before

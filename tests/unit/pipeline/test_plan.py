@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from raytseg.errors import InvalidOptionError, UnknownClassError, UnknownTaskError
-from raytseg.pipeline.plan import plan_run
+from raytseg.config import Settings
+from raytseg.errors import InvalidOptionError, LicenseError, UnknownClassError, UnknownTaskError
+from raytseg.pipeline.plan import admit, passes, plan_run
 from raytseg.pipeline.records import SegmentOptions
 
 
@@ -106,3 +109,59 @@ def test_fast_statistics_only_with_fast() -> None:
 def test_bad_requests_raise_typed_errors(options: SegmentOptions, error: type, phrase: str) -> None:
     with pytest.raises(error, match=phrase):
         plan_run(options)
+
+
+# --- the pass sequence and the gate before a run ------------------------------------
+
+
+def test_a_plain_request_is_one_main_pass_with_the_request_options() -> None:
+    options = SegmentOptions(fast=True, statistics=True)
+    (only,) = passes(plan_run(options), options)
+    assert only.is_main
+    assert only.feeds is None
+    assert only.options == options
+
+
+def test_teeth_runs_two_crop_passes_innermost_first() -> None:
+    options = SegmentOptions(task="teeth", remove_small_blobs=50.0)
+    plan = plan_run(options)
+    steps = passes(plan, options)
+    assert [step.plan.main.task for step in steps] == ["total", "craniofacial_structures", "teeth"]
+    assert [ids(step.plan.main.models) for step in steps] == [[298], [115], [113]]
+    # each crop pass feeds the crop of the pass after it, and runs with plain options
+    for step, following in zip(steps, steps[1:], strict=False):
+        assert step.feeds is following.plan.crop
+        assert step.options == SegmentOptions(task=step.plan.main.task)
+    assert steps[-1].plan is plan
+    assert steps[-1].options == options
+
+
+@pytest.mark.parametrize(
+    ("task", "modality", "runs"),
+    [
+        ("total", "MR", "total_mr"),
+        ("total", "CT", "total"),
+        ("total", None, "total"),
+        ("total_mr", "MR", "total_mr"),
+        ("body", "MR", "body"),  # the rule is about total only, as TotalSegmentator's
+    ],
+)
+def test_admit_applies_the_mr_rule(task: str, modality: str | None, runs: str, tmp_path: Path) -> None:
+    admitted = admit(SegmentOptions(task=task, fast=True), _settings(tmp_path), modality=modality)
+    assert admitted.options.task == runs
+    assert admitted.plan.main.task == runs
+    assert admitted.passes[-1].options == admitted.options
+
+
+def test_admit_refuses_a_licensed_task_without_a_license(tmp_path: Path) -> None:
+    with pytest.raises(LicenseError, match="license"):
+        admit(SegmentOptions(task="appendicular_bones"), _settings(tmp_path))
+
+
+def test_admit_refuses_bad_options_before_the_license(tmp_path: Path) -> None:
+    with pytest.raises(InvalidOptionError):
+        admit(SegmentOptions(task="body", roi_subset=("liver",)), _settings(tmp_path))
+
+
+def _settings(home: Path) -> Settings:
+    return Settings.from_env({"HOME": str(home), "TOTALSEG_HOME_DIR": str(home / "ts")})

@@ -65,8 +65,14 @@ def test_pool_class_is_multiplexed() -> None:
     assert _callable_uses_multiplexing(pool_class(2))
 
 
-def test_build_app_returns_an_application() -> None:
-    from ray.serve import Application
+def test_build_app_wires_every_stage_behind_the_ingress() -> None:
+    from ray.serve._private.build_app import build_app as build
 
     app = serve_app.build_app({"device": "cpu", "models": {"num_gpus": 0}, "pool": {"num_gpus": 0}})
-    assert isinstance(app, Application)
+    built = build(app, name="raytseg")
+    cpus = {d.name: d.ray_actor_options.get("num_cpus") for d in built.deployments}
+    parts = [f"Model{dataset}" for dataset in (291, 292, 293, 294, 295, 297)]  # total, total --fast
+    assert set(cpus) == {"Ingress", "Preprocess", "Postprocess", "ModelPool", *parts}
+    assert built.ingress_deployment_name == "Ingress"
+    assert cpus["Ingress"] == 0.5
+    assert all(not d.ray_actor_options.get("num_gpus") for d in built.deployments)

@@ -14,11 +14,12 @@ from raytseg.config import Settings
 from raytseg.errors import ModelError
 from raytseg.pipeline.export import multilabel_nifti_bytes
 from raytseg.pipeline.load import LoadLimits, load_volume
-from raytseg.pipeline.plan import plan_run
+from raytseg.pipeline.passes import empty_segmentation
+from raytseg.pipeline.plan import passes, plan_run
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import SegmentOptions
 from raytseg.serve.config import ServeConfig, load_config
-from raytseg.serve.handoff import Delivery, FoundRegion, Tags
+from raytseg.serve.handoff import AfterPass, Delivery, Tags
 from raytseg.serve.models import ModelServer, _DeviceGuard
 from raytseg.serve.stages import CpuStage, PassSpec
 
@@ -51,7 +52,7 @@ def test_stages_equal_the_in_process_pipeline(config: ServeConfig, ct: bytes) ->
     plan = plan_run(options)
     stage = CpuStage(config)
     tags = Tags("total", "http")
-    spec = PassSpec(plan, options, tags, Delivery(ml=True))
+    spec = PassSpec(passes(plan, options), 0, tags, Delivery(ml=True))
     volume = stage.load(ct, tags)
     volume.data.flags.writeable = False  # as read from the object store
     prepared = stage.prepare(spec, volume, None)
@@ -76,10 +77,12 @@ def test_an_empty_crop_region_answers_zeros(config: ServeConfig, ct: bytes) -> N
     plan = plan_run(options)
     stage = CpuStage(config)
     tags = Tags("total", "http")
-    spec = PassSpec(plan, options, tags, Delivery(ml=True))
+    crop, main = passes(plan, options)
+    spec = PassSpec((crop, main), 1, tags, Delivery(ml=True))
     volume = stage.load(ct, tags)
-    empty = FoundRegion(None)
+    empty = AfterPass(empty_segmentation(volume, main))  # after_pass's answer to an empty region
     assert stage.prepare(spec, volume, empty) is None
+    assert stage.end_pass(spec, volume, None, empty) is empty  # passed on by a later crop pass
     delivered = stage.finish(spec, volume, None, empty)
     assert delivered.body is not None
     labels = np.asanyarray(nib.Nifti1Image.from_bytes(gzip.decompress(delivered.body)).dataobj)

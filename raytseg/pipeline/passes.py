@@ -1,0 +1,172 @@
+"""One pass over the image, and what follows it: the steps every entry point runs.
+
+For each ``Pass`` of ``plan.passes()``, in order::
+
+    prepare ──Prepared──▶ (model stage) ──NetworkOutput×n──▶ finish ──Segmentation──▶ after_pass
+                                                                                         │
+        next pass's Region ◀── crop pass, region found ─────────────────────────────────┤
+        the request's Segmentation ◀── main pass; or crop region empty (all zeros) ─────┘
+
+``raytseg.pipeline.run.Segmenter`` runs the loop in one process, the service spreads it
+over replicas and the batch job over Ray Data steps; none of them decides what comes next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from raytseg.pipeline.plan import CropPass, Pass
+from raytseg.pipeline.postprocess import FinalOps, postprocess
+from raytseg.pipeline.preprocess import ModelPlans, crop_box_from_mask, preprocess
+from raytseg.pipeline.records import Box, NetworkOutput, Prepared, Segmentation, SegmentOptions, Volume
+from raytseg.pipeline.stats import basic_statistics
+from raytseg.tasks import get_task
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where a crop pass found the next pass's region, on the input grid."""
+
+    box: Box
+    keep_inside: np.ndarray | None = None  # remove labels outside this mask ...
+    keep_inside_dilation_mm: float = 0.0  # ... dilated by this much
+
+
+def prepare(
+    volume: Volume,
+    step: Pass,
+    plans: Mapping[str, ModelPlans],
+    region: Region | None,
+    *,
+    device: torch.device | None = None,
+) -> Prepared:
+    """The step before the networks: crop to the region, resample (on ``device`` if given), normalise."""
+    return preprocess(
+        volume,
+        step.plan.main,
+        plans,
+        crop_box=None if region is None else region.box,
+        keep_model_image=step.plan.fast_statistics,
+        device=device,
+    )
+
+
+def finish(  # noqa: PLR0913 - the records of one pass, plus where to resample
+    volume: Volume,
+    step: Pass,
+    prepared: Prepared,
+    outputs: Sequence[NetworkOutput],
+    region: Region | None,
+    *,
+    device: torch.device | None = None,
+) -> Segmentation:
+    """The step after the networks: back to the input grid (resampled on ``device`` if given),
+    label rules, statistics."""
+    plan = step.plan
+    ops = FinalOps(
+        roi_ids=plan.roi_ids,
+        keep_inside=None if region is None else region.keep_inside,
+        keep_inside_dilation_mm=plan.crop.remove_outside[1]
+        if plan.crop and plan.crop.remove_outside
+        else 0.0,
+        remove_small_blobs_mm3=step.options.remove_small_blobs,
+    )
+    aux = list(get_task(plan.main.task).auxiliary)
+    seg, model_labels = postprocess(outputs, prepared.inverse, plan.main, ops, auxiliary=aux, device=device)
+    model_grid = (model_labels, prepared.model_image, prepared.inverse.model_zooms)
+    return Segmentation(
+        labels=seg.labels,
+        affine=seg.affine,
+        header=seg.header,
+        label_map=dict(plan.output_classes),
+        task=plan.main.task,
+        statistics=_statistics(volume, seg, step, model_grid),
+    )
+
+
+def after_pass(
+    volume: Volume, passes: Sequence[Pass], index: int, seg: Segmentation
+) -> Region | Segmentation:
+    """What follows pass ``index``: the next pass's region, or the request's segmentation.
+
+    The main pass's segmentation is the answer. A crop pass gives the region of the pass
+    it feeds; when that region is empty, the answer is all zeros, as TotalSegmentator's.
+    """
+    step = passes[index]
+    if step.feeds is None:
+        return seg
+    region = find_region(volume, step.feeds, seg)
+    if region is None:
+        return empty_segmentation(volume, passes[-1])
+    return region
+
+
+def find_region(volume: Volume, crop: CropPass, found: Segmentation) -> Region | None:
+    """Bounding box (plus margin) of the crop rois in the crop pass output; None if empty."""
+    by_name = {name: idx for idx, name in found.label_map.items()}
+    rois = found.label_map if crop.rois is None else [by_name[r] for r in crop.rois]
+    mask = np.isin(found.labels, list(rois))
+    if not mask.any():
+        return None
+    box = crop_box_from_mask(mask, crop.margin_mm, volume.affine)
+    if crop.remove_outside is None:
+        return Region(box)
+    names, dilation_mm = crop.remove_outside
+    return Region(box, np.isin(found.labels, [by_name[r] for r in names]), dilation_mm)
+
+
+def empty_segmentation(volume: Volume, main: Pass) -> Segmentation:
+    """What TotalSegmentator returns when the crop region is empty: all zeros."""
+    plan, options = main.plan, main.options
+    header = volume.header.copy()
+    header.set_data_dtype(np.uint8)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    stats = None
+    if options.statistics:
+        stats = basic_statistics(labels, volume.data, volume.zooms, dict(plan.output_classes))
+    return Segmentation(labels, volume.affine, header, dict(plan.output_classes), plan.main.task, stats)
+
+
+ModelGrid = tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]
+
+
+def _statistics(
+    volume: Volume, seg: Segmentation, step: Pass, model_grid: ModelGrid
+) -> dict[str, dict[str, Any]] | None:
+    options: SegmentOptions = step.options
+    if not options.statistics:
+        return None
+    classes = dict(step.plan.output_classes)
+    include, aggregation = options.stats_include_incomplete, options.stats_aggregation
+    labels, image, zooms = model_grid
+    if step.plan.fast_statistics and image is not None:
+        # As TotalSegmentator: --fast statistics use the model grid (10x faster, same volumes).
+        return basic_statistics(
+            labels, image, zooms, classes, include_incomplete=include, aggregation=aggregation
+        )
+    return basic_statistics(
+        seg.labels, volume.data, volume.zooms, classes, include_incomplete=include, aggregation=aggregation
+    )
+
+
+def extra_outputs(
+    seg: Segmentation, volume: Volume, *, ml: bool, derived_masks: bool = True, preview: bool = False
+) -> dict[str, bytes]:
+    """Files written beside the masks: body/skin for ``body`` (per-class only), the preview."""
+    files: dict[str, bytes] = {}
+    if derived_masks and not ml and seg.task == "body":
+        from raytseg.pipeline.export import derived_body_masks
+
+        files.update(derived_body_masks(seg, volume))
+    if preview:
+        from raytseg.pipeline.preview import preview_png
+
+        files[f"preview_{seg.task}.png"] = preview_png(seg, volume)
+    return files
