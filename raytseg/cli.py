@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from raytseg.batch import cli as batch_cli
+from raytseg.config import DEVICES
 from raytseg.errors import RaytsegError
+from raytseg.options import add_flags, from_args
 from raytseg.serve import cli as serve_cli
 
 log = logging.getLogger("raytseg")
@@ -78,28 +80,8 @@ def _add_segment(sub: Any) -> None:
     p = sub.add_parser("segment", help="Segment a CT/MR image (TotalSegmentator's flags).")
     p.add_argument("-i", dest="input", required=True, help="NIfTI file, DICOM folder/zip, or fsspec URI.")
     p.add_argument("-o", dest="output", required=True, help="Output folder (or .nii.gz file with --ml).")
-    p.add_argument("-ta", "--task", default="total", help="Task name (see: raytseg tasks).")
-    p.add_argument(
-        "-ml", "--ml", action="store_true", help="One multilabel file instead of a file per class."
-    )
-    p.add_argument("-f", "--fast", action="store_true", help="Lower-resolution model (3 mm).")
-    p.add_argument("-ff", "--fastest", action="store_true", help="Lowest-resolution model (6 mm).")
-    p.add_argument("-rs", "--roi_subset", nargs="+", help="Only predict these classes.")
-    p.add_argument("-rsr", "--roi_subset_robust", nargs="+", help="Like --roi_subset, cropping with 3 mm.")
-    p.add_argument("-rc", "--robust_crop", action="store_true", help="Find crop regions with the 3 mm model.")
-    p.add_argument(
-        "-s", "--statistics", action="store_true", help="Write statistics.json (volume, intensity)."
-    )
-    p.add_argument(
-        "-sii", "--stats_include_incomplete", action="store_true", help="Stats for border classes."
-    )
-    p.add_argument("-sa", "--stats_aggregation", choices=["mean", "median"], default="mean")
-    p.add_argument("-bs", "--body_seg", action="store_true", help="Crop to the body first (CT).")
-    p.add_argument("-fs", "--force_split", action="store_true", help="Predict in three z chunks.")
-    p.add_argument("-rmb", "--remove_small_blobs", nargs="?", const=200.0, type=float, default=None)
-    p.add_argument("-ndm", "--no_derived_masks", action="store_true", help="No body.nii.gz/skin.nii.gz.")
-    p.add_argument("-p", "--preview", action="store_true", help="Also write preview_<task>.png (2D).")
-    p.add_argument("-d", "--device", default="gpu", help="cpu, gpu, gpu:N or mps (default gpu, else cpu).")
+    add_flags(p)
+    p.add_argument("-d", "--device", default="gpu", help=f"{DEVICES} (default: gpu, else cpu).")
     p.add_argument("-l", "--license_number", help="Store this license key first (licensed tasks).")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
     p.add_argument("-v", "--verbose", action="store_true", help="More progress output.")
@@ -169,7 +151,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from raytseg.pipeline.load import LoadLimits, load_volume
     from raytseg.pipeline.model import configure_torch
     from raytseg.pipeline.passes import extra_outputs
-    from raytseg.pipeline.records import SegmentOptions
     from raytseg.pipeline.run import default_segmenter
 
     settings = _settings()
@@ -177,28 +158,14 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         from raytseg.weights.license import set_license
 
         set_license(args.license_number, settings)
-    rois = args.roi_subset_robust or args.roi_subset
-    options = SegmentOptions(
-        task=args.task,
-        fast=args.fast,
-        fastest=args.fastest,
-        roi_subset=tuple(rois) if rois else None,
-        robust_crop=args.robust_crop or bool(args.roi_subset_robust),
-        body_seg=args.body_seg,
-        force_split=args.force_split,
-        statistics=args.statistics,
-        stats_include_incomplete=args.stats_include_incomplete,
-        stats_aggregation=args.stats_aggregation,
-        remove_small_blobs=args.remove_small_blobs,
-    )
+    options, output = from_args(args)
     volume = load_volume(args.input, LoadLimits.from_settings(settings))
     log.info("Loaded %s: shape %s, voxel size %s mm", volume.source, volume.shape, volume.zooms)
     segmenter = default_segmenter(args.device, settings)
     configure_torch(segmenter.device, cudnn_autotune=settings.cudnn_autotune)
     seg = segmenter.segment(volume, options)
-    derived = not args.no_derived_masks
-    extra = extra_outputs(seg, volume, ml=args.ml, derived_masks=derived, preview=args.preview)
-    written = write_segmentation(seg, args.output, ml=args.ml, extra_files=extra)
+    extra = extra_outputs(seg, volume, output)
+    written = write_segmentation(seg, args.output, ml=output.ml, extra_files=extra)
     log.info("Wrote %d file(s) to %s in %.1f s", len(written), args.output, seg.timings.get("total", 0.0))
     return 0
 

@@ -15,16 +15,30 @@ as ``s3://bucket/prefix``) wins over the TotalSegmentator ones when set.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 GITHUB_RELEASES = "https://github.com/wasserth/TotalSegmentator/releases/download"
 LICENSE_SERVER = "https://backend.totalsegmentator.com:443"
 # 512 x 512 x 2048: a whole-body CT at sub-millimetre slices. Loading needs 8 bytes per
 # voxel (TotalSegmentator's float64 copy), so this is the 4 GB point; raise it knowingly.
 DEFAULT_MAX_VOXELS = 512 * 512 * 2048
+DEVICES = "cpu, gpu, gpu:N (e.g. gpu:1) or mps"
+DEVICE_PATTERN = r"^(cpu|mps|gpu(:[0-9]+)?)$"  # also the Helm values schema's (tools/chart.py)
+
+
+def check_device(name: str) -> str:
+    """TotalSegmentator's ``-d`` values; the one check of a device name, for every entry point."""
+    if not re.fullmatch(DEVICE_PATTERN, name):
+        raise ValueError(f"device {name!r}: use {DEVICES}")
+    return name
+
+
+Device = Annotated[str, AfterValidator(check_device)]
 
 
 class Settings(BaseModel):

@@ -52,8 +52,6 @@ _HEADER = """\
 
 # What the config models' device validators accept (pydantic checks them in code, so the
 # generated schemas lack them; a test compares both on sample names).
-SERVE_DEVICE = r"^(cpu|gpu|gpu:[0-9]+)$"
-BATCH_DEVICE = r"^(cpu|mps|gpu(:[0-9]+)?)$"
 
 
 class HelmError(RuntimeError):
@@ -141,6 +139,7 @@ def generated_definitions() -> dict[str, Any]:
     from pydantic.json_schema import models_json_schema
 
     from raytseg.batch.config import BatchConfig
+    from raytseg.config import DEVICE_PATTERN
     from raytseg.serve.config import ServeConfig
     from raytseg.tasks import load_catalog
 
@@ -151,10 +150,10 @@ def generated_definitions() -> dict[str, Any]:
     tasks = sorted(load_catalog().tasks)
     serve = definitions["ServeConfig"]["properties"]
     serve["tasks"]["propertyNames"] = {"enum": tasks}
-    serve["device"]["pattern"] = SERVE_DEVICE
+    serve["device"]["pattern"] = DEVICE_PATTERN
     batch = definitions["BatchConfig"]
     batch["properties"]["task"]["enum"] = tasks
-    batch["properties"]["device"]["pattern"] = BATCH_DEVICE
+    batch["properties"]["device"]["pattern"] = DEVICE_PATTERN
     # input and output are required by the template only when batch.enabled (the values
     # carry a partial job config while batch jobs are off).
     batch.pop("required", None)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from raytseg.batch.cli import main
+from raytseg.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["batch", *sys.argv[1:]]))

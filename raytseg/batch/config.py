@@ -18,25 +18,21 @@ filesystem library (for S3: env, shared files, instance/pod roles).
 from __future__ import annotations
 
 import os
-import re
-from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from raytseg import storage
+from raytseg import configfile, storage
+from raytseg.config import Device
+from raytseg.configfile import Strict
 from raytseg.errors import InvalidOptionError
-from raytseg.pipeline.records import SegmentOptions
+from raytseg.pipeline.records import OutputOptions, SegmentOptions
 
 RESULTS_NAME = "_results.parquet"
 STAGING_NAME = "_staging"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CpuStageConfig(_Strict):
+class CpuStageConfig(Strict):
     """A CPU stage (read + preprocess, or postprocess + write): stateless Ray tasks."""
 
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs Ray reserves per task.")
@@ -45,7 +41,7 @@ class CpuStageConfig(_Strict):
     )
 
 
-class ModelStageConfig(_Strict):
+class ModelStageConfig(Strict):
     """The model stage: an actor pool whose actors load the networks once."""
 
     concurrency: tuple[int, int] = Field(
@@ -75,7 +71,7 @@ class ModelStageConfig(_Strict):
         return value
 
 
-class StorageConfig(_Strict):
+class StorageConfig(Strict):
     """How storage is reached; credentials come from the standard chain, never from here."""
 
     endpoint_url: str | None = Field(
@@ -94,7 +90,7 @@ MaxFailures = Annotated[
 ]
 
 
-class BatchConfig(SegmentOptions):
+class BatchConfig(SegmentOptions, OutputOptions):
     """A batch segmentation job: what to read, what to run, where to write, how to run it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -102,10 +98,7 @@ class BatchConfig(SegmentOptions):
     input: str = Field(description="Prefix (folder or URI) to list, or a manifest .csv/.parquet/.jsonl.")
     output: str = Field(description="Where <id>/ folders and the results table are written.")
     results: str | None = Field(default=None, description=f"Results table (default <output>/{RESULTS_NAME}).")
-    ml: bool = Field(default=False, description="One multilabel file per item instead of one per class.")
-    derived_masks: bool = Field(default=True, description="body.nii.gz/skin.nii.gz for task body.")
-    preview: bool = Field(default=False, description="Also write preview_<task>.png per item.")
-    device: str = Field(default="gpu", description="cpu, gpu, gpu:N or mps (no GPU: CPU).")
+    device: Device = Field(default="gpu", description="cpu, gpu, gpu:N or mps (no GPU: CPU).")
     overwrite: bool = Field(default=False, description="Recompute items that are already complete.")
     max_failures: MaxFailures = 0
     retries: int = Field(default=3, ge=0, description="Retries of an item whose worker process died.")
@@ -129,13 +122,6 @@ class BatchConfig(SegmentOptions):
             raise ValueError(f"a count of failures cannot be negative ({value})")
         return value
 
-    @field_validator("device")
-    @classmethod
-    def _check_device_name(cls, value: str) -> str:
-        if not re.fullmatch(r"cpu|mps|gpu(:[0-9]+)?", value):
-            raise ValueError(f"device must be cpu, gpu, gpu:N or mps, not {value!r}")
-        return value
-
     @model_validator(mode="after")
     def _check_device(self) -> BatchConfig:
         if self.model.num_gpus > 0 and self.device in ("cpu", "mps"):
@@ -157,27 +143,15 @@ class BatchConfig(SegmentOptions):
             fields["task"] = task
         return SegmentOptions.model_validate(fields)
 
+    @property
+    def output_options(self) -> OutputOptions:
+        return OutputOptions.model_validate(self.model_dump(include=set(OutputOptions.model_fields)))
+
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> BatchConfig:
-        """A config from YAML, with ``overrides`` (e.g. CLI flags) on top of it."""
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise InvalidOptionError(f"Cannot read the job config {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise InvalidOptionError(f"The job config {path} must be a YAML mapping of options.")
-        return cls.model_validate(_merged(data, overrides or {}))
-
-
-def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``; nested sections (``model: {...}``) merge key by key."""
-    merged = dict(base)
-    for key, value in top.items():
-        below = merged.get(key)
-        merged[key] = _merged(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
-    return merged
+    def load(cls, path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> BatchConfig:
+        """The config in YAML file ``path`` (if any), with ``overrides`` (CLI flags) on top of it."""
+        data = configfile.read_yaml(path, "batch job config") if path else {}
+        return configfile.validated(cls, configfile.merged(data, overrides), "batch job options")
 
 
 def parse_max_failures(text: str) -> int | float:

@@ -217,9 +217,7 @@ def _write(state: ItemState, job: JobSpec, seg: Segmentation) -> None:
     config, store = job.config, job.outputs()
     staged = store.staging_dir(state.item.id, state.attempt)
     started = time.perf_counter()
-    extra = extra_outputs(
-        seg, state.volume, ml=config.ml, derived_masks=config.derived_masks, preview=config.preview
-    )
+    extra = extra_outputs(seg, state.volume, config.output_options)
     names = job.retry.call(
         lambda: _write_files(seg, staged, ml=config.ml, extra=extra), f"Writing {state.item.id}"
     )

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from raytseg.config import check_device
 from raytseg.errors import InvalidOptionError, ModelError, WeightsIntegrityError
 from raytseg.pipeline.axes import from_network
 from raytseg.pipeline.preprocess import ModelPlans
@@ -39,10 +40,12 @@ def select_device(name: str) -> torch.device:
     """TotalSegmentator's ``-d`` values: cpu, gpu, gpu:N, mps; no GPU falls back to CPU."""
     import torch
 
+    try:
+        check_device(name)
+    except ValueError as exc:
+        raise InvalidOptionError(f"Invalid {exc}.") from None
     if name == "cpu" or name == "mps":
         return torch.device(name)
-    if name != "gpu" and not (name.startswith("gpu:") and name[4:].isdigit()):
-        raise InvalidOptionError(f"Invalid device {name!r}: use cpu, gpu, gpu:N (e.g. gpu:1) or mps.")
     index = int(name[4:]) if ":" in name else 0
     if not torch.cuda.is_available():
         log.warning("No GPU detected; running on the CPU. --fast or --roi_subset keep this fast.")

@@ -22,7 +22,15 @@ import numpy as np
 from raytseg.pipeline.plan import CropPass, Pass
 from raytseg.pipeline.postprocess import FinalOps, postprocess
 from raytseg.pipeline.preprocess import ModelPlans, crop_box_from_mask, preprocess
-from raytseg.pipeline.records import Box, NetworkOutput, Prepared, Segmentation, SegmentOptions, Volume
+from raytseg.pipeline.records import (
+    Box,
+    NetworkOutput,
+    OutputOptions,
+    Prepared,
+    Segmentation,
+    SegmentOptions,
+    Volume,
+)
 from raytseg.pipeline.stats import basic_statistics
 from raytseg.tasks import get_task
 
@@ -156,16 +164,14 @@ def _statistics(
     )
 
 
-def extra_outputs(
-    seg: Segmentation, volume: Volume, *, ml: bool, derived_masks: bool = True, preview: bool = False
-) -> dict[str, bytes]:
+def extra_outputs(seg: Segmentation, volume: Volume, output: OutputOptions) -> dict[str, bytes]:
     """Files written beside the masks: body/skin for ``body`` (per-class only), the preview."""
     files: dict[str, bytes] = {}
-    if derived_masks and not ml and seg.task == "body":
+    if output.derived_masks and not output.ml and seg.task == "body":
         from raytseg.pipeline.export import derived_body_masks
 
         files.update(derived_body_masks(seg, volume))
-    if preview:
+    if output.preview:
         from raytseg.pipeline.preview import preview_png
 
         files[f"preview_{seg.task}.png"] = preview_png(seg, volume)

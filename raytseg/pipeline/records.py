@@ -15,7 +15,7 @@ another process (a Ray actor) than the stages around it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -56,25 +56,73 @@ class Volume:
         return nib.Nifti1Image(self.data, self.affine, self.header)
 
 
+@dataclass(frozen=True)
+class Flag:
+    """How an option is spelled on the command line besides ``--<name>``: TotalSegmentator's
+    short alias. ``raytseg.options`` derives the CLI flags, the batch flags and the HTTP
+    parameters from the fields that carry one."""
+
+    short: str
+    const: float | None = None  # the value of the flag given alone (``-rmb`` means 200 mm³)
+    negated: str | None = None  # the flag switches a default-true option off (``--no_derived_masks``)
+
+
 class SegmentOptions(BaseModel):
-    """What the user asked for, with TotalSegmentator's option names and defaults."""
+    """What the user asked for, with TotalSegmentator's option names and defaults.
+
+    This class is the only declaration of an option: add a field (with a ``Flag``) and it
+    is a ``raytseg segment`` and ``raytseg batch`` flag, a batch config key and an HTTP
+    query parameter.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task: str = Field(default="total", description="Task name, e.g. total, total_mr, body, lung_vessels.")
-    fast: bool = Field(default=False, description="3 mm model (total, total_mr) / 6 mm (body).")
-    fastest: bool = Field(default=False, description="6 mm model (total, total_mr).")
-    roi_subset: tuple[str, ...] | None = Field(default=None, description="Only predict these classes.")
-    robust_crop: bool = Field(default=False, description="Find crop regions with the 3 mm model.")
-    body_seg: bool = Field(default=False, description="Crop to the body first (CT only).")
-    force_split: bool = Field(default=False, description="Predict in three overlapping z chunks.")
-    statistics: bool = Field(default=False, description="Compute volume and mean intensity per class.")
-    stats_include_incomplete: bool = Field(
+    task: Annotated[str, Flag("-ta")] = Field(
+        default="total", description="Task name, e.g. total, total_mr, body, lung_vessels (raytseg tasks)."
+    )
+    fast: Annotated[bool, Flag("-f")] = Field(
+        default=False, description="Lower-resolution model: 3 mm (total, total_mr), 6 mm (body)."
+    )
+    fastest: Annotated[bool, Flag("-ff")] = Field(
+        default=False, description="Lowest-resolution model: 6 mm (total, total_mr)."
+    )
+    roi_subset: Annotated[tuple[str, ...] | None, Flag("-rs")] = Field(
+        default=None, description="Only predict these classes."
+    )
+    robust_crop: Annotated[bool, Flag("-rc")] = Field(
+        default=False, description="Find crop regions with the 3 mm model."
+    )
+    body_seg: Annotated[bool, Flag("-bs")] = Field(default=False, description="Crop to the body first (CT).")
+    force_split: Annotated[bool, Flag("-fs")] = Field(
+        default=False, description="Predict in three overlapping z chunks."
+    )
+    statistics: Annotated[bool, Flag("-s")] = Field(
+        default=False, description="Write statistics.json: volume and mean intensity per class."
+    )
+    stats_include_incomplete: Annotated[bool, Flag("-sii")] = Field(
         default=False, description="Also compute statistics for classes touching the image border."
     )
-    stats_aggregation: Literal["mean", "median"] = "mean"
-    remove_small_blobs: float | None = Field(
-        default=None, gt=0, description="Remove connected components smaller than this (mm³)."
+    stats_aggregation: Annotated[Literal["mean", "median"], Flag("-sa")] = Field(
+        default="mean", description="How statistics aggregate intensities."
+    )
+    remove_small_blobs: Annotated[float | None, Flag("-rmb", const=200.0)] = Field(
+        default=None, gt=0, description="Remove connected components smaller than this (mm³; alone: 200)."
+    )
+
+
+class OutputOptions(BaseModel):
+    """Which files a segmentation produces, declared once like ``SegmentOptions``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ml: Annotated[bool, Flag("-ml")] = Field(
+        default=False, description="One multilabel file (segmentation.nii.gz) instead of one file per class."
+    )
+    derived_masks: Annotated[bool, Flag("-ndm", negated="no_derived_masks")] = Field(
+        default=True, description="For task body, also body.nii.gz and skin.nii.gz (per-class output)."
+    )
+    preview: Annotated[bool, Flag("-p")] = Field(
+        default=False, description="Also write preview_<task>.png (a 2D projection)."
     )
 
 

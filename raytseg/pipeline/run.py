@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import nibabel as nib
 
 from raytseg.config import Settings
+from raytseg.options import split_options
 from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.passes import Region, after_pass, extra_outputs, finish, prepare
 from raytseg.pipeline.plan import Pass, admit
@@ -192,11 +193,12 @@ def segment(  # noqa: PLR0913 - mirrors totalsegmentator.python_api.totalsegment
     from raytseg.pipeline.export import write_segmentation
 
     settings = Settings.from_env()
-    opts = SegmentOptions(task=task, **options)
+    given = {"task": task, "ml": ml, "preview": preview, "derived_masks": not no_derived_masks}
+    opts, out = split_options({**given, **options})
     volume = load_volume(input, LoadLimits.from_settings(settings))
     seg = default_segmenter(device, settings).segment(volume, opts)
     if output is not None:
-        extra = extra_outputs(seg, volume, ml=ml, derived_masks=not no_derived_masks, preview=preview)
-        write_segmentation(seg, str(output), ml=ml, extra_files=extra)
+        extra = extra_outputs(seg, volume, out)
+        write_segmentation(seg, str(output), ml=out.ml, extra_files=extra)
     img = seg.to_nifti()
     return (img, seg.statistics or {}) if opts.statistics else img

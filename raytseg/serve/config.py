@@ -31,30 +31,25 @@ This module imports neither Ray nor torch.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from raytseg.config import DEFAULT_MAX_VOXELS
-from raytseg.errors import InvalidOptionError, RaytsegError
+from raytseg import configfile
+from raytseg.config import DEFAULT_MAX_VOXELS, Device
+from raytseg.configfile import Strict
+from raytseg.errors import RaytsegError
 from raytseg.tasks import get_task
 
 Mode = Literal["default", "fast", "fastest"]
 ENV_PREFIX = "RAYTSEG_SERVE__"
 CONFIG_FILE_ENV = "RAYTSEG_SERVE_CONFIG"
-_DEVICE = re.compile(r"^(cpu|gpu|gpu:\d+)$")
 _GIB = 1024**3
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AutoscalingSpec(_Strict):
+class AutoscalingSpec(Strict):
     """Ray Serve ``autoscaling_config`` for one deployment (replicas follow ongoing requests)."""
 
     min_replicas: int = Field(default=1, ge=0, description="Never fewer replicas (0: scale to zero).")
@@ -78,7 +73,7 @@ class AutoscalingSpec(_Strict):
         return self
 
 
-class StageSpec(_Strict):
+class StageSpec(Strict):
     """Resources and queueing of one CPU deployment (preprocess or postprocess)."""
 
     num_cpus: float = Field(default=1.0, ge=0, description="Ray logical CPUs per replica.")
@@ -114,7 +109,7 @@ class PoolSpec(ModelDeploymentSpec):
     max_models_per_replica: int = Field(default=3, ge=1, description="LRU size of resident networks.")
 
 
-class TaskEntry(_Strict):
+class TaskEntry(Strict):
     """One task the service accepts."""
 
     modes: tuple[Mode, ...] = Field(default=("default",), min_length=1, description="Resolutions offered.")
@@ -124,7 +119,7 @@ class TaskEntry(_Strict):
     model: ModelDeploymentSpec | None = Field(default=None, description="Overrides `models` for it.")
 
 
-class IngressSpec(_Strict):
+class IngressSpec(Strict):
     """The HTTP deployment: cheap, asynchronous, holds no arrays."""
 
     num_replicas: int = Field(default=1, ge=1)
@@ -134,7 +129,7 @@ class IngressSpec(_Strict):
     )
 
 
-class LimitsSpec(_Strict):
+class LimitsSpec(Strict):
     """What one request may cost, and when the service says 'come back later'."""
 
     max_body_bytes: int = Field(default=_GIB, gt=0, description="Largest upload (413 beyond).")
@@ -147,7 +142,7 @@ class LimitsSpec(_Strict):
     retry_after_s: int = Field(default=30, ge=0, description="Retry-After sent with 503/429.")
 
 
-class AuthSpec(_Strict):
+class AuthSpec(Strict):
     """Where the ingress finds API tokens (never in this config)."""
 
     token_env: str = Field(default="RAYTSEG_API_TOKENS", description="Variable with comma-separated tokens.")
@@ -155,7 +150,7 @@ class AuthSpec(_Strict):
     required: bool = Field(default=False, description="Refuse to start without any token.")
 
 
-class JobsSpec(_Strict):
+class JobsSpec(Strict):
     """The asynchronous job API (inputs and outputs through fsspec)."""
 
     enabled: bool = True
@@ -176,7 +171,7 @@ class JobsSpec(_Strict):
         return prefixes
 
 
-class HttpSpec(_Strict):
+class HttpSpec(Strict):
     """Used by ``raytseg serve`` when it starts Ray itself (a cluster sets these in its own config)."""
 
     host: str = "127.0.0.1"
@@ -186,11 +181,11 @@ class HttpSpec(_Strict):
     )
 
 
-class ServeConfig(_Strict):
+class ServeConfig(Strict):
     """The online service's configuration; see the module docstring for sources."""
 
     app_name: str = "raytseg"
-    device: str = Field(default="gpu", description="cpu, gpu or gpu:N for the model replicas.")
+    device: Device = Field(default="gpu", description="The model replicas' device: cpu, gpu or gpu:N.")
     torch_threads: int | None = Field(
         default=None, ge=1, description="Torch threads per model replica (default: all cores on CPU)."
     )
@@ -213,13 +208,6 @@ class ServeConfig(_Strict):
     graceful_shutdown_timeout_s: float | None = Field(
         default=None, gt=0, description="Drain time of a stopping replica; default request_timeout_s + 120."
     )
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, device: str) -> str:
-        if not _DEVICE.match(device):
-            raise ValueError(f"device {device!r}: use cpu, gpu or gpu:N")
-        return device
 
     @field_validator("tasks")
     @classmethod
@@ -298,54 +286,11 @@ def load_config(
         args = dict(source) if isinstance(source, Mapping) else {}
         path = args.pop("config_file", None) if isinstance(source, Mapping) else source
         path = path or env.get(CONFIG_FILE_ENV)
-        data = _read_yaml(Path(path)) if path else {}
-    merged = _merge(_merge(data, args), env_overrides(env))
-    try:
-        return ServeConfig.model_validate(merged)
-    except ValidationError as exc:
-        raise InvalidOptionError(f"Invalid serve config: {_describe(exc)}") from None
+        data = configfile.read_yaml(path, "serve config") if path else {}
+    layered = configfile.merged(configfile.merged(data, args), env_overrides(env))
+    return configfile.validated(ServeConfig, layered, "serve config")
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """``RAYTSEG_SERVE__A__B=value`` variables as the nested mapping ``{a: {b: value}}``."""
-    out: dict[str, Any] = {}
-    for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        keys = name[len(ENV_PREFIX) :].lower().split("__")
-        node = out
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = yaml.safe_load(raw) if raw else ""
-    return out
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise InvalidOptionError(f"Cannot read serve config {path}: {exc}") from exc
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise InvalidOptionError(f"Serve config {path} must be a mapping at the top level.")
-    return loaded
-
-
-def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _describe(exc: ValidationError) -> str:
-    """pydantic's errors as 'a.b: message' lines, without echoing input values (may be secrets)."""
-    parts = []
-    for error in exc.errors(include_input=False, include_url=False):
-        where = ".".join(str(p) for p in error["loc"]) or "<root>"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)
+    return configfile.env_overrides(environ, ENV_PREFIX)

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
+from raytseg.pipeline.records import OutputOptions
+
 if TYPE_CHECKING:
     from raytseg.pipeline.passes import Region
     from raytseg.pipeline.records import Segmentation
@@ -76,7 +78,7 @@ class AfterPass:
 class Delivery:
     """What to produce: response bytes, or files written under ``output`` (jobs)."""
 
-    ml: bool = True
+    files: OutputOptions = OutputOptions(ml=True)
     output: str | None = None
 
 

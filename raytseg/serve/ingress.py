@@ -183,13 +183,13 @@ class Ingress:
         output folder: ``<task>.nii.gz`` or one ``<class>.nii.gz`` per class, plus
         ``statistics.json`` when ``statistics`` is true.
         """
-        with self._tracked(query.task, "http"):
+        with self._tracked(query.task_name, "http"):
             self._authorize(request)
-            options = query.options(query.task)
+            options = query.segment()
             self._flow.check(options)
             with self._admission.slot():
                 body = await read_body(request, self._config.limits.max_body_bytes)
-                work = self._flow.segment(body, options, Delivery(ml=query.ml), "http")
+                work = self._flow.segment(body, options, Delivery(query.output()), "http")
                 done = await asyncio.wait_for(work, self._config.request_timeout_s)
         disposition = {"Content-Disposition": f'attachment; filename="{done.filename}"'}
         return Response(done.body, media_type=done.media_type, headers=disposition)
@@ -198,13 +198,13 @@ class Ingress:
     async def submit_job(self, request: Request, job: Annotated[JobRequest, Body()]) -> JSONResponse:
         """Queue a segmentation of ``input_uri``, written under ``output_uri``; poll ``/v1/jobs/{id}``."""
         self._authorize(request)
-        options = job.options.options(job.task)
+        options = job.options.segment(task=job.task)
         self._flow.check(options)
         spec = JobSpec(
             self._uris.check(job.input_uri, "input_uri"),
             self._uris.check(job.output_uri, "output_uri"),
             options,
-            job.options.ml,
+            job.options.output(),
         )
         record = await self._call_runner("submit", spec, self._route)
         return JSONResponse(record, status_code=202, headers={"Location": f"/v1/jobs/{record['id']}"})

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from raytseg.errors import OverloadedError, RaytsegError, ReplicaUnavailableError
 from raytseg.metrics import recorder
-from raytseg.pipeline.records import SegmentOptions
+from raytseg.pipeline.records import OutputOptions, SegmentOptions
 from raytseg.serve.config import JobsSpec, ServeConfig
 from raytseg.serve.errors import as_raytseg_error
 from raytseg.serve.flow import Flow, StageNames
@@ -60,7 +60,7 @@ class JobSpec:
     input: str
     output: str
     options: SegmentOptions
-    ml: bool = True
+    files: OutputOptions = OutputOptions(ml=True)
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class JobRunner:
 
     async def _runs(self, record: JobRecord, flow: Flow) -> Delivered:
         """Segment the job, running it again after a lost replica or a full stage."""
-        delivery = Delivery(ml=record.spec.ml, output=record.spec.output)
+        delivery = Delivery(record.spec.files, record.spec.output)
         for run in range(1, _MAX_RUNS + 1):
             try:
                 return await flow.segment(record.spec.input, record.spec.options, delivery, "job")

@@ -1,55 +1,26 @@
 """The HTTP API's request and response models (what ``/docs`` shows).
 
-Option names and defaults are TotalSegmentator's (``SegmentOptions``). Unknown query
-parameters and JSON fields are refused, so a typo (``fsat=true``) is an error, not a
-silently slower request.
+The options are derived from ``SegmentOptions`` and ``OutputOptions`` (``raytseg.options``):
+TotalSegmentator's names and defaults, except that ``ml`` is true by default (the answer
+is one NIfTI). Unknown query parameters and JSON fields are refused, so a typo
+(``fsat=true``) is an error, not a silently slower request.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from raytseg.errors import InvalidOptionError
+from raytseg.options import HttpOptions, http_model
 from raytseg.pipeline.records import SegmentOptions
 
-
-class OptionFields(BaseModel):
-    """Segmentation options shared by ``POST /v1/segment`` (query) and ``POST /v1/jobs`` (JSON)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    fast: bool = Field(default=False, description="3 mm model (total, total_mr) / 6 mm (body).")
-    fastest: bool = Field(default=False, description="6 mm model (total, total_mr).")
-    roi_subset: list[str] | None = Field(
-        default=None, description="Only these classes; repeat the parameter or separate with commas."
-    )
-    robust_crop: bool = Field(default=False, description="Find crop regions with the 3 mm model.")
-    body_seg: bool = Field(default=False, description="Crop to the body first (CT).")
-    force_split: bool = Field(default=False, description="Predict in three overlapping z chunks.")
-    ml: bool = Field(default=True, description="One multilabel NIfTI (true) or a zip of per-class masks.")
-    statistics: bool = Field(default=False, description="Add statistics.json (the answer becomes a zip).")
-    stats_include_incomplete: bool = False
-    stats_aggregation: Literal["mean", "median"] = "mean"
-    remove_small_blobs: float | None = Field(default=None, gt=0, description="Drop blobs below this (mm³).")
-
-    def options(self, task: str) -> SegmentOptions:
-        """The pipeline's options; invalid combinations raise ``InvalidOptionError``."""
-        rois = None
-        if self.roi_subset is not None:
-            rois = tuple(n.strip() for item in self.roi_subset for n in item.split(",") if n.strip())
-        fields = self.model_dump(exclude={"ml", "roi_subset", "task"})
-        try:
-            return SegmentOptions(task=task, roi_subset=rois, **fields)
-        except ValidationError as exc:
-            raise InvalidOptionError(f"Invalid options: {exc.errors()[0]['msg']}") from None
-
-
-class SegmentQuery(OptionFields):
-    """Query parameters of ``POST /v1/segment``."""
-
-    task: str = Field(default="total", description="Task name (GET /v1/tasks).")
+if TYPE_CHECKING:  # built at run time; their fields are the records' (checked by the tests)
+    SegmentQuery = HttpOptions
+    JobOptions = HttpOptions
+else:
+    SegmentQuery = http_model("SegmentQuery")  # the query string of POST /v1/segment
+    JobOptions = http_model("JobOptions", exclude=frozenset({"task"}))  # a job names its task beside them
 
 
 class JobRequest(BaseModel):
@@ -61,8 +32,8 @@ class JobRequest(BaseModel):
     output_uri: str = Field(
         description="Output folder/prefix; with ml also a .nii.gz file (else <folder>/seg.nii.gz)."
     )
-    task: str = "total"
-    options: OptionFields = OptionFields()
+    task: str = Field(default="total", description=SegmentOptions.model_fields["task"].description)
+    options: JobOptions = Field(default_factory=JobOptions)
 
 
 class JobStatus(BaseModel):

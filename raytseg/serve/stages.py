@@ -136,16 +136,17 @@ class CpuStage:
 
 
 def _deliver(seg: Segmentation, volume: Volume, delivery: Delivery) -> Delivered:
-    extra = extra_outputs(seg, volume, ml=delivery.ml)
+    files = delivery.files
+    extra = extra_outputs(seg, volume, files)
     if delivery.output is not None:
         target = delivery.output
-        if delivery.ml and not target.endswith((".nii", ".nii.gz")):
+        if files.ml and not target.endswith((".nii", ".nii.gz")):
             target = join(target, "seg.nii.gz")
-        written = write_segmentation(seg, target, ml=delivery.ml, extra_files=extra)
+        written = write_segmentation(seg, target, ml=files.ml, extra_files=extra)
         return Delivered(None, "application/json", "", tuple(written), seg.statistics)
-    if delivery.ml and seg.statistics is None:
+    if files.ml and seg.statistics is None and not extra:
         return Delivered(multilabel_nifti_bytes(seg), "application/gzip", f"{seg.task}.nii.gz")
-    body = _zip(seg, extra, ml=delivery.ml)
+    body = _zip(seg, extra, ml=files.ml)
     return Delivered(body, "application/zip", f"{seg.task}.zip", (), seg.statistics)
 
 

@@ -66,7 +66,7 @@ def test_yaml_file_with_overrides_merges_sections(tmp_path: Path) -> None:
         "input: s3://b/in\noutput: s3://b/out\nfast: true\n"
         "model: {num_gpus: 0.5, concurrency: [1, 4]}\nstorage: {endpoint_url: 'http://127.0.0.1:9000'}\n"
     )
-    config = BatchConfig.from_file(path, {"model": {"concurrency": (2, 2)}, "ml": True})
+    config = BatchConfig.load(path, {"model": {"concurrency": (2, 2)}, "ml": True})
     assert (config.fast, config.ml) == (True, True)
     assert (config.model.num_gpus, config.model.concurrency) == (0.5, (2, 2))
     assert config.storage.endpoint_url == "http://127.0.0.1:9000"
@@ -74,10 +74,10 @@ def test_yaml_file_with_overrides_merges_sections(tmp_path: Path) -> None:
 
 def test_unreadable_yaml_is_an_option_error(tmp_path: Path) -> None:
     with pytest.raises(InvalidOptionError, match="Cannot read"):
-        BatchConfig.from_file(tmp_path / "missing.yaml")
+        BatchConfig.load(tmp_path / "missing.yaml", {})
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(InvalidOptionError, match="mapping"):
-        BatchConfig.from_file(tmp_path / "list.yaml")
+        BatchConfig.load(tmp_path / "list.yaml", {})
 
 
 @pytest.mark.parametrize(("text", "value"), [("0", 0), ("5", 5), ("0.05", 0.05), ("5%", 0.05), ("1.0", 1.0)])

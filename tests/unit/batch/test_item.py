@@ -72,7 +72,7 @@ def expected(
     def segment(config: BatchConfig) -> dict[str, bytes]:
         volume = load_volume(CT, LoadLimits.from_settings(settings))
         seg = segmenter.segment(volume, config.segment_options())
-        extra = extra_outputs(seg, volume, ml=config.ml, derived_masks=config.derived_masks)
+        extra = extra_outputs(seg, volume, config.output_options)
         out = tmp_path / "expected"
         write_segmentation(
             seg, str(out / "segmentation.nii.gz") if config.ml else str(out), ml=config.ml, extra_files=extra

@@ -97,10 +97,10 @@ def test_invalid_values_are_not_echoed() -> None:
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
-    with pytest.raises(InvalidOptionError, match="Cannot read serve config"):
+    with pytest.raises(InvalidOptionError, match="Cannot read the serve config"):
         load_config({"config_file": str(tmp_path / "missing.yaml")}, {})
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
-    with pytest.raises(InvalidOptionError, match="mapping at the top level"):
+    with pytest.raises(InvalidOptionError, match="must be a YAML mapping"):
         load_config(tmp_path / "list.yaml", {})
 
 

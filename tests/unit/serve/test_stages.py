@@ -52,7 +52,7 @@ def test_stages_equal_the_in_process_pipeline(config: ServeConfig, ct: bytes) ->
     plan = plan_run(options)
     stage = CpuStage(config)
     tags = Tags("total", "http")
-    spec = PassSpec(passes(plan, options), 0, tags, Delivery(ml=True))
+    spec = PassSpec(passes(plan, options), 0, tags, Delivery())
     volume = stage.load(ct, tags)
     volume.data.flags.writeable = False  # as read from the object store
     prepared = stage.prepare(spec, volume, None)
@@ -78,7 +78,7 @@ def test_an_empty_crop_region_answers_zeros(config: ServeConfig, ct: bytes) -> N
     stage = CpuStage(config)
     tags = Tags("total", "http")
     crop, main = passes(plan, options)
-    spec = PassSpec((crop, main), 1, tags, Delivery(ml=True))
+    spec = PassSpec((crop, main), 1, tags, Delivery())
     volume = stage.load(ct, tags)
     empty = AfterPass(empty_segmentation(volume, main))  # after_pass's answer to an empty region
     assert stage.prepare(spec, volume, empty) is None
