@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -282,36 +282,32 @@ def _ok_result(state: ItemState, seg: Segmentation, names: list[str]) -> ItemRes
     from raytseg import storage
     from raytseg.pipeline.stats import statistics_json
 
-    return ItemResult(
-        id=state.item.id,
-        input=state.item.input,
-        output=state.item.output,
-        task=state.options.task,
+    return _result(
+        state,
         status="ok",
         outputs=tuple(storage.join(state.item.output, name) for name in names),
-        voxels=state.voxels,
-        timings=_final_timings(state),
         statistics=None if seg.statistics is None else statistics_json(seg.statistics).decode(),
-        finished_at=_now(),
-        attempt=state.attempt,
-        fingerprint=state.fingerprint,
     )
 
 
 def _failed_result(state: ItemState, error_type: str, message: str) -> ItemResult:
+    return _result(state, status="failed", error_type=error_type, error_message=message)
+
+
+def _result(state: ItemState, **outcome: Any) -> ItemResult:
+    """The row of ``state``'s item, with what its run ended in."""
+    item = state.item
     return ItemResult(
-        id=state.item.id,
-        input=state.item.input,
-        output=state.item.output,
+        id=item.id,
+        input=item.input,
+        output=item.output,
         task=state.options.task,
-        status="failed",
-        error_type=error_type,
-        error_message=message,
         voxels=state.voxels,
         timings=_final_timings(state),
         finished_at=_now(),
         attempt=state.attempt,
         fingerprint=state.fingerprint,
+        **outcome,
     )
 
 

@@ -50,8 +50,7 @@ from raytseg.batch.results import (
 )
 from raytseg.batch.triage import check_job_options, failed_result, model_levels, triage
 from raytseg.config import Settings
-from raytseg.errors import RaytsegError, WorkerCrashedError
-from raytseg.pipeline.preprocess import model_key
+from raytseg.errors import WorkerCrashedError
 from raytseg.tasks import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -97,9 +96,15 @@ def run_batch(
     results = list(finished)
     if todo:
         results += _run_on_ray(todo, finished, job, tracker, progress, worker_logs=worker_logs)
-    failed = sum(r.status == "failed" for r in results)
+    return _finished(results, job, started)
+
+
+def _finished(results: list[ItemResult], job: JobSpec, started: float) -> BatchReport:
+    """Write the results table, drop the staging area, and sum the job up."""
+    config = job.config
     _write_table(config.results_uri, results, job)
     remove_tree(config.staging_uri)
+    failed = sum(r.status == "failed" for r in results)
     return BatchReport(
         results=tuple(results),
         results_uri=config.results_uri,
@@ -118,7 +123,11 @@ def _run_on_ray(
     worker_logs: bool,
 ) -> list[ItemResult]:
     levels = model_levels(todo, job)
-    _warn_if_synthetic(levels, job.settings)
+    if job.settings.weights_uri is None:  # checking remote weights would download them to the driver
+        from raytseg.weights.store import WeightsStore
+        from raytseg.weights.synth import warn_if_synthetic
+
+        warn_if_synthetic((spec for level in levels for spec in level), WeightsStore(job.settings))
     results: dict[str, ItemResult] = {}
     with ray_session(job.config, job.settings, worker_logs=worker_logs), _data_context(job.config):
         for result in finished:  # metrics need Ray, so the results known up front count here
@@ -271,23 +280,6 @@ def _record_metrics(result: ItemResult, *, pending: int) -> None:
 def _write_table(location: str, results: Sequence[ItemResult], job: JobSpec) -> None:
     data = parquet_bytes(results_table(results))
     job.retry.call(lambda: storage.write_bytes(location, data), f"Writing {location}")
-
-
-def _warn_if_synthetic(levels: list[list[ModelSpec]], settings: Settings) -> None:
-    if settings.weights_uri is not None:
-        return  # checking would download the weights to the driver
-    from raytseg.weights.store import WeightsStore
-    from raytseg.weights.synth import is_synthetic
-
-    store = WeightsStore(settings)
-    for spec in (spec for level in levels for spec in level):
-        try:
-            synthetic = is_synthetic(store.model_folder(spec))
-        except RaytsegError:
-            continue  # a missing model fails its items, with the fix in the message
-        if synthetic:
-            log.warning("Model %s has synthetic random weights: its output is meaningless.", model_key(spec))
-            return
 
 
 def _run_id() -> str:

@@ -26,6 +26,7 @@ from raytseg.errors import ModelError
 from raytseg.pipeline.plan import ModelRun
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import ChunkSplit, InverseRecord, NetworkOutput, Segmentation
+from raytseg.pipeline.zoom import resample
 
 if TYPE_CHECKING:
     import torch
@@ -114,7 +115,7 @@ def to_input_grid(
     img = nib.Nifti1Image(labels, inverse.model_affine)
     if inverse.resampled and labels.shape != inverse.canonical_shape:
         zoom = np.array(inverse.canonical_shape) / np.array(labels.shape)
-        back = _scipy_zoom_nearest(labels, zoom) if device is None else _zoom_nearest(labels, zoom, device)
+        back = resample(labels, zoom.tolist(), 0, device)
         img = nib.Nifti1Image(back, inverse.canonical_affine)
     from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
@@ -126,25 +127,6 @@ def to_input_grid(
         full[x0:x1, y0:y1, z0:z1] = np.asanyarray(img.dataobj)
         img = nib.Nifti1Image(full, inverse.original_affine)
     return img
-
-
-def _scipy_zoom_nearest(labels: np.ndarray, zoom: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    # Order 0 copies values, so uint8 gives the same result as TotalSegmentator's
-    # float64 copy at an eighth of the memory.
-    back: np.ndarray = ndimage.zoom(labels, zoom, order=0, mode="nearest")
-    return back
-
-
-def _zoom_nearest(labels: np.ndarray, zoom: np.ndarray, device: torch.device) -> np.ndarray:
-    import torch
-
-    from raytseg.pipeline import zoom as torch_zoom
-
-    shape = torch_zoom.output_shape(labels.shape, zoom.tolist())
-    source = torch.from_numpy(np.ascontiguousarray(labels)).to(device)
-    return torch_zoom.zoom(source, shape, order=0).cpu().numpy()
 
 
 def final_labels(img: nib.Nifti1Image, run: ModelRun, ops: FinalOps, zooms: Sequence[float]) -> np.ndarray:

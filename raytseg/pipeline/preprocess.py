@@ -33,6 +33,7 @@ from raytseg.pipeline.records import (
     Spacing,
     Volume,
 )
+from raytseg.pipeline.zoom import resample
 from raytseg.tasks import ModelSpec
 
 if TYPE_CHECKING:
@@ -177,28 +178,11 @@ def _resampled(
         return img, False
     zoom = current / target
     data = np.asanyarray(img.dataobj)
-    resampled = _zoom_linear(data, zoom, device) if device is not None else _scipy_zoom_linear(data, zoom)
+    resampled = resample(data, zoom.tolist(), 1, device, dtype=np.int32)
     affine = img.affine.copy()
     for axis in range(3):
         affine[:3, axis] = affine[:3, axis] / zoom[axis]
     return nib.Nifti1Image(resampled, affine), True
-
-
-def _scipy_zoom_linear(data: np.ndarray, zoom: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    resampled: np.ndarray = ndimage.zoom(data.astype(np.float64, copy=False), zoom, order=1, mode="nearest")
-    return resampled.astype(np.int32)
-
-
-def _zoom_linear(data: np.ndarray, zoom: np.ndarray, device: torch.device) -> np.ndarray:
-    import torch
-
-    from raytseg.pipeline import zoom as torch_zoom
-
-    shape = torch_zoom.output_shape(data.shape, zoom.tolist())
-    source = torch.from_numpy(np.ascontiguousarray(data)).to(device).to(torch.float64)
-    return torch_zoom.zoom(source, shape, order=1).to(torch.int32).cpu().numpy()
 
 
 def _split_for(shape: tuple[int, ...], run: ModelRun) -> ChunkSplit | None:

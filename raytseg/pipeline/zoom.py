@@ -18,6 +18,8 @@ operation, in float64:
 
 Each torch elementwise operation rounds once, as the C code does (no fused multiply-add),
 so every voxel matches; ``tests/unit/pipeline/test_zoom.py`` checks that against scipy.
+
+``resample`` is the stages' one entry: scipy on the CPU, this module on a device.
 """
 
 from __future__ import annotations
@@ -26,8 +28,38 @@ import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
+
+
+def resample(
+    data: np.ndarray,
+    factors: Sequence[float],
+    order: int,
+    device: torch.device | None,
+    dtype: type | None = None,
+) -> np.ndarray:
+    """``ndimage.zoom(data, factors, order=order, mode="nearest")``, cast to ``dtype`` if given.
+
+    Order 1 computes in float64 (TotalSegmentator's copy); order 0 copies values, so it
+    runs on ``data``'s own dtype (uint8 labels: an eighth of float64's memory, same
+    result). ``device`` None: scipy on the CPU; otherwise torch on that device.
+    """
+    source = data.astype(np.float64, copy=False) if order == 1 else data
+    if device is None:
+        from scipy import ndimage
+
+        out: np.ndarray = ndimage.zoom(source, factors, order=order, mode="nearest")
+        return out if dtype is None else out.astype(dtype)
+    import torch
+
+    shape = output_shape(data.shape, list(factors))
+    result = zoom(torch.from_numpy(np.ascontiguousarray(source)).to(device), shape, order)
+    if dtype is not None:  # cast on the device: an int32 copy crosses to the host, not float64
+        result = result.to(getattr(torch, np.dtype(dtype).name))
+    return result.cpu().numpy()
 
 
 def output_shape(shape: Sequence[int], zoom: Sequence[float]) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ from raytseg.pipeline.postprocess import (
     stitch_chunks,
 )
 from raytseg.pipeline.records import ChunkSplit
+from raytseg.pipeline.zoom import resample
 
 
 def test_remove_small_blobs_removes_components_up_to_the_threshold() -> None:
@@ -66,11 +67,27 @@ def test_final_labels_filters_rois_and_binarises() -> None:
     assert set(np.unique(final_labels(img, binary, FinalOps(), (1.0, 1.0, 1.0)))) == {0, 1}
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.float64])
-def test_order0_zoom_is_dtype_independent(dtype: type) -> None:
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_labels_resample_on_their_own_dtype_as_totalsegmentator_on_float64(device: str | None) -> None:
     """The postprocess stage resamples uint8 labels where TotalSegmentator uses float64."""
+    import torch
+
     labels = np.random.default_rng(1).integers(0, 118, size=(23, 17, 11)).astype(np.uint8)
     zoom = np.array([47, 35, 29]) / np.array(labels.shape)
     reference = ndimage.zoom(labels.astype(np.float64), zoom, order=0, mode="nearest")
-    ours = ndimage.zoom(labels.astype(dtype), zoom, order=0, mode="nearest")
+    ours = resample(labels, zoom.tolist(), 0, None if device is None else torch.device(device))
+    assert ours.dtype == np.uint8
+    np.testing.assert_array_equal(ours, reference)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_images_resample_in_float64_then_truncate_to_int32(device: str | None) -> None:
+    """TotalSegmentator's change_spacing(order=1, dtype=np.int32) of an int16 CT."""
+    import torch
+
+    image = np.random.default_rng(2).integers(-1024, 3000, size=(19, 13, 9)).astype(np.int16)
+    zoom = [1.7, 0.6, 2.3]
+    reference = ndimage.zoom(image.astype(np.float64), zoom, order=1, mode="nearest").astype(np.int32)
+    ours = resample(image, zoom, 1, None if device is None else torch.device(device), dtype=np.int32)
+    assert ours.dtype == np.int32
     np.testing.assert_array_equal(ours, reference)
