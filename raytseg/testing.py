@@ -21,6 +21,9 @@ from raytseg.pipeline.records import NetworkInput, NetworkOutput
 from raytseg.tasks import ModelSpec
 
 
+__all__ = ["FakeNetwork", "fake_networks"]
+
+
 @dataclass
 class FakeNetwork:
     """Labels voxels by intensity rank: ``len(classes) + 1`` equal bands, the darkest one

@@ -156,15 +156,12 @@ def default_segmenter(device: str = "gpu", settings: Settings | None = None) -> 
         return _SEGMENTERS[key]
 
 
-def segment(  # noqa: PLR0913 - mirrors totalsegmentator.python_api.totalsegmentator
+def segment(
     input: str | os.PathLike[str] | nib.Nifti1Image,  # noqa: A002 - TotalSegmentator's name
     output: str | os.PathLike[str] | None = None,
     task: str = "total",
     *,
-    ml: bool = False,
     device: str = "gpu",
-    preview: bool = False,
-    no_derived_masks: bool = False,
     **options: Any,
 ) -> nib.Nifti1Image | tuple[nib.Nifti1Image, dict[str, Any]]:
     """Segment an image like ``totalsegmentator.python_api.totalsegmentator``.
@@ -174,13 +171,10 @@ def segment(  # noqa: PLR0913 - mirrors totalsegmentator.python_api.totalsegment
         output: where to write results (a folder, or a ``.nii.gz`` file with ``ml=True``);
             None writes nothing.
         task: TotalSegmentator task name.
-        ml: write one multilabel file instead of one file per class.
         device: ``cpu``, ``gpu``, ``gpu:N`` or ``mps``.
-        preview: also write ``preview_<task>.png`` (a 2D overview).
-        no_derived_masks: skip body.nii.gz / skin.nii.gz for task ``body``.
-        **options: ``fast``, ``fastest``, ``roi_subset``, ``statistics``, ``body_seg``,
-            ``force_split``, ``robust_crop``, ``remove_small_blobs``,
-            ``stats_include_incomplete``, ``stats_aggregation`` (see ``SegmentOptions``).
+        **options: the fields of ``SegmentOptions`` and ``OutputOptions`` (``fast``,
+            ``roi_subset``, ``statistics``, ``ml``, ``preview``...); TotalSegmentator's
+            ``no_derived_masks=True`` is ``derived_masks=False``.
 
     Returns:
         The multilabel image with the label table in its header extension, and the
@@ -193,12 +187,12 @@ def segment(  # noqa: PLR0913 - mirrors totalsegmentator.python_api.totalsegment
     from raytseg.pipeline.export import write_segmentation
 
     settings = Settings.from_env()
-    given = {"task": task, "ml": ml, "preview": preview, "derived_masks": not no_derived_masks}
-    opts, out = split_options({**given, **options})
+    if "no_derived_masks" in options:
+        options["derived_masks"] = not options.pop("no_derived_masks")
+    opts, out = split_options({"task": task, **options})
     volume = load_volume(input, LoadLimits.from_settings(settings))
     seg = default_segmenter(device, settings).segment(volume, opts)
     if output is not None:
-        extra = extra_outputs(seg, volume, out)
-        write_segmentation(seg, str(output), ml=out.ml, extra_files=extra)
+        write_segmentation(seg, str(output), ml=out.ml, extra_files=extra_outputs(seg, volume, out))
     img = seg.to_nifti()
     return (img, seg.statistics or {}) if opts.statistics else img
