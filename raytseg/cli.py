@@ -150,7 +150,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from raytseg.pipeline.export import write_segmentation
     from raytseg.pipeline.load import LoadLimits, load_volume
     from raytseg.pipeline.model import configure_torch
-    from raytseg.pipeline.passes import extra_outputs
     from raytseg.pipeline.run import default_segmenter
 
     settings = _settings()
@@ -164,8 +163,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     segmenter = default_segmenter(args.device, settings)
     configure_torch(segmenter.device, cudnn_autotune=settings.cudnn_autotune)
     seg = segmenter.segment(volume, options)
-    extra = extra_outputs(seg, volume, output)
-    written = write_segmentation(seg, args.output, ml=output.ml, extra_files=extra)
+    written = write_segmentation(seg, volume, args.output, output)
     log.info("Wrote %d file(s) to %s in %.1f s", len(written), args.output, seg.timings.get("total", 0.0))
     return 0
 

@@ -4,13 +4,13 @@
 
     with Client("http://127.0.0.1:8000", token="...") as client:
         result = client.segment("ct.nii.gz", fast=True)
-        result.save("seg.nii.gz")                      # the multilabel NIfTI
+        result.save("segmentation.nii.gz")             # the multilabel NIfTI
         job = client.submit_job("s3://in/ct.nii.gz", "s3://out/case1/", fast=True)
         done = client.wait(job)                        # {"state": "succeeded", "outputs": [...]}
 
-Errors come back as the service's error classes (``raytseg.errors`` and
-``raytseg.serve.errors``: ``UnreadableImageError``, ``OverloadedError``...), carrying the
-service's message. Needs only httpx.
+Errors come back as the service's error classes (the tree of ``raytseg.errors``:
+``UnreadableImageError``, ``OverloadedError``...), carrying the service's message; an
+error the tree does not know is a ``ServiceError``. Needs only httpx.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import httpx
 
 from raytseg import errors as _errors
 from raytseg.errors import RaytsegError
-from raytseg.serve import errors as _serve_errors
 
+__all__ = ["Client", "SegmentResult", "ServiceError"]
 _FINAL_STATES = ("succeeded", "failed")
 
 
@@ -194,11 +194,7 @@ def _error_from(error: Mapping[str, Any], status: int) -> RaytsegError:
     """The error class the service named, with its message; ``ServiceError`` if unknown."""
     name, message = str(error.get("type", "")), str(error.get("message", ""))
     status = int(error.get("status", status))
-    for module in (_errors, _serve_errors):
-        cls = getattr(module, name, None)
-        if isinstance(cls, type) and issubclass(cls, RaytsegError) and cls is not RaytsegError:
-            try:
-                return cls(message)
-            except TypeError:  # an error class with another constructor
-                break
+    cls = getattr(_errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, RaytsegError) and cls is not RaytsegError:
+        return cls(message)
     return ServiceError(message, status)

@@ -30,16 +30,24 @@ cleanly when Ray re-raises them in another process.
     ├── InternalError (500)              unexpected; the message carries no internals
     ├── ReplicaUnavailableError (503)    a service replica died; retrying works
     ├── OverloadedError (503)            more queued work than configured
-    └── RequestTimeoutError (504)             the request ran past its deadline
+    └── RequestTimeoutError (504)        the request ran past its deadline
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class RaytsegError(Exception):
     """Base of every error raytseg raises on purpose."""
 
     status_code = 500
+
+    def __init_subclass__(cls, status: int | None = None, **kwargs: Any) -> None:
+        """``class NotFound(RaytsegError, status=404)``: the status the service answers with."""
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status_code = status
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -49,66 +57,48 @@ class RaytsegError(Exception):
         return self.message
 
 
-class InputError(RaytsegError):
+class InputError(RaytsegError, status=400):
     """The request or the image cannot be processed as given."""
-
-    status_code = 400
 
 
 class UnreadableImageError(InputError):
     """The bytes are not a readable NIfTI image or DICOM series."""
 
 
-class InvalidImageError(InputError):
+class InvalidImageError(InputError, status=422):
     """The image was read but cannot be segmented (dimensions, spacing, dtype)."""
 
-    status_code = 422
 
-
-class ImageTooLargeError(InputError):
+class ImageTooLargeError(InputError, status=413):
     """The image (or the upload) exceeds a configured size limit."""
-
-    status_code = 413
 
 
 class UnsafeArchiveError(InputError):
     """A zip archive tries to escape its folder or expands past the limit."""
 
 
-class AmbiguousDicomError(InputError):
+class AmbiguousDicomError(InputError, status=422):
     """A DICOM input holds more than one series."""
 
-    status_code = 422
 
-
-class UnknownTaskError(InputError):
+class UnknownTaskError(InputError, status=404):
     """The task name is not in the catalogue."""
 
-    status_code = 404
 
-
-class UnknownClassError(InputError):
+class UnknownClassError(InputError, status=422):
     """A class name is not part of the task."""
 
-    status_code = 422
 
-
-class InvalidOptionError(InputError):
+class InvalidOptionError(InputError, status=422):
     """Options that the task or each other exclude."""
 
-    status_code = 422
 
-
-class LicenseError(RaytsegError):
+class LicenseError(RaytsegError, status=403):
     """A licensed task was requested without a license key."""
 
-    status_code = 403
 
-
-class WeightsError(RaytsegError):
+class WeightsError(RaytsegError, status=503):
     """Model weights are missing or unusable."""
-
-    status_code = 503
 
 
 class MissingWeightsError(WeightsError):
@@ -119,58 +109,44 @@ class WeightsIntegrityError(WeightsError):
     """Downloaded or imported weights failed a check."""
 
 
-class StorageError(RaytsegError):
+class StorageError(RaytsegError, status=502):
     """Reading from or writing to storage failed."""
-
-    status_code = 502
 
 
 class ModelError(RaytsegError):
     """The network failed while predicting."""
 
 
-class OverloadedError(RaytsegError):
+class OverloadedError(RaytsegError, status=503):
     """More work is queued than the service is configured to hold."""
 
-    status_code = 503
 
-
-class RequestTimeoutError(RaytsegError):
+class RequestTimeoutError(RaytsegError, status=504):
     """The request ran past its deadline."""
-
-    status_code = 504
 
 
 class NotDeployedError(InvalidOptionError):
     """The task, mode or model exists but this service deployment does not serve it."""
 
 
-class UriNotAllowedError(InputError):
+class UriNotAllowedError(InputError, status=403):
     """A job URI lies outside the configured prefixes."""
 
-    status_code = 403
 
-
-class JobNotFoundError(InputError):
+class JobNotFoundError(InputError, status=404):
     """No job has this id (or it was forgotten after newer ones)."""
-
-    status_code = 404
 
 
 class BatchInputError(InputError):
     """A batch job's input cannot be turned into work items (listing, manifest, ids)."""
 
 
-class UnauthorizedError(RaytsegError):
+class UnauthorizedError(RaytsegError, status=401):
     """The request lacks a valid ``Authorization: Bearer <token>`` header."""
 
-    status_code = 401
 
-
-class StaleOutputError(RaytsegError):
+class StaleOutputError(RaytsegError, status=409):
     """A batch item's folder holds complete outputs made with other options."""
-
-    status_code = 409
 
 
 class WorkerCrashedError(RaytsegError):
@@ -181,7 +157,5 @@ class InternalError(RaytsegError):
     """An unexpected failure; the message carries no internals."""
 
 
-class ReplicaUnavailableError(RaytsegError):
+class ReplicaUnavailableError(RaytsegError, status=503):
     """A replica the request needed died or is being replaced; retrying will work."""
-
-    status_code = 503

@@ -15,6 +15,8 @@ import nibabel as nib
 import numpy as np
 
 from raytseg.errors import InvalidImageError, InvalidOptionError, UnreadableImageError
+from raytseg.pipeline.labeltable import add_label_table
+from raytseg.pipeline.readback import read_class_folder, read_multilabel
 
 _RIBS = [f"rib_left_{i}" for i in range(1, 13)] + [f"rib_right_{i}" for i in range(1, 13)]
 # TotalSegmentator map_to_binary.class_map_5_parts["class_map_part_vertebrae"], in its order
@@ -80,60 +82,26 @@ def combine_masks(source: str | Path, mask_group: str, *, multilabel: bool = Fal
             f"Unknown mask group {mask_group!r}. Valid groups: {', '.join(MASK_GROUPS)}."
         )
     classes = MASK_GROUPS[mask_group]
-    path = Path(source)
-    if path.is_file():
-        combined = _from_multilabel(path, classes)
-    elif path.is_dir():
-        combined = _from_folder(path, classes)
-    else:
+    combined = _combined(Path(source), classes)
+    return add_label_table(combined, {1: mask_group}) if multilabel else combined
+
+
+def _combined(path: Path, classes: list[str]) -> nib.Nifti1Image:
+    if path.is_dir():
+        found = read_class_folder(
+            path, dict(enumerate(classes, 1)), all_required=True, hint=_how_to_fix(classes)
+        )
+        return nib.Nifti1Image((found.labels > 0).astype(np.uint8), found.affine)
+    if not path.is_file():
         raise UnreadableImageError(
             f"{path} does not exist. Pass the output folder (or --ml file) of `raytseg segment`."
         )
-    if multilabel:
-        from raytseg.pipeline.export import add_label_table
-
-        combined = add_label_table(combined, {1: mask_group})
-    return combined
-
-
-def _from_folder(folder: Path, classes: list[str]) -> nib.Nifti1Image:
-    files = [folder / f"{name}.nii.gz" for name in classes]
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise UnreadableImageError(f"Could not find {', '.join(missing)} in {folder}. {_how_to_fix(classes)}")
-    ref = _load(files[0])
-    combined = np.zeros(ref.shape, dtype=np.uint8)
-    for file in files:
-        img = ref if file == files[0] else _load(file)
-        if img.shape != ref.shape:
-            raise InvalidImageError(
-                f"{file.name} has shape {img.shape} but {files[0].name} has {ref.shape}: "
-                f"the files in {folder} are not from one segmentation. {_how_to_fix(classes)}"
-            )
-        combined[img.get_fdata() > 0.5] = 1
-    return nib.Nifti1Image(combined, ref.affine)
-
-
-def _from_multilabel(file: Path, classes: list[str]) -> nib.Nifti1Image:
-    from raytseg.pipeline.export import read_label_table
-
-    img = _load(file)
-    ids = {name: k for k, name in read_label_table(img).items()}
+    found = read_multilabel(str(path), fallback=None)
+    ids = {name: k for k, name in found.classes.items()}
     missing = [name for name in classes if name not in ids]
     if missing:
         raise InvalidImageError(
-            f"{file} has no class {', '.join(missing)} in its label table. {_how_to_fix(classes)}"
+            f"{path} has no class {', '.join(missing)} in its label table. {_how_to_fix(classes)}"
         )
-    data = np.asanyarray(img.dataobj)
-    combined = np.isin(data, [ids[name] for name in classes]).astype(np.uint8)
-    return nib.Nifti1Image(combined, img.affine)
-
-
-def _load(file: Path) -> nib.Nifti1Image:
-    try:
-        img = nib.load(file)
-    except Exception as exc:  # nibabel raises many types for bad files
-        raise UnreadableImageError(f"Could not read {file} as NIfTI: {exc}") from exc
-    if not isinstance(img, nib.Nifti1Image):
-        raise UnreadableImageError(f"{file} is not a NIfTI-1 image.")
-    return img
+    combined = np.isin(found.labels, [ids[name] for name in classes]).astype(np.uint8)
+    return nib.Nifti1Image(combined, found.affine)

@@ -20,7 +20,6 @@ from raytseg.pipeline.preprocess import ModelPlans
 from raytseg.pipeline.records import NetworkInput, NetworkOutput
 from raytseg.tasks import ModelSpec
 
-
 __all__ = ["FakeNetwork", "fake_networks"]
 
 

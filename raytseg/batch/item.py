@@ -8,7 +8,7 @@
 A request runs the passes ``admit`` gives (crop passes first, the main pass last), and
 what follows each pass is ``after_pass``'s answer, as in ``Segmenter``. The steps call
 the same stage functions as ``Segmenter`` (``prepare``, ``finish``, ``after_pass``,
-``extra_outputs``, ``write_segmentation``), so outputs are byte-identical to
+``write_segmentation``), so outputs are byte-identical to
 ``raytseg segment``. No step imports Ray: the Ray adapter
 (``raytseg.batch.job``) runs them in tasks and actors, tests run them in-process.
 
@@ -42,18 +42,23 @@ from raytseg.batch.retry import RetryPolicy
 from raytseg.config import Settings
 from raytseg.errors import InputError, LicenseError
 from raytseg.pipeline.load import LoadLimits, load_volume
-from raytseg.pipeline.passes import Region, after_pass, extra_outputs, finish, prepare
+from raytseg.pipeline.passes import Region, after_pass, finish, prepare
 from raytseg.pipeline.plan import Pass, admit
 from raytseg.pipeline.preprocess import ModelPlans, model_key
-from raytseg.pipeline.records import NetworkOutput, Prepared, Segmentation, SegmentOptions, Volume
+from raytseg.pipeline.records import (
+    NetworkOutput,
+    OutputOptions,
+    Prepared,
+    Segmentation,
+    SegmentOptions,
+    Volume,
+)
 from raytseg.tasks import ModelSpec
 
 if TYPE_CHECKING:
     from raytseg.pipeline.model import Network
 
 log = logging.getLogger(__name__)
-
-ML_FILE_NAME = "segmentation.nii.gz"  # the --ml output of an item
 
 
 class Models(Protocol):
@@ -217,9 +222,9 @@ def _write(state: ItemState, job: JobSpec, seg: Segmentation) -> None:
     config, store = job.config, job.outputs()
     staged = store.staging_dir(state.item.id, state.attempt)
     started = time.perf_counter()
-    extra = extra_outputs(seg, state.volume, config.output_options)
+    volume = state.volume
     names = job.retry.call(
-        lambda: _write_files(seg, staged, ml=config.ml, extra=extra), f"Writing {state.item.id}"
+        lambda: _write_files(seg, volume, staged, config.output_options), f"Writing {state.item.id}"
     )
     state.volume = None
     state.timings["write"] = time.perf_counter() - started  # the marker records it without the commit
@@ -230,13 +235,11 @@ def _write(state: ItemState, job: JobSpec, seg: Segmentation) -> None:
     store.discard(state.item.id)
 
 
-def _write_files(seg: Segmentation, folder: str, *, ml: bool, extra: dict[str, bytes]) -> list[str]:
+def _write_files(seg: Segmentation, volume: Volume, folder: str, output: OutputOptions) -> list[str]:
     """The files ``raytseg segment`` writes, into ``folder``; returns their names."""
-    from raytseg import storage
     from raytseg.pipeline.export import write_segmentation
 
-    target = storage.join(folder, ML_FILE_NAME) if ml else folder
-    written = write_segmentation(seg, target, ml=ml, extra_files=extra)
+    written = write_segmentation(seg, volume, folder, output)
     return [location.rstrip("/").rsplit("/", 1)[-1] for location in written]
 
 

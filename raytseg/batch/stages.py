@@ -1,8 +1,8 @@
 """The Ray Data stages: thin wrappers that run ``item``'s steps in Ray workers.
 
-    _read_stage      CPU task     start(): load, plan, prepare the first pass
-    _ModelStage      actor        predict(): networks loaded once in __init__
-    _advance_stage   CPU task     advance(): finish a pass; prepare the next or write
+    read_stage       CPU task     start(): load, admit, prepare the first pass
+    ModelStage       actor        predict(): networks loaded once in __init__
+    advance_stage    CPU task     advance(): finish a pass; prepare the next or write
 
 Rows carry one pickled ``ItemState`` each (column ``state``); the last stage turns it into
 the item's result (column ``result``, JSON).

@@ -1,9 +1,9 @@
 """Export stage: a ``Segmentation`` becomes the files TotalSegmentator writes.
 
-    Segmentation ──▶ multilabel_nifti_bytes  (seg.nii.gz with the XML label table)
-                 ──▶ class_mask_files        (one binary <class>.nii.gz per class)
-                 ──▶ derived_body_masks      (task body: body.nii.gz, skin.nii.gz)
-    write_segmentation: all of the above plus statistics.json, to a path or fsspec URI.
+    Segmentation ──▶ output_files ──▶ segmentation.nii.gz (multilabel, with the XML label table)
+                                       or <class>.nii.gz per class (+ body/skin for task body)
+                                  ──▶ preview_<task>.png, statistics.json
+    write_segmentation: output_files to a folder (or the --ml file), path or fsspec URI.
 
 Files are byte-for-byte what TotalSegmentator 2.18 writes through ``nib.save``:
 nibabel's deterministic gzip (level 1, mtime 0, no file name), the input header with
@@ -12,105 +12,28 @@ data type uint8, and TotalSegmentator's label table in header extension code 0.
 
 from __future__ import annotations
 
+import gzip
 import os
 import posixpath
 import struct
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from xml.etree import ElementTree
 
 import nibabel as nib
 import numpy as np
 
 from raytseg import storage
-from raytseg.errors import InvalidImageError, InvalidOptionError, UnreadableImageError
-from raytseg.pipeline.records import Segmentation, Volume
+from raytseg.pipeline.labeltable import add_label_table
+from raytseg.pipeline.records import OutputOptions, Segmentation, Volume
 from raytseg.pipeline.stats import label_counts_and_sums, statistics_json
-
-# ported from TotalSegmentator nifti_ext_header.py (add_label_map_to_nifti)
-_LABEL_COLORS = (
-    (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
-    (255, 128, 0), (255, 0, 128), (128, 255, 128), (0, 128, 255), (128, 128, 128), (185, 170, 155),
-)  # fmt: skip
-_XML_PRE = (
-    '<?xml version="1.0" encoding="UTF-8"?> <CaretExtension>  <Date><![CDATA[2013-07-14T05:45:09]]></Date>'
-    '   <VolumeInformation Index="0">   <LabelTable>'
-)
-_XML_POST = (
-    "  </LabelTable>  <StudyMetaDataLinkSet>  </StudyMetaDataLinkSet>  <VolumeType><![CDATA[Label]]>"
-    "</VolumeType>   </VolumeInformation></CaretExtension>"
-)
-_LABEL_EXTENSION_CODE = 0  # NIfTI "ignore" code, as TotalSegmentator uses
 
 # nibabel's DeterministicGzipFile at nibabel's default level 1: no name, mtime 0,
 # XFL 4 (fastest), OS 255 (unknown).
 _GZIP_LEVEL = 1
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x04\xff"
 _MAX_THREADS = 4
-
-
-def add_label_table(img: nib.Nifti1Image, label_map: Mapping[int, str]) -> nib.Nifti1Image:
-    """A copy of ``img`` with TotalSegmentator's XML label table appended to its header.
-
-    The extension bytes equal those of TotalSegmentator's ``add_label_map_to_nifti``
-    (same colours, same whitespace), so viewers and ``load_multilabel_nifti`` read it.
-    ``img`` itself is not changed.
-
-    Example:
-        >>> img = add_label_table(nib.Nifti1Image(labels, affine), {1: "spleen"})  # doctest: +SKIP
-        >>> read_label_table(img)  # doctest: +SKIP
-        {1: 'spleen'}
-    """
-    out = nib.Nifti1Image(img.dataobj, img.affine, img.header)  # copies the header and its extension list
-    out.header.extensions.append(
-        nib.nifti1.Nifti1Extension(_LABEL_EXTENSION_CODE, label_table_xml(label_map))
-    )
-    return out
-
-
-def label_table_xml(label_map: Mapping[int, str]) -> bytes:
-    """TotalSegmentator's CaretExtension XML for ``{label id: name}``."""
-    body = ""
-    for label_id, label_name in label_map.items():
-        red, green, blue = _LABEL_COLORS[int(label_id) % len(_LABEL_COLORS)]
-        body += (
-            f'<Label Key="{label_id}" Red="{red / 255}" Green="{green / 255}" Blue="{blue / 255}" '
-            f'Alpha="1"><![CDATA[{label_name}]]></Label>\n'
-        )
-    return (_XML_PRE + "\n" + body + "\n" + _XML_POST + "\n              ").encode("utf-8")
-
-
-def read_label_table(img: nib.Nifti1Image) -> dict[int, str]:
-    """``{label id: name}`` from the first XML label table in the header extensions.
-
-    Raises:
-        InvalidImageError: the image has no label table (not a multilabel output).
-        UnreadableImageError: the label table is there but is not valid XML.
-    """
-    name = img.get_filename() or "the image"
-    for ext in img.header.extensions:
-        content = ext.get_content()
-        if not isinstance(content, bytes) or b"<CaretExtension" not in content:
-            continue
-        try:
-            if (
-                b"<!DOCTYPE" in content or b"<!ENTITY" in content
-            ):  # never in a label table; refuse entity tricks
-                raise ValueError("DOCTYPE/ENTITY declarations are not allowed")
-            root = ElementTree.fromstring(content)
-            labels = {int(e.attrib["Key"]): e.text or "" for e in root.iter("Label")}
-        except (ElementTree.ParseError, KeyError, ValueError) as exc:
-            raise UnreadableImageError(
-                f"The label table in the header of {name} is damaged ({exc}). "
-                "Write the segmentation again with --ml, or use the folder of per-class masks."
-            ) from exc
-        return labels
-    raise InvalidImageError(
-        f"{name} has no label table in its header, so its label ids have no class names. "
-        "Use a multilabel file written by raytseg or TotalSegmentator with --ml, "
-        "or the folder of per-class masks."
-    )
+MULTILABEL_NAME = "segmentation.nii.gz"  # the multilabel file in an output folder, everywhere
 
 
 def nifti_gz_bytes(img: nib.Nifti1Image) -> bytes:
@@ -194,46 +117,48 @@ class _MaskEncoder:
         return self._empty
 
 
-def write_segmentation(
-    seg: Segmentation,
-    output: str,
-    *,
-    ml: bool,
-    extra_files: Mapping[str, bytes] | None = None,
-) -> list[str]:
-    """Write the segmentation where TotalSegmentator would, to a local path or fsspec URI.
+def output_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> Iterator[tuple[str, bytes]]:
+    """``(file name, bytes)`` of every file a segmentation produces, in writing order.
 
-    Args:
-        seg: The segmentation; ``seg.statistics`` (if not None) becomes statistics.json.
-        output: With ``ml=True`` the multilabel file (``seg.nii.gz``), and statistics.json
-            goes next to it; otherwise a folder that receives ``<class>.nii.gz`` for
-            every class and statistics.json.
-        ml: One multilabel file instead of one file per class.
-        extra_files: More ``{file name: bytes}`` for the same folder (body.nii.gz, skin.nii.gz).
-
-    Returns:
-        The locations written, in writing order. Each file is written atomically.
-
-    Raises:
-        StorageError: a write failed.
+    The one list for every entry point (the CLI and Python API write it, the service
+    zips it, jobs and batch items commit it): the multilabel ``MULTILABEL_NAME`` or one
+    ``<class>.nii.gz`` per class; for task ``body`` per class also body.nii.gz and
+    skin.nii.gz; ``preview_<task>.png``; statistics.json.
     """
-    written: list[str] = []
+    if output.ml:
+        yield MULTILABEL_NAME, multilabel_nifti_bytes(seg)
+    else:
+        yield from class_mask_files(seg)
+    if output.derived_masks and not output.ml and seg.task == "body":
+        from raytseg.pipeline.derived import derived_body_masks
 
-    def put(location: str, data: bytes) -> None:
+        for name, img in derived_body_masks(seg, volume).items():
+            yield name, nifti_gz_bytes(img)
+    if output.preview:
+        from raytseg.pipeline.preview import preview_png
+
+        yield f"preview_{seg.task}.png", preview_png(seg, volume)
+    if seg.statistics is not None:
+        yield "statistics.json", statistics_json(seg.statistics)
+
+
+def write_segmentation(seg: Segmentation, volume: Volume, target: str, output: OutputOptions) -> list[str]:
+    """Write ``output_files`` to a local path or fsspec URI; returns the locations, in order.
+
+    ``target`` is a folder. With ``ml`` it may name the multilabel file itself
+    (``-o seg.nii.gz``, as TotalSegmentator's ``--ml``); the other files go beside it.
+    Each file is written atomically; a failed write raises ``StorageError``.
+    """
+    named = output.ml and target.endswith((".nii", ".nii.gz"))
+    folder = _parent(target) if named else target
+    storage.make_dirs(folder)
+    written = []
+    for name, data in output_files(seg, volume, output):
+        location = target if named and name == MULTILABEL_NAME else storage.join(folder, name)
+        if location.endswith(".nii"):  # uncompressed, as nib.save writes a .nii
+            data = gzip.decompress(data)
         storage.write_bytes(location, data)
         written.append(location)
-
-    folder = _parent(output) if ml else output
-    storage.make_dirs(folder)
-    if ml:
-        put(output, multilabel_nifti_bytes(seg))
-    else:
-        for name, data in class_mask_files(seg):
-            put(storage.join(folder, name), data)
-    for name, data in (extra_files or {}).items():
-        put(storage.join(folder, name), data)
-    if seg.statistics is not None:
-        put(storage.join(folder, "statistics.json"), statistics_json(seg.statistics))
     return written
 
 
@@ -243,59 +168,3 @@ def _parent(location: str) -> str:
         scheme, path = location.split("://", 1)
         return f"{scheme}://{posixpath.dirname(path.rstrip('/'))}"
     return str(storage.local_path(location).parent)
-
-
-def derived_body_masks(seg: Segmentation, image: Volume) -> dict[str, bytes]:
-    """body.nii.gz and skin.nii.gz, which TotalSegmentator adds to task ``body`` outputs.
-
-    body is the union of body_trunc and body_extremities, saved as TotalSegmentator's
-    ``combine_masks`` saves it (fresh header, the affine as read back from a class file);
-    skin is TotalSegmentator's ``extract_skin`` on the input image.
-
-    Raises:
-        InvalidOptionError: ``seg`` lacks body_trunc or body_extremities (e.g. roi_subset).
-    """
-    ids = {name: k for k, name in seg.label_map.items()}
-    missing = [n for n in ("body_trunc", "body_extremities") if n not in ids]
-    if missing:
-        raise InvalidOptionError(
-            f"body.nii.gz and skin.nii.gz need the classes {', '.join(missing)}: "
-            "segment the whole body task (no roi_subset), or skip the derived masks."
-        )
-    body = np.isin(seg.labels, [ids["body_trunc"], ids["body_extremities"]]).astype(np.uint8)
-    body_img = nib.Nifti1Image(body, _affine_as_saved(seg))
-    skin = extract_skin(image.data, body)
-    skin_img = nib.Nifti1Image(skin.astype(np.uint8), image.affine)
-    return {"body.nii.gz": nifti_gz_bytes(body_img), "skin.nii.gz": nifti_gz_bytes(skin_img)}
-
-
-def _affine_as_saved(seg: Segmentation) -> np.ndarray:
-    """The affine nibabel reads back from a saved class mask (float32 header fields)."""
-    header = seg.header.copy()
-    header.set_data_dtype(np.uint8)
-    shaped_like_labels = np.broadcast_to(np.zeros(1, dtype=np.uint8), seg.labels.shape)  # no memory
-    img = nib.Nifti1Image(shaped_like_labels, seg.affine, header)
-    img.update_header()  # what nib.save does; the header fields are float32
-    affine: np.ndarray = img.header.get_best_affine()
-    return affine
-
-
-def extract_skin(ct: np.ndarray, body: np.ndarray) -> np.ndarray:
-    """Skin voxels: the outer 3-4 voxel shell of ``body`` with CT density in (-200, 250).
-
-    Ported from TotalSegmentator postprocessing.py ``extract_skin``; returns the mask
-    that function wraps in a NIfTI image (int or bool 0/1 array).
-    """
-    from scipy.ndimage import binary_dilation, binary_erosion
-
-    dilated = binary_dilation(body, iterations=1).astype(np.uint8)  # 1 voxel margin at the outside
-    inner = binary_erosion(dilated, iterations=3).astype(np.uint8)
-    skin = dilated - inner
-    # TotalSegmentator compares get_fdata() floats; integer voxels compare the same
-    density = (ct > -200) & (ct < 250)
-    skin[~density] = 0
-    from raytseg.pipeline.postprocess import remove_small_blobs
-
-    mask: np.ndarray = (skin > 0).astype(np.uint8)
-    remove_small_blobs(mask, [1], 5)  # TotalSegmentator: interval [5, 1e10]
-    return mask

@@ -25,7 +25,6 @@ from raytseg.pipeline.preprocess import ModelPlans, crop_box_from_mask, preproce
 from raytseg.pipeline.records import (
     Box,
     NetworkOutput,
-    OutputOptions,
     Prepared,
     Segmentation,
     SegmentOptions,
@@ -162,17 +161,3 @@ def _statistics(
     return basic_statistics(
         seg.labels, volume.data, volume.zooms, classes, include_incomplete=include, aggregation=aggregation
     )
-
-
-def extra_outputs(seg: Segmentation, volume: Volume, output: OutputOptions) -> dict[str, bytes]:
-    """Files written beside the masks: body/skin for ``body`` (per-class only), the preview."""
-    files: dict[str, bytes] = {}
-    if output.derived_masks and not output.ml and seg.task == "body":
-        from raytseg.pipeline.export import derived_body_masks
-
-        files.update(derived_body_masks(seg, volume))
-    if output.preview:
-        from raytseg.pipeline.preview import preview_png
-
-        files[f"preview_{seg.task}.png"] = preview_png(seg, volume)
-    return files

@@ -21,6 +21,8 @@ import nibabel as nib
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from raytseg.pipeline.labeltable import add_label_table
+
 Spacing = tuple[float, float, float]
 Shape3 = tuple[int, int, int]
 # Half-open voxel ranges [lo, hi) per axis.
@@ -216,7 +218,5 @@ class Segmentation:
 
     def to_nifti(self, *, with_label_table: bool = True) -> nib.Nifti1Image:
         """The multilabel image; with TotalSegmentator's XML label table when asked."""
-        from raytseg.pipeline.export import add_label_table
-
         img = nib.Nifti1Image(self.labels, self.affine, self.header.copy())
         return add_label_table(img, self.label_map) if with_label_table else img

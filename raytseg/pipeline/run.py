@@ -20,7 +20,7 @@ import nibabel as nib
 from raytseg.config import Settings
 from raytseg.options import split_options
 from raytseg.pipeline.load import LoadLimits, load_volume
-from raytseg.pipeline.passes import Region, after_pass, extra_outputs, finish, prepare
+from raytseg.pipeline.passes import Region, after_pass, finish, prepare
 from raytseg.pipeline.plan import Pass, admit
 from raytseg.pipeline.preprocess import ModelPlans, PlansCache, model_key
 from raytseg.pipeline.records import Segmentation, SegmentOptions, Volume
@@ -193,6 +193,6 @@ def segment(
     volume = load_volume(input, LoadLimits.from_settings(settings))
     seg = default_segmenter(device, settings).segment(volume, opts)
     if output is not None:
-        write_segmentation(seg, str(output), ml=out.ml, extra_files=extra_outputs(seg, volume, out))
+        write_segmentation(seg, volume, str(output), out)
     img = seg.to_nifti()
     return (img, seg.statistics or {}) if opts.statistics else img

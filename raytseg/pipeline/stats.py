@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -57,10 +56,6 @@ def basic_statistics(  # noqa: PLR0913 - TotalSegmentator's options, keyword-onl
     Returns:
         ``{class name: {"volume": …, "intensity": …, …}}`` with Python floats, rounded
         where TotalSegmentator rounds.
-
-    Example:
-        >>> stats = basic_statistics(seg.labels, volume.data, volume.zooms, {1: "spleen"})  # doctest: +SKIP
-        >>> stats["spleen"]["volume"]  # doctest: +SKIP
     """
     if labels.shape != image.shape:
         raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
@@ -108,73 +103,19 @@ def read_segmentation_labels(
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Labels and class names of an existing segmentation, for ``raytseg stats``.
 
-    Args:
-        source: A multilabel NIfTI (path or URI; its label table names the classes,
-            else ``task``'s classes do) or a local folder of ``<class>.nii.gz`` masks of
-            ``task`` (missing files count as empty, as TotalSegmentator's
-            ``combine_masks_to_multilabel_file`` does).
-        task: Task whose classes apply when the source does not name them.
-        shape: The image's shape; the segmentation must match it.
-
-    Raises:
-        UnreadableImageError: nothing readable at ``source``.
-        InvalidImageError: the segmentation's shape differs from ``shape``.
+    ``source`` is a multilabel NIfTI or a folder of per-class masks (``readback``);
+    ``task``'s classes apply where the source does not name them. The segmentation
+    must have the image's ``shape`` (``InvalidImageError`` otherwise).
     """
-    import gzip
-
-    import nibabel as nib
-
-    from raytseg import storage
-    from raytseg.errors import InvalidImageError, UnreadableImageError
-    from raytseg.pipeline.export import read_label_table
+    from raytseg.errors import InvalidImageError
+    from raytseg.pipeline.readback import read_segmentation
     from raytseg.tasks import get_task
 
-    task_classes = dict(get_task(task).classes)
-    folder = None if storage.is_uri(source) else storage.local_path(source)
-    if folder is not None and folder.is_dir():
-        return _labels_from_folder(folder, task_classes, shape), task_classes
-    raw = storage.read_bytes(source)
-    try:
-        img = nib.Nifti1Image.from_bytes(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
-    except Exception as exc:  # nibabel raises many types for bad files
-        raise UnreadableImageError(f"Could not read {source} as NIfTI: {exc}") from exc
-    if tuple(img.shape) != tuple(shape):
-        raise InvalidImageError(f"{source} has shape {img.shape} but the image has {tuple(shape)}.")
-    try:
-        classes = read_label_table(img)
-    except InvalidImageError:
-        classes = task_classes
-    data = np.asarray(img.dataobj)
-    if not np.issubdtype(data.dtype, np.integer):
-        data = np.where(data == np.round(data), data, 0)  # a fractional value equals no class id
-    return data.astype(np.uint8, copy=False), classes
-
-
-def _labels_from_folder(folder: Path, classes: dict[int, str], shape: tuple[int, ...]) -> np.ndarray:
-    import nibabel as nib
-
-    from raytseg.errors import InvalidImageError, UnreadableImageError
-
-    labels = np.zeros(shape, dtype=np.uint8)
-    found = 0
-    for k, name in classes.items():
-        file = folder / f"{name}.nii.gz"
-        if not file.exists():
-            continue
-        try:
-            mask = np.asarray(nib.Nifti1Image.from_filename(file).dataobj)
-        except Exception as exc:  # nibabel raises many types for bad files
-            raise UnreadableImageError(f"Could not read {file} as NIfTI: {exc}") from exc
-        if mask.shape != tuple(shape):
-            raise InvalidImageError(f"{file} has shape {mask.shape} but the image has {tuple(shape)}.")
-        labels[mask > 0.5] = k
-        found += 1
-    if not found:
-        raise UnreadableImageError(
-            f"{folder} holds no mask of the task's classes (e.g. {next(iter(classes.values()), '')}.nii.gz). "
-            "Pass the output folder of `raytseg segment` and its --task."
-        )
-    return labels
+    hint = "Pass the output folder of `raytseg segment` and its --task."
+    seg = read_segmentation(source, get_task(task).classes, hint)
+    if seg.labels.shape != tuple(shape):
+        raise InvalidImageError(f"{source} has shape {seg.labels.shape} but the image has {tuple(shape)}.")
+    return seg.labels, seg.classes
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,8 @@
-"""Errors only the service raises, and the one place where errors become HTTP responses.
+"""The one place where the service's errors become HTTP responses.
 
-The service adds five leaves to the tree in ``raytseg.errors``::
-
-    RaytsegError
-    ├── UnauthorizedError (401)        missing or wrong bearer token
-    ├── InputError
-    │   ├── UriNotAllowedError (403)   job URI outside the allowed prefixes
-    │   ├── JobNotFoundError (404)     no job with that id
-    │   └── InvalidOptionError
-    │       └── NotDeployedError (422) task or mode not served by this deployment
-    ├── ReplicaUnavailableError (503)  a replica died or is restarting: retry
-    └── InternalError (500)            anything unexpected (details only in the log)
-
-``as_raytseg_error`` turns whatever a request raised (Ray's wrappers included) into a
+Every error class, the service's own included (``UnauthorizedError``, ``NotDeployedError``,
+``ReplicaUnavailableError``...), lives in the one tree of ``raytseg.errors`` with its
+HTTP status. ``as_raytseg_error`` turns whatever a request raised (Ray's wrappers included) into a
 member of the tree, and ``http_error`` turns that into status, JSON body and headers.
 Nothing here imports Ray at module level.
 """

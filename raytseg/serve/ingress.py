@@ -180,8 +180,8 @@ class Ingress:
 
         Answers the multilabel NIfTI (label table in its header) when ``ml`` is true and no
         statistics are asked for; otherwise a zip with what TotalSegmentator writes to its
-        output folder: ``<task>.nii.gz`` or one ``<class>.nii.gz`` per class, plus
-        ``statistics.json`` when ``statistics`` is true.
+        output folder: ``segmentation.nii.gz`` or one ``<class>.nii.gz`` per class, plus
+        ``statistics.json`` when ``statistics`` is true and ``preview_<task>.png`` with ``preview``.
         """
         with self._tracked(query.task_name, "http"):
             self._authorize(request)

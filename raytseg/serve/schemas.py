@@ -30,7 +30,7 @@ class JobRequest(BaseModel):
 
     input_uri: str = Field(description="NIfTI file, DICOM zip or DICOM folder/prefix (fsspec URI or path).")
     output_uri: str = Field(
-        description="Output folder/prefix; with ml also a .nii.gz file (else <folder>/seg.nii.gz)."
+        description="Output folder/prefix; with ml also a .nii.gz file (else <folder>/segmentation.nii.gz)."
     )
     task: str = Field(default="total", description=SegmentOptions.model_fields["task"].description)
     options: JobOptions = Field(default_factory=JobOptions)

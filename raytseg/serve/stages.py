@@ -25,17 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from raytseg.metrics import recorder
-from raytseg.pipeline.export import class_mask_files, multilabel_nifti_bytes, write_segmentation
+from raytseg.pipeline.export import MULTILABEL_NAME, output_files, write_segmentation
 from raytseg.pipeline.load import LoadLimits, load_volume
-from raytseg.pipeline.passes import after_pass, extra_outputs, finish, prepare
+from raytseg.pipeline.passes import after_pass, finish, prepare
 from raytseg.pipeline.plan import Pass
 from raytseg.pipeline.preprocess import PlansCache, model_key
 from raytseg.pipeline.records import NetworkOutput, Prepared, Segmentation, Volume
-from raytseg.pipeline.stats import statistics_json
 from raytseg.serve.config import ServeConfig
 from raytseg.serve.handoff import AfterPass, Delivered, Delivery, Tags, own_arrays
 from raytseg.serve.runtime import weights_store
-from raytseg.storage import join
 
 log = logging.getLogger(__name__)
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so the same segmentation zips to the same bytes
@@ -136,37 +134,22 @@ class CpuStage:
 
 
 def _deliver(seg: Segmentation, volume: Volume, delivery: Delivery) -> Delivered:
-    files = delivery.files
-    extra = extra_outputs(seg, volume, files)
     if delivery.output is not None:
-        target = delivery.output
-        if files.ml and not target.endswith((".nii", ".nii.gz")):
-            target = join(target, "seg.nii.gz")
-        written = write_segmentation(seg, target, ml=files.ml, extra_files=extra)
+        written = write_segmentation(seg, volume, delivery.output, delivery.files)
         return Delivered(None, "application/json", "", tuple(written), seg.statistics)
-    if files.ml and seg.statistics is None and not extra:
-        return Delivered(multilabel_nifti_bytes(seg), "application/gzip", f"{seg.task}.nii.gz")
-    body = _zip(seg, extra, ml=files.ml)
-    return Delivered(body, "application/zip", f"{seg.task}.zip", (), seg.statistics)
+    files = list(output_files(seg, volume, delivery.files))
+    if len(files) == 1 and files[0][0] == MULTILABEL_NAME:
+        return Delivered(files[0][1], "application/gzip", MULTILABEL_NAME)
+    return Delivered(_zip(files), "application/zip", f"{seg.task}.zip", (), seg.statistics)
 
 
-def _zip(seg: Segmentation, extra: dict[str, bytes], *, ml: bool) -> bytes:
+def _zip(files: list[tuple[str, bytes]]) -> bytes:
     """The files TotalSegmentator would write to its output folder, as one zip."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:  # members are gzip already
-        for name, data in _members(seg, extra, ml=ml):
+        for name, data in files:
             archive.writestr(zipfile.ZipInfo(name, _ZIP_TIME), data)
     return buffer.getvalue()
-
-
-def _members(seg: Segmentation, extra: dict[str, bytes], *, ml: bool) -> Iterator[tuple[str, bytes]]:
-    if ml:
-        yield f"{seg.task}.nii.gz", multilabel_nifti_bytes(seg)
-    else:
-        yield from class_mask_files(seg)
-    yield from extra.items()
-    if seg.statistics is not None:
-        yield "statistics.json", statistics_json(seg.statistics)
 
 
 @contextmanager

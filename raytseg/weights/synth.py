@@ -32,7 +32,7 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,12 +116,6 @@ def synthesize(  # noqa: PLR0913 (keyword-only options, mirrors the catalogue's 
 
     Raises:
         InvalidOptionError: the folder exists and holds real (non-synthetic) weights.
-
-    Example:
-        >>> model = get_task("total").modes["fast"].models[0]  # doctest: +SKIP
-        >>> folder = "Dataset297_TotalSegmentator_total_3mm_1559subj"
-        >>> synthesize(model, folder, Path("weights"), modality="CT",
-        ...            target_spacing_xyz=(3.0, 3.0, 3.0), tiny=True, seed=297)  # doctest: +SKIP
     """
     target = out_root / folder_name / spec.trainer_folder
     if target.exists() and not is_synthetic(target):
@@ -133,17 +127,22 @@ def synthesize(  # noqa: PLR0913 (keyword-only options, mirrors the catalogue's 
         spec, folder_name, modality=modality, target_spacing_xyz=target_spacing_xyz, tiny=tiny, seed=seed
     )
     dataset_json = build_dataset_json(spec, folder_name, modality=modality)
+    _replace_folder(target, lambda tmp: _write_model_folder(tmp, spec, plans, dataset_json, seed))
+    logger.info("Synthesized random weights in %s", target)
+    return target
+
+
+def _replace_folder(target: Path, write: Callable[[Path], None]) -> None:
+    """``target`` replaced whole by what ``write`` puts in a sibling temporary folder."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".synth-", dir=target.parent))
     try:
-        _write_model_folder(tmp, spec, plans, dataset_json, seed)
+        write(tmp)
         if target.exists():
-            shutil.rmtree(target)  # synthetic, checked above
+            shutil.rmtree(target)  # synthetic, checked by the caller
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Synthesized random weights in %s", target)
-    return target
 
 
 def synthesize_task(

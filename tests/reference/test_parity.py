@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from raytseg.cli import main as raytseg_main
-from raytseg.pipeline.export import read_label_table
+from raytseg.pipeline.labeltable import read_label_table
 
 DICE_MIN = 0.9999
 

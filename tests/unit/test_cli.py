@@ -13,7 +13,7 @@ import pytest
 
 import raytseg
 from raytseg.cli import main
-from raytseg.pipeline.export import read_label_table
+from raytseg.pipeline.labeltable import read_label_table
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "totalseg-reference"
 CT = REFERENCE / "example_ct_sm.nii.gz"

@@ -13,7 +13,8 @@ import pytest
 
 from raytseg.errors import InvalidImageError, InvalidOptionError, UnreadableImageError
 from raytseg.masks import MASK_GROUPS, combine_masks
-from raytseg.pipeline.export import nifti_gz_bytes, read_label_table
+from raytseg.pipeline.export import nifti_gz_bytes
+from raytseg.pipeline.labeltable import read_label_table
 from raytseg.tasks import get_task
 
 GROUPS_IN_TOTAL = [g for g in MASK_GROUPS if g != "body"]

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from raytseg.batch import BatchConfig, run_batch
-from raytseg.batch.cli import EXIT_TOO_MANY_FAILURES, main
+from raytseg.batch.cli import EXIT_TOO_MANY_FAILURES
+from raytseg.cli import main as raytseg_main
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -164,13 +165,13 @@ def test_exit_code_says_whether_failures_exceed_the_limit(
 ) -> None:
     source = upload(f"{s3_prefix}/in", "ct_small.nii.gz", "corrupt.nii.gz")
     output = f"s3://{s3_prefix}/out"
-    args = ["--input", source, "--output", output, "--fast", "-d", "cpu", "-q"]
+    args = ["batch", "--input", source, "--output", output, "--fast", "-d", "cpu", "-q"]
 
-    assert main(args) == EXIT_TOO_MANY_FAILURES  # default: no failure tolerated
+    assert raytseg_main(args) == EXIT_TOO_MANY_FAILURES  # default: no failure tolerated
     statuses = {row["id"]: row["status"] for row in read_table(s3_files(output)["_results.parquet"])}
     assert statuses == {"ct_small": "ok", "corrupt": "failed"}
     # Reruns redo only the failed item; one failure out of two items:
-    assert main([*args, "--max-failures", "1"]) == 0
-    assert main([*args, "--max-failures", "40%"]) == EXIT_TOO_MANY_FAILURES
+    assert raytseg_main([*args, "--max-failures", "1"]) == 0
+    assert raytseg_main([*args, "--max-failures", "40%"]) == EXIT_TOO_MANY_FAILURES
     statuses = {row["id"]: row["status"] for row in read_table(s3_files(output)["_results.parquet"])}
     assert statuses == {"ct_small": "skipped", "corrupt": "failed"}

@@ -52,8 +52,10 @@ def test_job_writes_a_local_output(
     assert answer.headers["location"] == f"/v1/jobs/{job['id']}"
     record = _wait(api, job["id"])
     assert record["state"] == "succeeded", record
-    assert record["outputs"] == [str(out / "seg.nii.gz"), str(out / "statistics.json")]
-    assert (out / "seg.nii.gz").read_bytes() == reference(ct, SegmentOptions(task="total", fast=True))
+    assert record["outputs"] == [str(out / "segmentation.nii.gz"), str(out / "statistics.json")]
+    assert (out / "segmentation.nii.gz").read_bytes() == reference(
+        ct, SegmentOptions(task="total", fast=True)
+    )
 
 
 def test_job_writes_to_memory(api: httpx.Client, job_input: Path) -> None:
@@ -65,7 +67,7 @@ def test_job_writes_to_memory(api: httpx.Client, job_input: Path) -> None:
     job = api.post("/v1/jobs", json=body).json()
     record = _wait(api, job["id"])
     assert record["state"] == "succeeded", record
-    assert record["outputs"] == ["memory://raytseg-jobs/case2/seg.nii.gz"]
+    assert record["outputs"] == ["memory://raytseg-jobs/case2/segmentation.nii.gz"]
 
 
 def test_failed_job_reports_its_error(api: httpx.Client, service: Any) -> None:

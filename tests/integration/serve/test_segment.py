@@ -21,7 +21,7 @@ def test_fast_round_trip_is_byte_identical(api: httpx.Client, ct: bytes, referen
     answer = api.post("/v1/segment", params={"task": "total", "fast": "true"}, content=ct)
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == "application/gzip"
-    assert answer.headers["content-disposition"] == 'attachment; filename="total.nii.gz"'
+    assert answer.headers["content-disposition"] == 'attachment; filename="segmentation.nii.gz"'
     assert answer.content == reference(ct, SegmentOptions(task="total", fast=True))
 
 
@@ -92,7 +92,7 @@ def test_an_mr_dicom_series_runs_total_mr(
     body = make_zip(members)
     answer = api.post("/v1/segment", params={"fast": "true"}, content=body)
     assert answer.status_code == 200, answer.text
-    assert answer.headers["content-disposition"] == 'attachment; filename="total_mr.nii.gz"'
+    assert answer.headers["content-disposition"] == 'attachment; filename="segmentation.nii.gz"'
     assert answer.content == reference(body, SegmentOptions(task="total", fast=True))
 
 

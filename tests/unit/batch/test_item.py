@@ -16,7 +16,6 @@ from raytseg.batch.item import ItemState, JobSpec, advance, predict, result_of, 
 from raytseg.config import Settings
 from raytseg.pipeline.export import write_segmentation
 from raytseg.pipeline.load import LoadLimits, load_volume
-from raytseg.pipeline.passes import extra_outputs
 from raytseg.pipeline.run import Segmenter
 
 REFERENCE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "totalseg-reference"
@@ -72,11 +71,8 @@ def expected(
     def segment(config: BatchConfig) -> dict[str, bytes]:
         volume = load_volume(CT, LoadLimits.from_settings(settings))
         seg = segmenter.segment(volume, config.segment_options())
-        extra = extra_outputs(seg, volume, config.output_options)
         out = tmp_path / "expected"
-        write_segmentation(
-            seg, str(out / "segmentation.nii.gz") if config.ml else str(out), ml=config.ml, extra_files=extra
-        )
+        write_segmentation(seg, volume, str(out), config.output_options)
         return files(out)
 
     return segment

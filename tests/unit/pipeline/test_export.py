@@ -12,18 +12,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from raytseg.errors import InvalidImageError, InvalidOptionError, UnreadableImageError
 from raytseg.pipeline.export import (
-    add_label_table,
+    MULTILABEL_NAME,
     class_mask_files,
-    derived_body_masks,
-    label_table_xml,
     multilabel_nifti_bytes,
     nifti_gz_bytes,
-    read_label_table,
+    output_files,
     write_segmentation,
 )
-from raytseg.pipeline.records import Segmentation, Volume
+from raytseg.pipeline.labeltable import read_label_table
+from raytseg.pipeline.records import OutputOptions, Segmentation, Volume
 from raytseg.tasks import get_task
 
 
@@ -58,72 +56,6 @@ def _synthetic_seg(shape: tuple[int, int, int] = (23, 17, 11), n_classes: int = 
     header.set_data_dtype(np.uint8)
     label_map = {k: f"class_{k}" for k in range(1, n_classes + 1)}
     return Segmentation(labels, affine, header, label_map, "synthetic")
-
-
-# --- label table -------------------------------------------------------------------
-
-
-def test_label_table_equals_reference_file_extension(reference_data: Path) -> None:
-    img = nib.load(reference_data / "example_seg_fast.nii.gz")
-    total = get_task("total").classes
-    assert img.header.extensions[0].get_code() == 0
-    assert img.header.extensions[0].get_content() == label_table_xml(total)
-    assert read_label_table(img) == total
-    assert list(read_label_table(img)) == list(total)
-
-
-def test_add_label_table_round_trips_and_leaves_input_alone() -> None:
-    img = nib.Nifti1Image(np.zeros((2, 2, 2), dtype=np.uint8), np.eye(4))
-    names = {3: "a & b", 1: "<odd>", 250: "ünïcode", 12: ""}
-    out = add_label_table(img, names)
-    assert len(img.header.extensions) == 0
-    assert read_label_table(out) == names
-    reloaded = nib.Nifti1Image.from_bytes(out.to_bytes())
-    assert read_label_table(reloaded) == names
-
-
-def test_read_label_table_without_table_says_what_to_do() -> None:
-    img = nib.Nifti1Image(np.zeros((2, 2, 2), dtype=np.uint8), np.eye(4))
-    with pytest.raises(InvalidImageError, match="no label table"):
-        read_label_table(img)
-
-
-def test_read_label_table_damaged() -> None:
-    img = nib.Nifti1Image(np.zeros((2, 2, 2), dtype=np.uint8), np.eye(4))
-    img.header.extensions.append(nib.nifti1.Nifti1Extension(0, b"<CaretExtension><Label Key='x'>"))
-    with pytest.raises(UnreadableImageError, match="damaged"):
-        read_label_table(img)
-
-
-def test_read_label_table_refuses_entity_declarations() -> None:
-    xml = b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">]><CaretExtension><Label Key="1">&a;</Label>'
-    img = nib.Nifti1Image(np.zeros((2, 2, 2), dtype=np.uint8), np.eye(4))
-    img.header.extensions.append(nib.nifti1.Nifti1Extension(0, xml + b"</CaretExtension>"))
-    with pytest.raises(UnreadableImageError, match="DOCTYPE"):
-        read_label_table(img)
-
-
-@pytest.mark.reference
-def test_label_table_bytes_equal_totalsegmentator(tmp_path: Path, ts_python: Path) -> None:
-    maps = [
-        {1: "liver"},
-        {k: f"c{k}" for k in range(1, 30)},
-        {5: "kidney_left", 2: "spleen", 117: "costal_cartilages", 13: "x y"},
-        dict(get_task("body").classes),
-    ]
-    (tmp_path / "maps.json").write_text(json.dumps([list(m.items()) for m in maps]))
-    _run_reference(
-        ts_python,
-        "import json, numpy as np, nibabel as nib\n"
-        "from totalsegmentator.nifti_ext_header import add_label_map_to_nifti\n"
-        "for i, items in enumerate(json.load(open('maps.json'))):\n"
-        "    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4))\n"
-        "    img = add_label_map_to_nifti(img, {int(k): v for k, v in items})\n"
-        "    open(f'ext{i}.xml', 'wb').write(img.header.extensions[0].get_content())\n",
-        tmp_path,
-    )
-    for i, label_map in enumerate(maps):
-        assert label_table_xml(label_map) == (tmp_path / f"ext{i}.xml").read_bytes()
 
 
 # --- files ---------------------------------------------------------------------------
@@ -176,105 +108,69 @@ def test_class_files_of_a_large_volume_are_fast(reference_data: Path, fast_seg: 
     assert elapsed < 10.0, f"117 class files took {elapsed:.1f} s"
 
 
+def _volume(seg: Segmentation) -> Volume:
+    return Volume(np.zeros(seg.labels.shape, np.int16), seg.affine, seg.header)
+
+
 def test_write_segmentation_folder(tmp_path: Path) -> None:
     seg = _synthetic_seg()
     seg = Segmentation(
-        seg.labels, seg.affine, seg.header, seg.label_map, seg.task, {"class_1": {"volume": 1.0}}
+        seg.labels, seg.affine, seg.header, seg.label_map, "body", {"class_1": {"volume": 1.0}}
     )
     out = tmp_path / "segmentations"
-    written = write_segmentation(seg, str(out), ml=False, extra_files={"body.nii.gz": b"x"})
-    names = [f"{c}.nii.gz" for c in seg.label_map.values()] + ["body.nii.gz", "statistics.json"]
+    written = write_segmentation(
+        seg, _volume(seg), str(out), OutputOptions(derived_masks=False, preview=True)
+    )
+    names = [f"{c}.nii.gz" for c in seg.label_map.values()] + ["preview_body.png", "statistics.json"]
     assert written == [str(out / n) for n in names]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)  # no temporary files left
     assert (out / "statistics.json").read_text() == json.dumps(seg.statistics, indent=4)
     assert dict(class_mask_files(seg))["class_2.nii.gz"] == (out / "class_2.nii.gz").read_bytes()
 
 
-def test_write_segmentation_ml_puts_statistics_next_to_file(tmp_path: Path) -> None:
+def test_output_files_are_what_write_segmentation_writes(tmp_path: Path) -> None:
+    seg = _synthetic_seg()
+    for output in (OutputOptions(), OutputOptions(ml=True, preview=True)):
+        listed = dict(output_files(seg, _volume(seg), output))
+        written = write_segmentation(seg, _volume(seg), str(tmp_path / str(output.ml)), output)
+        assert {Path(w).name: Path(w).read_bytes() for w in written} == listed
+
+
+@pytest.mark.parametrize("name", ["seg.nii.gz", "seg.nii"])
+def test_write_segmentation_ml_file_puts_statistics_next_to_it(tmp_path: Path, name: str) -> None:
     seg = _synthetic_seg()
     seg = Segmentation(
         seg.labels, seg.affine, seg.header, seg.label_map, seg.task, {"class_1": {"volume": 2.0}}
     )
-    target = tmp_path / "new" / "seg.nii.gz"
-    written = write_segmentation(seg, str(target), ml=True)
+    target = tmp_path / "new" / name
+    written = write_segmentation(seg, _volume(seg), str(target), OutputOptions(ml=True))
     assert written == [str(target), str(tmp_path / "new" / "statistics.json")]
-    img = nib.load(target)
+    img = nib.load(target)  # .nii uncompressed, .nii.gz gzip: as nib.save writes them
     assert read_label_table(img) == seg.label_map
     np.testing.assert_array_equal(np.asarray(img.dataobj), seg.labels)
+
+
+def test_write_segmentation_ml_into_a_folder_names_the_file_segmentation(tmp_path: Path) -> None:
+    seg = _synthetic_seg()
+    written = write_segmentation(seg, _volume(seg), str(tmp_path / "out"), OutputOptions(ml=True))
+    assert written == [str(tmp_path / "out" / MULTILABEL_NAME)]
+    assert MULTILABEL_NAME == "segmentation.nii.gz"
 
 
 def test_write_segmentation_to_fsspec_uri() -> None:
     import fsspec
 
     seg = _synthetic_seg()
-    written = write_segmentation(seg, "memory://raytseg-test/case1/seg.nii.gz", ml=True)
+    volume = _volume(seg)
+    written = write_segmentation(
+        seg, volume, "memory://raytseg-test/case1/seg.nii.gz", OutputOptions(ml=True)
+    )
     assert written == ["memory://raytseg-test/case1/seg.nii.gz"]
     fs = fsspec.filesystem("memory")
     assert fs.cat_file("/raytseg-test/case1/seg.nii.gz") == multilabel_nifti_bytes(seg)
-    written = write_segmentation(seg, "memory://raytseg-test/case1/masks", ml=False)
+    written = write_segmentation(seg, volume, "memory://raytseg-test/case1/masks", OutputOptions())
     assert written[0] == "memory://raytseg-test/case1/masks/class_1.nii.gz"
     assert len(written) == len(seg.label_map)
-
-
-# --- body task ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def body_case(ct: nib.Nifti1Image) -> tuple[Segmentation, Volume]:
-    from scipy.ndimage import binary_fill_holes
-
-    data = np.asarray(ct.dataobj)
-    body = binary_fill_holes(data > -400)
-    labels = np.zeros(data.shape, dtype=np.uint8)
-    labels[body] = 1
-    labels[:, :, :8][body[:, :, :8]] = 2
-    header = ct.header.copy()
-    header.set_data_dtype(np.uint8)
-    seg = Segmentation(labels, ct.affine, header, dict(get_task("body").classes), "body")
-    return seg, Volume(data, ct.affine, ct.header)
-
-
-def test_derived_body_masks(body_case: tuple[Segmentation, Volume]) -> None:
-    seg, volume = body_case
-    files = derived_body_masks(seg, volume)
-    body = nib.Nifti1Image.from_bytes(gzip.decompress(files["body.nii.gz"]))
-    skin = nib.Nifti1Image.from_bytes(gzip.decompress(files["skin.nii.gz"]))
-    np.testing.assert_array_equal(np.asarray(body.dataobj), seg.labels > 0)
-    skin_data = np.asarray(skin.dataobj)
-    assert skin.get_data_dtype() == np.uint8
-    assert skin_data.any()
-    assert np.all(volume.data[skin_data > 0] > -200)
-
-
-def test_derived_body_masks_need_both_classes(body_case: tuple[Segmentation, Volume]) -> None:
-    seg, volume = body_case
-    partial = Segmentation(seg.labels, seg.affine, seg.header, {1: "body_trunc"}, "body")
-    with pytest.raises(InvalidOptionError, match="body_extremities"):
-        derived_body_masks(partial, volume)
-
-
-@pytest.mark.reference
-def test_derived_body_masks_equal_totalsegmentator(
-    tmp_path: Path, ts_python: Path, reference_data: Path, body_case: tuple[Segmentation, Volume]
-) -> None:
-    seg, volume = body_case
-    ct_path = reference_data / "example_ct_sm.nii.gz"
-    write_segmentation(seg, str(tmp_path / "seg"), ml=False)
-    _run_reference(
-        ts_python,
-        "from pathlib import Path\n"
-        "import nibabel as nib\n"
-        "from totalsegmentator.libs import combine_masks\n"
-        "from totalsegmentator.postprocessing import extract_skin\n"
-        "out = Path('seg')\n"
-        "nib.save(combine_masks(out, 'body'), 'body.nii.gz')\n"
-        f"skin = extract_skin(nib.load({str(ct_path)!r}), nib.load('body.nii.gz'))\n"
-        "nib.save(skin, 'skin.nii.gz')\n",
-        tmp_path,
-    )
-    files = derived_body_masks(seg, volume)
-    assert files["body.nii.gz"] == (tmp_path / "body.nii.gz").read_bytes()
-    assert files["skin.nii.gz"] == (tmp_path / "skin.nii.gz").read_bytes()
 
 
 def test_nifti_gz_bytes_equal_nib_save(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from raytseg.errors import InvalidImageError
-from raytseg.pipeline.export import add_label_table
+from raytseg.pipeline.labeltable import add_label_table
 from raytseg.pipeline.stats import (
     basic_statistics,
     label_counts_and_sums,

@@ -25,7 +25,7 @@ def test_segment_sends_body_params_and_token() -> None:
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        headers = {"content-disposition": 'attachment; filename="total.nii.gz"'}
+        headers = {"content-disposition": 'attachment; filename="segmentation.nii.gz"'}
         return httpx.Response(
             200, content=b"\x1f\x8bnifti", headers={**headers, "content-type": "application/gzip"}
         )
@@ -40,9 +40,9 @@ def test_segment_sends_body_params_and_token() -> None:
         ("roi_subset", "liver"),
         ("roi_subset", "spleen"),
     ]
-    assert result.filename == "total.nii.gz"
+    assert result.filename == "segmentation.nii.gz"
     assert not result.is_zip
-    assert result.files() == {"total.nii.gz": b"\x1f\x8bnifti"}
+    assert result.files() == {"segmentation.nii.gz": b"\x1f\x8bnifti"}
     assert result.statistics is None
 
 
@@ -136,3 +136,19 @@ def test_wait_raises_the_jobs_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
     with pytest.raises(UnreadableImageError, match="truncated"):
         client(handler).wait("j1")
+
+
+def test_every_error_of_the_tree_comes_back_as_itself() -> None:
+    from raytseg import errors
+    from raytseg.client import _error_from
+
+    tree = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.RaytsegError)]
+    assert len(tree) > 20
+    for cls in tree:
+        if cls is errors.RaytsegError:
+            continue
+        error = _error_from({"type": cls.__name__, "message": "m", "status": cls.status_code}, 500)
+        assert type(error) is cls
+        assert (error.message, error.status_code) == ("m", cls.status_code)
+    unknown = _error_from({"type": "NoSuchError", "message": "m", "status": 418}, 500)
+    assert (type(unknown), unknown.status_code) == (ServiceError, 418)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +14,12 @@ import pytest
 
 from raytseg.config import Settings
 from raytseg.errors import ModelError
-from raytseg.pipeline.export import multilabel_nifti_bytes
+from raytseg.pipeline.export import multilabel_nifti_bytes, output_files
 from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.passes import empty_segmentation
 from raytseg.pipeline.plan import passes, plan_run
 from raytseg.pipeline.preprocess import model_key
-from raytseg.pipeline.records import SegmentOptions
+from raytseg.pipeline.records import OutputOptions, SegmentOptions
 from raytseg.serve.config import ServeConfig, load_config
 from raytseg.serve.handoff import AfterPass, Delivery, Tags
 from raytseg.serve.models import ModelServer, _DeviceGuard
@@ -88,6 +90,26 @@ def test_an_empty_crop_region_answers_zeros(config: ServeConfig, ct: bytes) -> N
     labels = np.asanyarray(nib.Nifti1Image.from_bytes(gzip.decompress(delivered.body)).dataobj)
     assert labels.shape == volume.shape
     assert not labels.any()
+
+
+def test_an_answer_with_more_than_the_multilabel_file_is_the_exporters_files_zipped(
+    config: ServeConfig, ct: bytes
+) -> None:
+    options = SegmentOptions(fast=True, roi_subset=("liver",))
+    crop, main = passes(plan_run(options), options)
+    stage = CpuStage(config)
+    tags = Tags("total", "http")
+    output = OutputOptions(ml=True, preview=True)
+    spec = PassSpec((crop, main), 1, tags, Delivery(output))
+    volume = stage.load(ct, tags)
+    empty = AfterPass(empty_segmentation(volume, main))
+    delivered = stage.finish(spec, volume, None, empty)
+    assert (delivered.media_type, delivered.filename) == ("application/zip", "total.zip")
+    assert delivered.body is not None
+    with zipfile.ZipFile(io.BytesIO(delivered.body)) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    assert members == dict(output_files(empty_segmentation(volume, main), volume, output))
+    assert list(members) == ["segmentation.nii.gz", "preview_total.png"]
 
 
 def test_device_guard_reports_a_cuda_fault() -> None:
