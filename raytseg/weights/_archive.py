@@ -2,7 +2,8 @@
 
 Weight archives come from the network or from users, and checkpoints inside them are
 pickles, so an archive may neither write outside its folder (absolute names, ``..``,
-symbolic links) nor expand past ``Settings.max_archive_bytes``.
+symbolic links) nor expand past ``Settings.max_archive_bytes``: ``raytseg.archive``
+checks both, as it does for DICOM zips.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import hashlib
 import logging
 import os
 import re
-import stat
 import zipfile
 import zlib
 from pathlib import Path
 
-from raytseg.errors import UnsafeArchiveError, WeightsIntegrityError
+from raytseg.archive import ByteBudget, check_members, copy_member, member_parts
+from raytseg.errors import WeightsIntegrityError
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ _CHUNK = 1024 * 1024
 _DATASET_NAME = re.compile(r"^Dataset(\d{3,})_")
 # Written by raytseg.weights.synth into every model folder of random weights.
 SYNTHETIC_MARKER = "RAYTSEG_SYNTHETIC_WEIGHTS.txt"
+_ADVICE = (
+    "Nothing was installed; use the published archive, or raise RAYTSEG_MAX_ARCHIVE_BYTES if it is larger."
+)
 
 # SHA-256 of files inside published zips, by dataset id and path inside the dataset folder.
 # Verified after extraction, before the folder becomes visible in the store.
@@ -81,62 +85,29 @@ def verify_known_checksums(dataset_folder: Path, dataset_id: int, *, allow_synth
 
 
 def safe_extract(archive: Path, dest: Path, max_bytes: int) -> None:
-    """Extract ``archive`` into ``dest``, refusing unsafe names, links and zip bombs."""
+    """Extract ``archive`` into ``dest``, refusing what ``raytseg.archive`` refuses."""
     try:
         with zipfile.ZipFile(archive) as zf:
             members = zf.infolist()
-            _check_members(archive, members, max_bytes)
+            check_members(members, max_bytes, archive.name, _ADVICE)
             dest.mkdir(parents=True, exist_ok=True)
-            written = 0
+            budget = ByteBudget(max_bytes, archive.name, _ADVICE)
             for info in members:
-                written += _extract_member(zf, info, dest, max_bytes - written)
+                _extract_member(zf, info, dest, budget)
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
         raise WeightsIntegrityError(
             f"{archive.name} is not a valid zip archive ({exc}). Download it again."
         ) from exc
 
 
-def _member_parts(archive: Path, info: zipfile.ZipInfo) -> list[str]:
-    name = info.filename
-    parts = [p for p in re.split(r"[\\/]", name) if p not in ("", ".")]
-    unsafe = name.startswith(("/", "\\")) or ":" in name or ".." in parts or not parts
-    if unsafe:
-        raise UnsafeArchiveError(f"{archive.name} contains the unsafe path {name!r}; refusing to extract it.")
-    if stat.S_ISLNK(info.external_attr >> 16):
-        raise UnsafeArchiveError(
-            f"{archive.name} contains the symbolic link {name!r}; refusing to extract it."
-        )
-    return parts
-
-
-def _check_members(archive: Path, members: list[zipfile.ZipInfo], max_bytes: int) -> None:
-    for info in members:
-        _member_parts(archive, info)
-    total = sum(info.file_size for info in members)
-    if total > max_bytes:
-        raise UnsafeArchiveError(
-            f"{archive.name} expands to {total} bytes, more than the limit of {max_bytes} "
-            "(RAYTSEG_MAX_ARCHIVE_BYTES)."
-        )
-
-
-def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, budget: int) -> int:
-    """Extract one member; returns the bytes written."""
-    target = dest.joinpath(*_member_parts(Path(str(zf.filename)), info))
+def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, budget: ByteBudget) -> None:
+    target = dest.joinpath(*member_parts(info, Path(str(zf.filename)).name, _ADVICE))
     if info.is_dir():
         target.mkdir(parents=True, exist_ok=True)
-        return 0
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with zf.open(info) as src, target.open("wb") as out:
-        while chunk := src.read(_CHUNK):
-            written += len(chunk)
-            if written > budget:
-                raise UnsafeArchiveError(
-                    f"{info.filename!r} expands past the archive size limit (RAYTSEG_MAX_ARCHIVE_BYTES)."
-                )
-            out.write(chunk)
-    return written
+    with target.open("wb") as out:
+        copy_member(zf, info, out, budget)
 
 
 def rename_into_place(source: Path, target: Path) -> None:

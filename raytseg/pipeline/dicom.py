@@ -1,0 +1,235 @@
+"""DICOM reading for the load stage: a series, from a folder, a zip or a list of blobs.
+
+A series is converted the way TotalSegmentator converts it
+(``dicom2nifti.dicom_series_to_nifti(..., reorient_nifti=True)`` followed by ``nib.load``),
+but in memory: nothing is extracted or written to disk. Before any pixel is decoded the
+series must be a single one and fit the voxel limit, from the headers alone. Zips are
+checked by ``raytseg.archive`` before a member is read.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from raytseg.archive import ByteBudget, check_members, copy_member
+from raytseg.errors import (
+    AmbiguousDicomError,
+    ImageTooLargeError,
+    InputError,
+    InvalidImageError,
+    UnreadableImageError,
+)
+from raytseg.pipeline.nifti import volume_from_image
+from raytseg.pipeline.records import Volume
+
+# dicom2nifti's read options (common.read_dicom_directory): pixel data is read on demand.
+_DICOM_DEFER_SIZE = "1 KB"
+# What to do when a zip (or a remote folder) of slices is refused.
+ARCHIVE_ADVICE = (
+    "Zip the DICOM slices of one series with relative paths only, or raise RAYTSEG_MAX_ARCHIVE_BYTES."
+)
+
+
+def read_zip(stream: io.BufferedIOBase, max_bytes: int, name: str) -> list[tuple[str, bytes]]:
+    """Every member's bytes, in memory; nothing is extracted."""
+    try:
+        archive = zipfile.ZipFile(stream)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise UnreadableImageError(f"{name} is not a readable zip file ({exc}). Re-create the zip.") from exc
+    with archive:
+        infos = archive.infolist()
+        check_members(infos, max_bytes, name, ARCHIVE_ADVICE)
+        budget = ByteBudget(max_bytes, name, ARCHIVE_ADVICE)
+        return [
+            (info.filename, _read_member(archive, info, budget, name)) for info in infos if not info.is_dir()
+        ]
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: ByteBudget, name: str) -> bytes:
+    out = io.BytesIO()
+    try:
+        copy_member(archive, info, out, budget)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise UnreadableImageError(
+            f"Could not read {info.filename!r} from {name} ({exc}). Re-create the zip."
+        ) from exc
+    return out.getvalue()
+
+
+def read_dicom_dir(folder: Path) -> list[Any]:
+    """A folder's DICOM image files, as dicom2nifti's ``common.read_dicom_directory`` reads them."""
+    datasets = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for file_name in sorted(files):
+            path = Path(root) / file_name
+            try:
+                with path.open("rb") as f:
+                    head = f.read(132)
+            except OSError as exc:
+                raise UnreadableImageError(
+                    f"Could not read {path}: {exc}. Check the folder's permissions."
+                ) from exc
+            if _is_dicom(head, str(path)):
+                datasets.append(_dcmread(str(path), str(path)))
+    return [ds for ds in datasets if _is_imaging(ds)]
+
+
+def datasets_from_blobs(blobs: Iterable[tuple[str, bytes]]) -> list[Any]:
+    datasets = [_dcmread(io.BytesIO(blob), name) for name, blob in blobs if _is_dicom(blob, io.BytesIO(blob))]
+    return [ds for ds in datasets if _is_imaging(ds)]
+
+
+def _is_dicom(head: bytes, source: str | io.BufferedIOBase) -> bool:
+    """dicom2nifti's ``common.is_dicom_file``: the DICM marker, or a forced read when so configured."""
+    if head[128:132] == b"DICM":
+        return True
+    import dicom2nifti.settings
+    import pydicom
+
+    if not dicom2nifti.settings.pydicom_read_force:
+        return False
+    try:
+        pydicom.dcmread(source, defer_size=_DICOM_DEFER_SIZE, stop_before_pixels=True, force=True)
+    except Exception:
+        return False
+    return True
+
+
+def _dcmread(source: str | io.BufferedIOBase, name: str) -> Any:
+    import dicom2nifti.settings
+    import pydicom
+
+    try:
+        return pydicom.dcmread(
+            source, defer_size=_DICOM_DEFER_SIZE, force=dicom2nifti.settings.pydicom_read_force
+        )
+    except Exception as exc:
+        raise UnreadableImageError(
+            f"{name} looks like DICOM but cannot be read ({exc}). Remove or replace it."
+        ) from exc
+
+
+def _is_imaging(dataset: Any) -> bool:
+    from dicom2nifti.common import is_valid_imaging_dicom
+
+    return bool(is_valid_imaging_dicom(dataset))
+
+
+def dicom_volume(datasets: list[Any], origin: str, max_voxels: int) -> Volume:
+    """One series of DICOM datasets as a ``Volume``, checked from the headers before conversion."""
+    if not datasets:
+        raise UnreadableImageError(
+            f"No DICOM image files found in {origin}. Pass a NIfTI file, or a folder or zip that holds "
+            "the DICOM slices of one series."
+        )
+    _check_one_series(datasets, origin)
+    _check_dicom_size(datasets, max_voxels, origin)
+    modality = str(datasets[0].get("Modality") or "") or None
+    img = _convert_dicom(datasets, origin)
+    return volume_from_image(img, f"{origin} (DICOM, {len(datasets)} files)", max_voxels, modality)
+
+
+def _check_one_series(datasets: list[Any], origin: str) -> None:
+    series: dict[str, list[Any]] = {}
+    for ds in datasets:
+        series.setdefault(str(ds.get("SeriesInstanceUID") or ""), []).append(ds)
+    if len(series) < 2:
+        return
+    lines = [
+        f"  - {uid or '<no SeriesInstanceUID>'}: "
+        f"{str(items[0].get('SeriesDescription') or '') or '<no description>'}, {len(items)} slices"
+        for uid, items in sorted(series.items())
+    ]
+    raise AmbiguousDicomError(
+        f"{origin} holds {len(series)} DICOM series:\n"
+        + "\n".join(lines)
+        + "\nPass one series: put its slices in a folder or zip of their own."
+    )
+
+
+def _check_dicom_size(datasets: list[Any], max_voxels: int, origin: str) -> None:
+    """Rows x columns x frames of every slice, from the headers, before any pixel is decoded."""
+    try:
+        voxels = sum(
+            int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0) * int(ds.get("NumberOfFrames") or 1)
+            for ds in datasets
+        )
+    except (TypeError, ValueError) as exc:
+        raise UnreadableImageError(f"{origin} has DICOM slices with invalid sizes ({exc}).") from exc
+    if voxels > max_voxels:
+        raise ImageTooLargeError(
+            f"{origin} has {voxels} voxels, more than the limit of {max_voxels}. "
+            "Pass a smaller series, or raise RAYTSEG_MAX_VOXELS."
+        )
+
+
+def _convert_dicom(datasets: list[Any], origin: str) -> nib.Nifti1Image:
+    """``dicom_series_to_nifti(..., reorient_nifti=True)`` then ``nib.load``, without files."""
+    from dicom2nifti.convert_dicom import dicom_array_to_nifti
+    from dicom2nifti.exceptions import ConversionError, ConversionValidationError
+
+    try:
+        # With reorient_nifti=True dicom2nifti insists on writing the file; reorient here instead.
+        converted = dicom_array_to_nifti(datasets, None, reorient_nifti=False)
+        reoriented = _reorient_like_dicom2nifti(converted["NII"])
+        # A save and load fixes the header fields and dtype as TotalSegmentator sees them.
+        return nib.Nifti1Image.from_bytes(reoriented.to_bytes())
+    except InputError:
+        raise
+    except (ConversionError, ConversionValidationError) as exc:
+        raise InvalidImageError(
+            f"The DICOM series in {origin} cannot be converted ({exc}): slices are missing, "
+            "duplicated or inconsistent. Pass one complete series."
+        ) from exc
+    except Exception as exc:
+        raise UnreadableImageError(f"The DICOM series in {origin} cannot be read ({exc}).") from exc
+
+
+def _reorient_like_dicom2nifti(nii: Any) -> nib.Nifti1Image:
+    """dicom2nifti 2.6's ``image_reorientation.reorient_image`` (LAS), minus its write to disk."""
+    from dicom2nifti.image_reorientation import _reorient
+    from dicom2nifti.image_volume import ImageVolume
+
+    image = ImageVolume(nii)
+    if image.nifti_data.squeeze().ndim not in (2, 3, 4) and image.nifti_data.ndim != 3:
+        raise InvalidImageError("The DICOM series is not a 3D or 4D image. Pass one 3D series.")
+    new_image = _reorient(image)
+    if new_image.ndim > 3:  # dicom2nifti does not squeeze single-slice data
+        new_image = new_image.squeeze()
+    output = nib.Nifti1Image(new_image, _las_affine(image))
+    output.header.set_slope_inter(1, 0)
+    output.header.set_xyzt_units(2)
+    return output
+
+
+def _las_affine(image: Any) -> np.ndarray:
+    """The affine ``reorient_image`` builds for its LAS data (same columns, flips, origin)."""
+    affine = image.affine
+    sagittal, coronal, axial = image.sagittal_orientation, image.coronal_orientation, image.axial_orientation
+    new_affine = np.eye(4)
+    new_affine[:, 0] = affine[:, sagittal.normal_component]
+    new_affine[:, 1] = affine[:, coronal.normal_component]
+    new_affine[:, 2] = affine[:, axial.normal_component]
+    point = [0, 0, 0, 1]
+    if not axial.x_inverted:
+        new_affine[:, 0] = -new_affine[:, 0]
+        point[sagittal.normal_component] = image.dimensions[sagittal.normal_component] - 1
+    if axial.y_inverted:
+        new_affine[:, 1] = -new_affine[:, 1]
+        point[coronal.normal_component] = image.dimensions[coronal.normal_component] - 1
+    if coronal.y_inverted:
+        new_affine[:, 2] = -new_affine[:, 2]
+        point[axial.normal_component] = image.dimensions[axial.normal_component] - 1
+    new_affine[:, 3] = np.dot(affine, point)
+    return new_affine
