@@ -63,7 +63,7 @@ def test_byte_budget_stops_the_read() -> None:
     budget = ByteBudget(100, "upload.zip", ADVICE)
     budget.take(60)
     budget.take(40)
-    with pytest.raises(UnsafeArchiveError, match="upload.zip expands past the limit of the archive size. Do this instead."):
+    with pytest.raises(UnsafeArchiveError, match="upload.zip expands past the limit.*Do this instead"):
         budget.take(1)
 
 
