@@ -85,8 +85,10 @@ def load_model(store: WeightsStore, key: str, device: torch.device) -> LoadedMod
     """Build one network from the weights store, recording the load time."""
     from raytseg.pipeline.model import LoadedModel, ModelFiles
     from raytseg.pipeline.preprocess import read_model_plans
+    from raytseg.weights.synth import warn_if_synthetic
 
     spec = model_spec(key)
+    warn_if_synthetic([spec], store)  # in the replica's log, as the CLI and batch say it
     started = time.perf_counter()
     files = ModelFiles(read_model_plans(store, spec), tuple(store.checkpoint_paths(spec)))
     model = LoadedModel.load(files, device)
