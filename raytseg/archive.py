@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import stat
 import zipfile
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from raytseg.errors import UnsafeArchiveError
@@ -35,14 +36,52 @@ class ByteBudget:
             raise UnsafeArchiveError(f"{self.name} expands past the limit of the archive size. {self.advice}")
 
 
-def check_members(infos: list[zipfile.ZipInfo], max_bytes: int, name: str, advice: str) -> None:
-    """Refuse the archive if any member is unsafe or the declared sizes pass ``max_bytes``."""
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What an archive may hold, checked on its directory before any member is read."""
+
+    total_bytes: int  # all members, expanded
+    member_bytes: int | None = None  # one member, expanded (None: only the total)
+    members: int = 100_000  # a whole-body CT has a few thousand slices
+    ratio: float | None = None  # expanded / compressed, for members past RATIO_MIN_BYTES
+
+
+RATIO_MIN_BYTES = 1 << 20  # small members (JSON, a DICOM header) may compress very well
+
+
+def check_members(infos: list[zipfile.ZipInfo], limits: ArchiveLimits, name: str, advice: str) -> None:
+    """Refuse the archive if a member is unsafe or the directory passes ``limits``.
+
+    The directory's sizes are checked before anything is allocated; that they may lie is
+    ``ByteBudget``'s and zipfile's concern (zipfile reads no byte past a declared size).
+    """
+    if len(infos) > limits.members:
+        raise UnsafeArchiveError(f"{name} holds {len(infos)} members, more than {limits.members}. {advice}")
     for info in infos:
         member_parts(info, name, advice)
+        _check_size(info, limits, name, advice)
     declared = sum(info.file_size for info in infos)
-    if declared > max_bytes:
+    if declared > limits.total_bytes:
         raise UnsafeArchiveError(
-            f"{name} expands to {declared} bytes, more than the limit of {max_bytes}. {advice}"
+            f"{name} expands to {declared} bytes, more than the limit of {limits.total_bytes}. {advice}"
+        )
+
+
+def _check_size(info: zipfile.ZipInfo, limits: ArchiveLimits, name: str, advice: str) -> None:
+    size = info.file_size
+    if limits.member_bytes is not None and size > limits.member_bytes:
+        raise UnsafeArchiveError(
+            f"{name} holds {info.filename!r} of {size} bytes, more than any image within the "
+            f"limits needs ({limits.member_bytes}). {advice}"
+        )
+    if (
+        limits.ratio is not None
+        and size > RATIO_MIN_BYTES
+        and size > limits.ratio * max(info.compress_size, 1)
+    ):
+        raise UnsafeArchiveError(
+            f"{name} holds {info.filename!r}, which expands {size // max(info.compress_size, 1)}-fold; "
+            f"image data does not compress past {limits.ratio:.0f}:1. {advice}"
         )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from raytseg.archive import ByteBudget, check_members, copy_member
+from raytseg.archive import ArchiveLimits, ByteBudget, check_members, copy_member
 from raytseg.errors import (
     AmbiguousDicomError,
     ImageTooLargeError,
@@ -38,7 +38,7 @@ ARCHIVE_ADVICE = (
 )
 
 
-def read_zip(stream: io.BufferedIOBase, max_bytes: int, name: str) -> list[tuple[str, bytes]]:
+def read_zip(stream: io.BufferedIOBase, limits: ArchiveLimits, name: str) -> list[tuple[str, bytes]]:
     """Every member's bytes, in memory; nothing is extracted."""
     try:
         archive = zipfile.ZipFile(stream)
@@ -46,8 +46,8 @@ def read_zip(stream: io.BufferedIOBase, max_bytes: int, name: str) -> list[tuple
         raise UnreadableImageError(f"{name} is not a readable zip file ({exc}). Re-create the zip.") from exc
     with archive:
         infos = archive.infolist()
-        check_members(infos, max_bytes, name, ARCHIVE_ADVICE)
-        budget = ByteBudget(max_bytes, name, ARCHIVE_ADVICE)
+        check_members(infos, limits, name, ARCHIVE_ADVICE)
+        budget = ByteBudget(limits.total_bytes, name, ARCHIVE_ADVICE)
         return [
             (info.filename, _read_member(archive, info, budget, name)) for info in infos if not info.is_dir()
         ]

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import nibabel as nib
 
 from raytseg import storage
-from raytseg.archive import ByteBudget
+from raytseg.archive import ArchiveLimits, ByteBudget
 from raytseg.errors import ImageTooLargeError, StorageError, UnreadableImageError
 from raytseg.pipeline.dicom import ARCHIVE_ADVICE, datasets_from_blobs, dicom_volume, read_dicom_dir, read_zip
 from raytseg.pipeline.nifti import FIX_NIFTI, read_nifti, volume_from_image
@@ -53,6 +53,15 @@ class LoadLimits:
 
     max_voxels: int
     max_archive_bytes: int
+
+    @property
+    def archive(self) -> ArchiveLimits:
+        """A zip of DICOM slices: no member larger than the largest allowed image needs
+        (2 bytes a voxel, as CT and MR store them, plus headers), none compressed past
+        200:1, so a bomb is refused before a byte of it is read."""
+        return ArchiveLimits(
+            self.max_archive_bytes, member_bytes=2 * self.max_voxels + (16 << 20), ratio=200.0
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LoadLimits:
@@ -163,7 +172,7 @@ def _load_stream(stream: io.BufferedIOBase, limits: LoadLimits, name: str) -> Vo
         inner = gzip.GzipFile(fileobj=stream, mode="rb")
         return _read_nifti(inner, _peek(inner, name), limits, name)
     if head[:4] in _ZIP_MAGICS:
-        blobs = read_zip(stream, limits.max_archive_bytes, name)
+        blobs = read_zip(stream, limits.archive, name)
         return dicom_volume(datasets_from_blobs(blobs), name, limits.max_voxels)
     return _read_nifti(stream, head, limits, name)
 

@@ -16,7 +16,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from raytseg.archive import ByteBudget, check_members, copy_member, member_parts
+from raytseg.archive import ArchiveLimits, ByteBudget, check_members, copy_member, member_parts
 from raytseg.errors import WeightsIntegrityError
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def safe_extract(archive: Path, dest: Path, max_bytes: int) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
             members = zf.infolist()
-            check_members(members, max_bytes, archive.name, _ADVICE)
+            check_members(members, ArchiveLimits(max_bytes), archive.name, _ADVICE)
             dest.mkdir(parents=True, exist_ok=True)
             budget = ByteBudget(max_bytes, archive.name, _ADVICE)
             for info in members:
