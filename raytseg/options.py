@@ -92,7 +92,7 @@ def _argument(name: str, info: FieldInfo, flag: Flag) -> dict[str, Any]:
     if kind is bool:
         argument["action"] = "store_false" if flag.negated else "store_true"
         if flag.negated:
-            argument["help"] = f"Switch off (on by default): {info.description}"
+            argument["help"] = f"No {info.description}"  # the option is on by default
     elif get_origin(kind) is tuple:
         argument["nargs"] = "+"
     elif get_origin(kind) is Literal:

@@ -122,24 +122,29 @@ def output_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> It
 
     The one list for every entry point (the CLI and Python API write it, the service
     zips it, jobs and batch items commit it): the multilabel ``MULTILABEL_NAME`` or one
-    ``<class>.nii.gz`` per class; for task ``body`` per class also body.nii.gz and
-    skin.nii.gz; ``preview_<task>.png``; statistics.json.
+    ``<class>.nii.gz`` per class, for task ``body`` per class also body.nii.gz and
+    skin.nii.gz (none of them with ``skip_saving``); ``preview_<task>.png``; statistics.json.
     """
-    if output.ml:
-        yield MULTILABEL_NAME, multilabel_nifti_bytes(seg)
-    else:
-        yield from class_mask_files(seg)
-    if output.derived_masks and not output.ml and seg.task == "body":
-        from raytseg.pipeline.derived import derived_body_masks
-
-        for name, img in derived_body_masks(seg, volume).items():
-            yield name, nifti_gz_bytes(img)
+    if not output.skip_saving:
+        yield from _mask_files(seg, volume, output)
     if output.preview:
         from raytseg.pipeline.preview import preview_png
 
         yield f"preview_{seg.task}.png", preview_png(seg, volume)
     if seg.statistics is not None:
         yield "statistics.json", statistics_json(seg.statistics)
+
+
+def _mask_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> Iterator[tuple[str, bytes]]:
+    if output.ml:
+        yield MULTILABEL_NAME, multilabel_nifti_bytes(seg)
+        return
+    yield from class_mask_files(seg)
+    if output.derived_masks and seg.task == "body":
+        from raytseg.pipeline.derived import derived_body_masks
+
+        for name, img in derived_body_masks(seg, volume).items():
+            yield name, nifti_gz_bytes(img)
 
 
 def write_segmentation(seg: Segmentation, volume: Volume, target: str, output: OutputOptions) -> list[str]:

@@ -137,7 +137,7 @@ def empty_segmentation(volume: Volume, main: Pass) -> Segmentation:
     labels = np.zeros(volume.shape, dtype=np.uint8)
     stats = None
     if options.statistics:
-        stats = basic_statistics(labels, volume.data, volume.zooms, dict(plan.output_classes))
+        stats = _measure(labels, volume.data, volume.zooms, dict(plan.output_classes), options)
     return Segmentation(labels, volume.affine, header, dict(plan.output_classes), plan.main.task, stats)
 
 
@@ -151,13 +151,26 @@ def _statistics(
     if not options.statistics:
         return None
     classes = dict(step.plan.output_classes)
-    include, aggregation = options.stats_include_incomplete, options.stats_aggregation
     labels, image, zooms = model_grid
     if step.plan.fast_statistics and image is not None:
         # As TotalSegmentator: --fast statistics use the model grid (10x faster, same volumes).
-        return basic_statistics(
-            labels, image, zooms, classes, include_incomplete=include, aggregation=aggregation
-        )
+        return _measure(labels, image, zooms, classes, options)
+    return _measure(seg.labels, volume.data, volume.zooms, classes, options)
+
+
+def _measure(
+    labels: np.ndarray,
+    image: np.ndarray,
+    zooms: tuple[float, float, float],
+    classes: dict[int, str],
+    options: SegmentOptions,
+) -> dict[str, dict[str, Any]]:
     return basic_statistics(
-        seg.labels, volume.data, volume.zooms, classes, include_incomplete=include, aggregation=aggregation
+        labels,
+        image,
+        zooms,
+        classes,
+        include_incomplete=options.stats_include_incomplete,
+        aggregation=options.stats_aggregation,
+        extra=options.statistics_extra,
     )

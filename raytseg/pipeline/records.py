@@ -107,6 +107,10 @@ class SegmentOptions(BaseModel):
     stats_aggregation: Annotated[Literal["mean", "median"], Flag("-sa")] = Field(
         default="mean", description="How statistics aggregate intensities."
     )
+    statistics_extra: Annotated[bool, Flag("-sx")] = Field(
+        default=False,
+        description="Statistics also give n_voxels, intensity std/min/max, centroid_vox, bbox_vox.",
+    )
     remove_small_blobs: Annotated[float | None, Flag("-rmb", const=200.0)] = Field(
         default=None, gt=0, description="Remove connected components smaller than this (mm³; alone: 200)."
     )
@@ -121,10 +125,14 @@ class OutputOptions(BaseModel):
         default=False, description="One multilabel file (segmentation.nii.gz) instead of one file per class."
     )
     derived_masks: Annotated[bool, Flag("-ndm", negated="no_derived_masks")] = Field(
-        default=True, description="For task body, also body.nii.gz and skin.nii.gz (per-class output)."
+        default=True, description="body.nii.gz and skin.nii.gz beside task body's per-class masks."
     )
     preview: Annotated[bool, Flag("-p")] = Field(
         default=False, description="Also write preview_<task>.png (a 2D projection)."
+    )
+    skip_saving: Annotated[bool, Flag("-ss")] = Field(
+        default=False,
+        description="Write no masks (statistics.json and the preview still), as TotalSegmentator.",
     )
 
 

@@ -67,3 +67,22 @@ def s3_bucket() -> Callable[[str], AbstractContextManager[Any]]:
             s3fs.S3FileSystem.clear_instance_cache()
 
     return bucket
+
+
+@pytest.fixture(scope="session")
+def dicom_zip_bomb(tmp_path_factory: pytest.TempPathFactory, reference_data: Path) -> Path:
+    """The reference DICOM series zipped with one more member that expands to 3 GiB of
+    zeros: a 6 MB upload that a reader of every member would expand to over 3 GB."""
+    import zipfile
+
+    bomb = tmp_path_factory.mktemp("bomb") / "series.zip"
+    chunk = bytes(64 << 20)
+    padding = zipfile.ZipInfo("zz_padding.dcm")
+    padding.compress_type = zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        for slice_file in sorted((reference_data / "example_ct_dicom").iterdir()):
+            archive.write(slice_file, slice_file.name)
+        with archive.open(padding, "w", force_zip64=True) as member:
+            for _ in range(3 * (1 << 30) // len(chunk)):
+                member.write(chunk)
+    return bomb

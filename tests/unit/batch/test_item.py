@@ -83,8 +83,9 @@ def expected(
     [
         ({"statistics": True, "roi_subset": ("kidney_left", "trachea")}, [True, True]),
         ({"roi_subset": ("liver", "spleen")}, [True]),  # the crop pass finds nothing (see segmenter)
+        ({"statistics": True, "statistics_extra": True, "skip_saving": True}, [False]),  # model-grid stats
     ],
-    ids=["crop-pass-statistics", "empty-crop-region"],
+    ids=["crop-pass-statistics", "empty-crop-region", "statistics-only"],
 )
 def test_steps_write_what_the_segmenter_writes(
     settings: Settings,

@@ -177,3 +177,16 @@ def test_nifti_gz_bytes_equal_nib_save(tmp_path: Path) -> None:
     img = nib.Nifti1Image(np.arange(60, dtype=np.int16).reshape(3, 4, 5), np.eye(4))
     nib.save(img, tmp_path / "a.nii.gz")
     assert nifti_gz_bytes(img) == (tmp_path / "a.nii.gz").read_bytes()
+
+
+def test_skip_saving_writes_statistics_and_the_preview_only() -> None:
+    seg = _synthetic_seg()
+    seg = Segmentation(
+        seg.labels, seg.affine, seg.header, seg.label_map, "body", {"class_1": {"volume": 1.0}}
+    )
+    for ml in (False, True):
+        output = OutputOptions(ml=ml, skip_saving=True, preview=True)
+        assert [name for name, _ in output_files(seg, _volume(seg), output)] == [
+            "preview_body.png",
+            "statistics.json",
+        ]

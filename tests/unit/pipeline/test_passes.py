@@ -68,3 +68,14 @@ def test_an_empty_crop_region_answers_zeros_for_the_main_pass() -> None:
     assert following.label_map == dict(main.plan.output_classes)  # the roi_subset classes
     assert following.statistics is not None  # the request asked for statistics
     assert set(following.statistics) == {"liver"}
+
+
+def test_statistics_extra_reaches_the_statistics() -> None:
+    from raytseg.pipeline.passes import empty_segmentation
+
+    for extra in (False, True):
+        options = SegmentOptions(fast=True, roi_subset=("liver",), statistics=True, statistics_extra=extra)
+        main = passes(plan_run(options), options)[-1]
+        stats = empty_segmentation(_volume(), main).statistics
+        assert stats is not None
+        assert ("n_voxels" in stats["liver"]) is extra
