@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raytseg", description="TotalSegmentator-compatible segmentation, scalable on Ray."
     )
+    parser.add_argument("--version", action="version", version=f"raytseg {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_segment(sub)
     _add_stats(sub)
@@ -85,7 +86,26 @@ def _add_segment(sub: Any) -> None:
     p.add_argument("-l", "--license_number", help="Store this license key first (licensed tasks).")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
     p.add_argument("-v", "--verbose", action="store_true", help="More progress output.")
+    p.add_argument("-lt", "--list-tasks", action=_ListAndExit, nargs=0, help="List the tasks and exit.")
+    p.add_argument(
+        "-lc", "--list-classes", action=_ListAndExit, nargs="?", const="total", metavar="TASK",
+        help="List the classes of TASK (default total) and exit.",
+    )  # fmt: skip
     p.set_defaults(handler=_cmd_segment)
+
+
+class _ListAndExit(argparse.Action):
+    """TotalSegmentator's -lt and -lc: ``raytseg tasks`` output, then exit, like --help."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None
+    ) -> None:
+        classes = values if self.dest == "list_classes" else None
+        try:
+            status = _cmd_tasks(argparse.Namespace(json=False, classes=classes))
+        except RaytsegError as exc:
+            parser.exit(1, f"raytseg: error: {exc}\n")
+        parser.exit(status)
 
 
 def _add_stats(sub: Any) -> None:
@@ -138,6 +158,12 @@ def _mode_flags(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--fast", action="store_true")
     group.add_argument("--fastest", action="store_true")
+
+
+def _version() -> str:
+    from raytseg import __version__
+
+    return __version__
 
 
 def _settings() -> Any:

@@ -136,3 +136,18 @@ def test_importing_the_cli_catalogue_and_records_loads_neither_torch_nor_ray() -
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_totalsegmentator_list_flags_print_and_exit(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["segment", "-lc", "liver_vessels"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["   1  liver_vessels", "   2  liver_tumor"]
+    with pytest.raises(SystemExit) as done:
+        main(["segment", "--list-tasks"])
+    assert done.value.code == 0
+    assert "lung_vessels" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        main(["segment", "-lc", "nope"])
+    assert done.value.code == 1
+    assert "Unknown task 'nope'" in capsys.readouterr().err
