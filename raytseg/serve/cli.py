@@ -37,6 +37,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from raytseg.config import environment
     from raytseg.serve.config import load_config
     from raytseg.serve.local import start_local, stop_local
+    from raytseg.serve.runtime import check_weights
 
     source: dict[str, Any] = {}
     if args.config is not None:
@@ -47,6 +48,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.device:
         source["device"] = args.device
     config = load_config(source, environment())
+    check_weights(config)  # at once, not after Serve has restarted the failing replicas for ever
     stop = threading.Event()
     try:
         options = {} if args.num_cpus is None else {"num_cpus": args.num_cpus}

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from raytseg.config import Settings
-from raytseg.errors import NotDeployedError
+from raytseg.errors import MissingWeightsError, NotDeployedError
 from raytseg.metrics import recorder
 from raytseg.pipeline.plan import Admitted, admit, plan_run
 from raytseg.pipeline.preprocess import model_key
@@ -132,26 +133,50 @@ class Catalogue:
     def dedicated_models(self) -> dict[str, ModelSpec]:
         """Models with deployments of their own: every model a dedicated task's modes run
         (its default crop pass included), in catalogue order."""
-        keys: dict[str, ModelSpec] = {}
+        return {model_key(spec): spec for _, spec in self._models(dedicated_only=True)}
+
+    def served_models(self) -> dict[str, ModelSpec]:
+        """Every model a served task and mode runs, its own crop pass included. The crop
+        models that ``roi_subset`` or ``body_seg`` add load when a request needs them
+        (a 503 names them if their weights are missing)."""
+        return {model_key(spec): spec for _, spec in self._models(dedicated_only=False)}
+
+    def owner(self, key: str) -> str | None:
+        """The configured task whose deployment settings apply to model ``key``."""
+        return next(
+            (name for name, spec in self._models(dedicated_only=True) if model_key(spec) == key), None
+        )
+
+    def _models(self, *, dedicated_only: bool) -> Iterator[tuple[str, ModelSpec]]:
         for name, entry in self.config.tasks.items():
-            if not entry.dedicated:
+            if dedicated_only and not entry.dedicated:
                 continue
             for mode in entry.modes:
                 options = SegmentOptions(task=name, fast=mode == "fast", fastest=mode == "fastest")
                 for spec in plan_run(options).all_models:
-                    keys.setdefault(model_key(spec), spec)
-        return keys
+                    yield name, spec
 
-    def owner(self, key: str) -> str | None:
-        """The configured task whose deployment settings apply to model ``key``."""
-        for name, entry in self.config.tasks.items():
-            if not entry.dedicated:
-                continue
-            for mode in entry.modes:
-                options = SegmentOptions(task=name, fast=mode == "fast", fastest=mode == "fastest")
-                if key in {model_key(s) for s in plan_run(options).all_models}:
-                    return name
-        return None
+
+def check_weights(config: ServeConfig) -> None:
+    """Every model the service may run is in its local weights folder, or one
+    ``MissingWeightsError`` names each missing model and the command that fetches it.
+
+    Remote weights (a URI) are not checked here: that would download them.
+    """
+    from raytseg.weights.store import WeightsStore
+
+    settings = settings_for(config)
+    if settings.weights_uri is not None:
+        return
+    store = WeightsStore(settings)
+    problems = []
+    for spec in Catalogue(config).served_models().values():
+        try:
+            store.checkpoint_paths(spec)
+        except MissingWeightsError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise MissingWeightsError("\n".join(problems))
 
 
 INGRESS = "Ingress"
