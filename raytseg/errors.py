@@ -61,7 +61,7 @@ class InputError(RaytsegError, status=400):
     """The request or the image cannot be processed as given."""
 
 
-class UnreadableImageError(InputError):
+class UnreadableImageError(InputError, status=400):
     """The bytes are not a readable NIfTI image or DICOM series."""
 
 
@@ -73,7 +73,7 @@ class ImageTooLargeError(InputError, status=413):
     """The image (or the upload) exceeds a configured size limit."""
 
 
-class UnsafeArchiveError(InputError):
+class UnsafeArchiveError(InputError, status=400):
     """A zip archive tries to escape its folder or expands past the limit."""
 
 
@@ -101,11 +101,11 @@ class WeightsError(RaytsegError, status=503):
     """Model weights are missing or unusable."""
 
 
-class MissingWeightsError(WeightsError):
+class MissingWeightsError(WeightsError, status=503):
     """A model folder is not in the weights store."""
 
 
-class WeightsIntegrityError(WeightsError):
+class WeightsIntegrityError(WeightsError, status=503):
     """Downloaded or imported weights failed a check."""
 
 
@@ -113,7 +113,7 @@ class StorageError(RaytsegError, status=502):
     """Reading from or writing to storage failed."""
 
 
-class ModelError(RaytsegError):
+class ModelError(RaytsegError, status=500):
     """The network failed while predicting."""
 
 
@@ -125,7 +125,7 @@ class RequestTimeoutError(RaytsegError, status=504):
     """The request ran past its deadline."""
 
 
-class NotDeployedError(InvalidOptionError):
+class NotDeployedError(InvalidOptionError, status=422):
     """The task, mode or model exists but this service deployment does not serve it."""
 
 
@@ -137,7 +137,7 @@ class JobNotFoundError(InputError, status=404):
     """No job has this id (or it was forgotten after newer ones)."""
 
 
-class BatchInputError(InputError):
+class BatchInputError(InputError, status=400):
     """A batch job's input cannot be turned into work items (listing, manifest, ids)."""
 
 
@@ -149,11 +149,11 @@ class StaleOutputError(RaytsegError, status=409):
     """A batch item's folder holds complete outputs made with other options."""
 
 
-class WorkerCrashedError(RaytsegError):
+class WorkerCrashedError(RaytsegError, status=500):
     """The process segmenting a batch item died on every try."""
 
 
-class InternalError(RaytsegError):
+class InternalError(RaytsegError, status=500):
     """An unexpected failure; the message carries no internals."""
 
 
