@@ -21,7 +21,7 @@ import numpy as np
 
 from raytseg.pipeline.plan import CropPass, Pass
 from raytseg.pipeline.postprocess import FinalOps, postprocess
-from raytseg.pipeline.preprocess import ModelPlans, crop_box_from_mask, preprocess
+from raytseg.pipeline.preprocess import ModelPlans, Resampling, crop_box_from_mask, preprocess
 from raytseg.pipeline.records import (
     Box,
     NetworkOutput,
@@ -61,7 +61,7 @@ def prepare(
         plans,
         crop_box=None if region is None else region.box,
         keep_model_image=step.plan.fast_statistics,
-        device=device,
+        resampling=Resampling(step.options.resampling_order, device),
     )
 
 
@@ -137,7 +137,7 @@ def empty_segmentation(volume: Volume, main: Pass) -> Segmentation:
     labels = np.zeros(volume.shape, dtype=np.uint8)
     stats = None
     if options.statistics:
-        stats = _measure(labels, volume.data, volume.zooms, dict(plan.output_classes), options)
+        stats = _measure(labels, volume.data, volume.zooms, main)
     return Segmentation(labels, volume.affine, header, dict(plan.output_classes), plan.main.task, stats)
 
 
@@ -147,30 +147,26 @@ ModelGrid = tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]
 def _statistics(
     volume: Volume, seg: Segmentation, step: Pass, model_grid: ModelGrid
 ) -> dict[str, dict[str, Any]] | None:
-    options: SegmentOptions = step.options
-    if not options.statistics:
+    if not step.options.statistics:
         return None
-    classes = dict(step.plan.output_classes)
     labels, image, zooms = model_grid
     if step.plan.fast_statistics and image is not None:
         # As TotalSegmentator: --fast statistics use the model grid (10x faster, same volumes).
-        return _measure(labels, image, zooms, classes, options)
-    return _measure(seg.labels, volume.data, volume.zooms, classes, options)
+        return _measure(labels, image, zooms, step)
+    return _measure(seg.labels, volume.data, volume.zooms, step)
 
 
 def _measure(
-    labels: np.ndarray,
-    image: np.ndarray,
-    zooms: tuple[float, float, float],
-    classes: dict[int, str],
-    options: SegmentOptions,
+    labels: np.ndarray, image: np.ndarray, zooms: tuple[float, float, float], step: Pass
 ) -> dict[str, dict[str, Any]]:
+    options: SegmentOptions = step.options
     return basic_statistics(
         labels,
         image,
         zooms,
-        classes,
+        dict(step.plan.output_classes),
         include_incomplete=options.stats_include_incomplete,
         aggregation=options.stats_aggregation,
-        extra=options.statistics_extra,
+        # TotalSegmentator's --fast statistics (nnunet.py) do not pass statistics_extra on.
+        extra=options.statistics_extra and not step.plan.fast_statistics,
     )

@@ -129,7 +129,9 @@ def passes(plan: RunPlan, options: SegmentOptions) -> tuple[Pass, ...]:
     chain: tuple[Pass, ...] = (Pass(plan, options),)
     while chain[0].plan.crop is not None:
         crop = chain[0].plan.crop
-        chain = (Pass(crop.plan, SegmentOptions(task=crop.plan.main.task), crop), *chain)
+        # TotalSegmentator resamples for its crop models with the request's order, too.
+        crop_options = SegmentOptions(task=crop.plan.main.task, resampling_order=options.resampling_order)
+        chain = (Pass(crop.plan, crop_options, crop), *chain)
     return chain
 
 

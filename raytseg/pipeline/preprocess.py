@@ -85,6 +85,19 @@ class PlansCache:
         return self._plans[key]
 
 
+@dataclass(frozen=True)
+class Resampling:
+    """How the image is resampled to the model's spacing.
+
+    ``device``: where (a GPU beside the networks); None resamples with scipy on the CPU.
+    Both give the same voxels (``raytseg.pipeline.zoom``). ``order``: the spline order
+    (TotalSegmentator's ``--resampling_order``).
+    """
+
+    order: int = 1
+    device: torch.device | None = None
+
+
 def preprocess(
     volume: Volume,
     run: ModelRun,
@@ -92,16 +105,12 @@ def preprocess(
     *,
     crop_box: Box | None = None,
     keep_model_image: bool = False,
-    device: torch.device | None = None,
+    resampling: Resampling = Resampling(),
 ) -> Prepared:
-    """Crop, reorient, resample and normalise ``volume`` for every model of ``run``.
-
-    ``device``: where to resample (a GPU beside the networks); None resamples with scipy
-    on the CPU. Both give the same voxels (``raytseg.pipeline.zoom``).
-    """
+    """Crop, reorient, resample (``resampling``) and normalise ``volume`` for every model of ``run``."""
     cropped = _cropped_image(volume, crop_box)
     canonical = nib.as_closest_canonical(cropped)
-    model_img, resampled = _resampled(canonical, run.resample_mm, device)
+    model_img, resampled = _resampled(canonical, run.resample_mm, resampling)
     model_data = np.asanyarray(model_img.dataobj)
     split = _split_for(model_data.shape, run)
     chunks = _chunks(model_data, split)
@@ -167,9 +176,9 @@ def _cropped_image(volume: Volume, box: Box | None) -> nib.Nifti1Image:
 
 
 def _resampled(
-    img: nib.Nifti1Image, target_mm: Spacing | None, device: torch.device | None
+    img: nib.Nifti1Image, target_mm: Spacing | None, how: Resampling
 ) -> tuple[nib.Nifti1Image, bool]:
-    """TotalSegmentator's ``change_spacing(img, target, order=1, dtype=int32)``."""
+    """TotalSegmentator's ``change_spacing(img, target, order=order, dtype=int32)``."""
     if target_mm is None:
         return img, False
     current = np.array(img.header.get_zooms()[:3])
@@ -178,7 +187,7 @@ def _resampled(
         return img, False
     zoom = current / target
     data = np.asanyarray(img.dataobj)
-    resampled = resample(data, zoom.tolist(), 1, device, dtype=np.int32)
+    resampled = resample(data, zoom.tolist(), how.order, how.device, dtype=np.int32)
     affine = img.affine.copy()
     for axis in range(3):
         affine[:3, axis] = affine[:3, axis] / zoom[axis]

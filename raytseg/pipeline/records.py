@@ -98,6 +98,12 @@ class SegmentOptions(BaseModel):
     force_split: Annotated[bool, Flag("-fs")] = Field(
         default=False, description="Predict in three overlapping z chunks."
     )
+    resampling_order: Annotated[int, Flag("-ro")] = Field(
+        default=1,
+        ge=0,
+        le=5,
+        description="Spline order (0-5) of resampling the image to the model's spacing.",
+    )
     statistics: Annotated[bool, Flag("-s")] = Field(
         default=False, description="Write statistics.json: volume and mean intensity per class."
     )

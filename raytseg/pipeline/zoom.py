@@ -43,12 +43,13 @@ def resample(
 ) -> np.ndarray:
     """``ndimage.zoom(data, factors, order=order, mode="nearest")``, cast to ``dtype`` if given.
 
-    Order 1 computes in float64 (TotalSegmentator's copy); order 0 copies values, so it
-    runs on ``data``'s own dtype (uint8 labels: an eighth of float64's memory, same
-    result). ``device`` None: scipy on the CPU; otherwise torch on that device.
+    Orders 1-5 compute in float64 (TotalSegmentator's ``get_fdata`` copy); order 0 copies
+    values, so it runs on ``data``'s own dtype (uint8 labels: an eighth of float64's
+    memory, same result). ``device`` None: scipy on the CPU; otherwise torch on that
+    device, for orders 0 and 1 (higher spline orders run on scipy).
     """
-    source = data.astype(np.float64, copy=False) if order == 1 else data
-    if device is None:
+    source = data.astype(np.float64, copy=False) if order >= 1 else data
+    if device is None or order > 1:
         from scipy import ndimage
 
         out: np.ndarray = ndimage.zoom(source, factors, order=order, mode="nearest")

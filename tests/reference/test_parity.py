@@ -92,7 +92,11 @@ ML_CASES = {
     "body": ("example_ct_sm.nii.gz", ("-ta", "body")),
     # Classes the synthetic 6 mm / 3 mm crop models find on these images (seeded weights),
     # from three part models (CT) and both MR parts.
-    "roi_subset": ("example_ct_sm.nii.gz", ("-rs", "spinal_cord", "kidney_cyst_right", "sacrum")),
+    # Also spline order 3 for the crop and main passes and extra statistics (see below).
+    "roi_subset": (
+        "example_ct_sm.nii.gz",
+        ("-rs", "spinal_cord", "kidney_cyst_right", "sacrum", "-ro", "3", "-s", "-sii", "-sx"),
+    ),
     "roi_subset_mr": ("example_mr_sm.nii.gz", ("-ta", "total_mr", "-rs", "duodenum", "autochthon_left")),
     "dicom_fast": ("example_ct_dicom", ("--fast",)),
     "fast_force_split": ("example_ct.nii.gz", ("--fast", "-fs")),
@@ -132,7 +136,7 @@ def test_per_class_output_matches_totalsegmentator(
 
 
 @pytest.mark.usefixtures("raytseg_env")
-@pytest.mark.parametrize("case", ["total", "total_fast"])
+@pytest.mark.parametrize("case", ["total", "total_fast", "roi_subset"])
 def test_statistics_match_totalsegmentator(
     case: str, totalsegmentator: object, reference_data: Path, tmp_path: Path
 ) -> None:

@@ -80,14 +80,15 @@ def test_labels_resample_on_their_own_dtype_as_totalsegmentator_on_float64(devic
     np.testing.assert_array_equal(ours, reference)
 
 
+@pytest.mark.parametrize("order", [1, 3])
 @pytest.mark.parametrize("device", [None, "cpu"])
-def test_images_resample_in_float64_then_truncate_to_int32(device: str | None) -> None:
-    """TotalSegmentator's change_spacing(order=1, dtype=np.int32) of an int16 CT."""
+def test_images_resample_in_float64_then_truncate_to_int32(device: str | None, order: int) -> None:
+    """TotalSegmentator's change_spacing(order=order, dtype=np.int32) of an int16 CT."""
     import torch
 
     image = np.random.default_rng(2).integers(-1024, 3000, size=(19, 13, 9)).astype(np.int16)
     zoom = [1.7, 0.6, 2.3]
-    reference = ndimage.zoom(image.astype(np.float64), zoom, order=1, mode="nearest").astype(np.int32)
-    ours = resample(image, zoom, 1, None if device is None else torch.device(device), dtype=np.int32)
+    reference = ndimage.zoom(image.astype(np.float64), zoom, order=order, mode="nearest").astype(np.int32)
+    ours = resample(image, zoom, order, None if device is None else torch.device(device), dtype=np.int32)
     assert ours.dtype == np.int32
     np.testing.assert_array_equal(ours, reference)

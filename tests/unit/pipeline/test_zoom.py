@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from raytseg.pipeline import zoom
 from raytseg.pipeline.postprocess import to_input_grid
-from raytseg.pipeline.preprocess import _resampled
+from raytseg.pipeline.preprocess import Resampling, _resampled
 from raytseg.pipeline.records import InverseRecord
 
 # TotalSegmentator's resamplings: 0.78 mm in-plane to 1.5 / 3 / 6 mm, thick slices up,
@@ -78,8 +78,8 @@ def test_stage_resampling_on_a_device_matches_the_scipy_path() -> None:
     affine = np.diag([0.78, 0.78, 1.5, 1.0])
     data = ct_like((45, 38, 21), seed=5).astype(np.int16)
     img = nib.Nifti1Image(data, affine)
-    on_cpu, resampled = _resampled(img, (1.5, 1.5, 1.5), None)
-    on_device, _ = _resampled(img, (1.5, 1.5, 1.5), torch.device("cpu"))
+    on_cpu, resampled = _resampled(img, (1.5, 1.5, 1.5), Resampling())
+    on_device, _ = _resampled(img, (1.5, 1.5, 1.5), Resampling(device=torch.device("cpu")))
     assert resampled
     np.testing.assert_array_equal(np.asanyarray(on_device.dataobj), np.asanyarray(on_cpu.dataobj))
     np.testing.assert_array_equal(on_device.affine, on_cpu.affine)
