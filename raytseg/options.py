@@ -37,6 +37,11 @@ def declared(record: type[BaseModel]) -> Iterator[tuple[str, FieldInfo, Flag]]:
             yield name, info, flag
 
 
+def option_names() -> set[str]:
+    """Every option's name, across the records."""
+    return {name for record in RECORDS for name, _, _ in declared(record)}
+
+
 # --- command line ----------------------------------------------------------------------
 
 
@@ -56,7 +61,7 @@ def add_flags(parser: argparse.ArgumentParser, *, overrides_config: bool = False
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The option values present in ``args`` (all of them, or the given ones for batch)."""
-    names = {name for record in RECORDS for name, _, _ in declared(record)}
+    names = option_names()
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names}
     robust = getattr(args, "roi_subset_robust", None)
     if robust:
@@ -71,7 +76,7 @@ def from_args(args: argparse.Namespace) -> tuple[SegmentOptions, OutputOptions]:
 
 def split_options(values: dict[str, Any]) -> tuple[SegmentOptions, OutputOptions]:
     """Both records from one mapping of option names (the Python API's keyword arguments)."""
-    unknown = sorted(set(values) - {name for record in RECORDS for name in record.model_fields})
+    unknown = sorted(set(values) - option_names())
     if unknown:
         raise InvalidOptionError(f"Unknown option(s) {', '.join(unknown)}: see raytseg segment --help.")
     return record_of(SegmentOptions, values), record_of(OutputOptions, values)

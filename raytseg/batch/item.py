@@ -41,6 +41,7 @@ from raytseg.batch.results import ItemResult
 from raytseg.batch.retry import RetryPolicy
 from raytseg.config import Settings
 from raytseg.errors import InputError, LicenseError
+from raytseg.pipeline.export import reads_image, write_segmentation
 from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.passes import Region, after_pass, finish, prepare
 from raytseg.pipeline.plan import Pass, admit
@@ -237,8 +238,6 @@ def _write(state: ItemState, job: JobSpec, seg: Segmentation) -> None:
 
 def _write_files(seg: Segmentation, volume: Volume, folder: str, output: OutputOptions) -> list[str]:
     """The files ``raytseg segment`` writes, into ``folder``; returns their names."""
-    from raytseg.pipeline.export import write_segmentation
-
     written = write_segmentation(seg, volume, folder, output)
     return [location.rstrip("/").rsplit("/", 1)[-1] for location in written]
 
@@ -250,15 +249,14 @@ def needs_voxels_later(passes: tuple[Pass, ...], config: BatchConfig) -> bool:
     """Whether a step after the first model pass reads the input's voxels.
 
     They are needed to prepare a pass after a crop pass, for statistics on the input grid,
-    for the skin mask of task ``body`` and for previews. Otherwise they are dropped after
-    preprocessing, so the image itself never travels through the model stage.
+    and for the files that read the image (``export.reads_image``). Otherwise they are
+    dropped after preprocessing, so the image itself never travels through the model stage.
     """
     main = passes[-1]
     return (
         len(passes) > 1
         or (main.options.statistics and not main.plan.fast_statistics)
-        or config.preview
-        or (config.derived_masks and not config.ml and main.plan.main.task == "body")
+        or reads_image(config.output_options, main.plan.main.task)
     )
 
 

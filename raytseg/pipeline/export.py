@@ -135,12 +135,22 @@ def output_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> It
         yield "statistics.json", statistics_json(seg.statistics)
 
 
+def reads_image(output: OutputOptions, task: str) -> bool:
+    """Whether ``output_files`` reads the input image's voxels: the preview does, and so
+    does task ``body``'s skin mask."""
+    return output.preview or _writes_body_masks(output, task)
+
+
+def _writes_body_masks(output: OutputOptions, task: str) -> bool:
+    return output.derived_masks and not output.ml and not output.skip_saving and task == "body"
+
+
 def _mask_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> Iterator[tuple[str, bytes]]:
     if output.ml:
         yield MULTILABEL_NAME, multilabel_nifti_bytes(seg)
         return
     yield from class_mask_files(seg)
-    if output.derived_masks and seg.task == "body":
+    if _writes_body_masks(output, seg.task):
         from raytseg.pipeline.derived import derived_body_masks
 
         for name, img in derived_body_masks(seg, volume).items():

@@ -80,9 +80,7 @@ def finish(  # noqa: PLR0913 - the records of one pass, plus where to resample
     ops = FinalOps(
         roi_ids=plan.roi_ids,
         keep_inside=None if region is None else region.keep_inside,
-        keep_inside_dilation_mm=plan.crop.remove_outside[1]
-        if plan.crop and plan.crop.remove_outside
-        else 0.0,
+        keep_inside_dilation_mm=0.0 if region is None else region.keep_inside_dilation_mm,
         remove_small_blobs_mm3=step.options.remove_small_blobs,
     )
     aux = list(get_task(plan.main.task).auxiliary)

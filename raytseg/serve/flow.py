@@ -95,10 +95,10 @@ class Flow:
         Raises:
             RaytsegError: any failure, translated; calls still pending are cancelled first.
         """
-        self.check(options)
+        admitted = self.check(options)
         calls = _Calls()
         try:
-            return await self._run(calls, source, options, delivery, entrypoint)
+            return await self._run(calls, source, admitted, delivery, entrypoint)
         except asyncio.CancelledError:  # timeout or client gone: stop the work, keep cancelling
             calls.cancel()
             raise
@@ -110,13 +110,13 @@ class Flow:
         self,
         calls: _Calls,
         source: bytes | str,
-        options: SegmentOptions,
+        admitted: Admitted,
         delivery: Delivery,
         entry: Entrypoint,
     ) -> Delivered:
         preprocess, postprocess = self._stages.preprocess, self._stages.postprocess
-        volume = await calls.finished(preprocess.load.remote(source, Tags(options.task, entry)))
-        admitted = await self._admit_loaded(calls, options, volume)
+        volume = await calls.finished(preprocess.load.remote(source, Tags(admitted.options.task, entry)))
+        admitted = await self._admit_loaded(calls, admitted, volume)
         before = None
         for index, step in enumerate(admitted.passes):
             tags = Tags(admitted.options.task, entry, crop_pass=not step.is_main)
@@ -131,13 +131,14 @@ class Flow:
             )
         raise AssertionError("the main pass always ends the run")
 
-    async def _admit_loaded(self, calls: _Calls, options: SegmentOptions, volume: Response) -> Admitted:
+    async def _admit_loaded(self, calls: _Calls, admitted: Admitted, volume: Response) -> Admitted:
         """The request admitted for the loaded image: its modality can change the task
         (the MR rule), which is asked of the image only when the rule could apply."""
+        options = admitted.options
         if for_modality(options, "MR") == options:
-            return self.check(options)
+            return admitted
         modality = await calls.watched(calls.add(self._stages.preprocess.modality.remote(volume)))
-        return self.check(options, modality)
+        return admitted if modality != "MR" else self.check(options, modality)
 
     async def _predict(self, calls: _Calls, step: Pass, prepared: Response, tags: Tags) -> list[Response]:
         """One call per network of the pass, all sent at once (they need only ``prepared``)."""

@@ -18,6 +18,7 @@ from raytseg.pipeline.export import (
     multilabel_nifti_bytes,
     nifti_gz_bytes,
     output_files,
+    reads_image,
     write_segmentation,
 )
 from raytseg.pipeline.labeltable import read_label_table
@@ -190,3 +191,12 @@ def test_skip_saving_writes_statistics_and_the_preview_only() -> None:
             "preview_body.png",
             "statistics.json",
         ]
+
+
+def test_reads_image_names_the_files_that_read_the_input_voxels() -> None:
+    assert reads_image(OutputOptions(preview=True), "total")
+    assert reads_image(OutputOptions(), "body")  # skin.nii.gz
+    assert not reads_image(OutputOptions(), "total")
+    assert not reads_image(OutputOptions(ml=True), "body")
+    assert not reads_image(OutputOptions(derived_masks=False), "body")
+    assert not reads_image(OutputOptions(skip_saving=True), "body")
