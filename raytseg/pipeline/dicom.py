@@ -9,6 +9,7 @@ checked by ``raytseg.archive`` before a member is read.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import zipfile
@@ -137,7 +138,24 @@ def dicom_volume(datasets: list[Any], origin: str, max_voxels: int) -> Volume:
     _check_dicom_size(datasets, max_voxels, origin)
     modality = str(datasets[0].get("Modality") or "") or None
     img = _convert_dicom(datasets, origin)
-    return volume_from_image(img, f"{origin} (DICOM, {len(datasets)} files)", max_voxels, modality)
+    volume = volume_from_image(img, f"{origin} (DICOM, {len(datasets)} files)", max_voxels, modality)
+    return dataclasses.replace(volume, series=tuple(_header_only(ds) for ds in datasets))
+
+
+# Pixel Data, Float Pixel Data, Double Float Pixel Data
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+
+def _header_only(dataset: Any) -> Any:
+    """A new dataset with a slice's elements but its pixel data (the export stage needs the
+    rest); nothing refers back to the file or buffer it was read from."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    # keys(), not the dataset itself: iterating a Dataset would read the deferred pixel data
+    tags = [tag for tag in dataset.keys() if tag not in _PIXEL_TAGS]  # noqa: SIM118
+    header = Dataset({tag: dataset[tag] for tag in tags})
+    header.file_meta = FileMetaDataset(dataset.file_meta)
+    return header
 
 
 def _check_one_series(datasets: list[Any], origin: str) -> None:

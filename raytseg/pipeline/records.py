@@ -43,6 +43,9 @@ class Volume:
     header: nib.Nifti1Header
     modality: str | None = None  # DICOM Modality tag ("CT", "MR") when known
     source: str = "<memory>"
+    # A DICOM input's slice headers (pydicom datasets, pixel data left out), in file order:
+    # what DICOM-SEG and RTSTRUCT outputs reference. Empty for NIfTI input.
+    series: tuple[Any, ...] = ()
 
     @property
     def shape(self) -> Shape3:
