@@ -173,7 +173,7 @@ def _settings() -> Any:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from raytseg.pipeline.export import write_segmentation
+    from raytseg.pipeline.export import check_output, write_segmentation
     from raytseg.pipeline.load import LoadLimits, load_volume
     from raytseg.pipeline.model import configure_torch
     from raytseg.pipeline.run import default_segmenter
@@ -186,6 +186,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     options, output = from_args(args)
     volume = load_volume(args.input, LoadLimits.from_settings(settings))
     log.info("Loaded %s: shape %s, voxel size %s mm", volume.source, volume.shape, volume.zooms)
+    check_output(output, volume)
     segmenter = default_segmenter(args.device, settings)
     configure_torch(segmenter.device, cudnn_autotune=settings.cudnn_autotune)
     seg = segmenter.segment(volume, options)

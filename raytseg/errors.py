@@ -15,6 +15,7 @@ cleanly when Ray re-raises them in another process.
     │   ├── UnknownClassError (422)      roi_subset / crop names the task lacks
     │   ├── InvalidOptionError (422)     option combination the task refuses
     │   │   └── NotDeployedError (422)   task/mode exists but this service lacks it
+    │   ├── DicomOutputError (422)       DICOM-SEG/RTSTRUCT cannot describe this input
     │   ├── UriNotAllowedError (403)     job URI outside the allowed prefixes
     │   ├── JobNotFoundError (404)       no job with this id
     │   └── BatchInputError (400)        batch input: listing, manifest, item ids
@@ -23,6 +24,7 @@ cleanly when Ray re-raises them in another process.
     ├── WeightsError (503)               model weights missing or unusable
     │   ├── MissingWeightsError (503)    folder absent: names it and the fix
     │   └── WeightsIntegrityError (503)  checksum mismatch, bad archive, bad plans
+    ├── MissingResourceError (503)       a data file of the TotalSegmentator package is absent
     ├── StorageError (502)               fsspec/S3 read or write failed
     ├── StaleOutputError (409)           batch outputs made with other options
     ├── ModelError (500)                 the network failed at run time
@@ -91,6 +93,14 @@ class UnknownClassError(InputError, status=422):
 
 class InvalidOptionError(InputError, status=422):
     """Options that the task or each other exclude."""
+
+
+class DicomOutputError(InputError, status=422):
+    """A DICOM output was asked for an input it cannot reference (e.g. a resampled series)."""
+
+
+class MissingResourceError(RaytsegError, status=503):
+    """A data file raytseg reads from the installed TotalSegmentator package is absent."""
 
 
 class LicenseError(RaytsegError, status=403):

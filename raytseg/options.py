@@ -87,8 +87,9 @@ def record_of(record: type[Record], values: dict[str, Any]) -> Record:
     return validated(record, {k: v for k, v in values.items() if k in record.model_fields}, "options")
 
 
-def _spelling(name: str, flag: Flag) -> tuple[str, str]:
-    return (flag.short, f"--{flag.negated or name}")
+def _spelling(name: str, flag: Flag) -> tuple[str, ...]:
+    long = f"--{flag.negated or name}"
+    return (long,) if flag.short is None else (flag.short, long)
 
 
 def _argument(name: str, info: FieldInfo, flag: Flag) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from raytseg.batch.results import ItemResult
 from raytseg.batch.retry import RetryPolicy
 from raytseg.config import Settings
 from raytseg.errors import InputError, LicenseError
-from raytseg.pipeline.export import reads_image, write_segmentation
+from raytseg.pipeline.export import check_output, reads_image, write_segmentation
 from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.passes import Region, after_pass, finish, prepare
 from raytseg.pipeline.plan import Pass, admit
@@ -175,6 +175,7 @@ def _load_and_prepare(state: ItemState, job: JobSpec, plans: Plans) -> None:
     with _timed(state, "load"):
         source = state.item.input
         volume = job.retry.call(lambda: load_volume(source, job.limits), f"Reading {source}")
+    check_output(job.config.output_options, volume)
     admitted = admit(state.options, job.settings, modality=volume.modality)
     state.options, state.passes = admitted.options, admitted.passes
     state.volume, state.voxels = volume, math.prod(volume.shape)

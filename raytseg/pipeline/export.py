@@ -2,8 +2,9 @@
 
     Segmentation ──▶ output_files ──▶ segmentation.nii.gz (multilabel, with the XML label table)
                                        or <class>.nii.gz per class (+ body/skin for task body)
+                                  ──▶ segmentation_seg.dcm, segmentation_rtstruct.dcm (DICOM input)
                                   ──▶ preview_<task>.png, statistics.json
-    write_segmentation: output_files to a folder (or the --ml file), path or fsspec URI.
+    write_segmentation: output_files to a folder (or the one file it names), path or fsspec URI.
 
 Files are byte-for-byte what TotalSegmentator 2.18 writes through ``nib.save``:
 nibabel's deterministic gzip (level 1, mtime 0, no file name), the input header with
@@ -34,6 +35,8 @@ _GZIP_LEVEL = 1
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x04\xff"
 _MAX_THREADS = 4
 MULTILABEL_NAME = "segmentation.nii.gz"  # the multilabel file in an output folder, everywhere
+# The DICOM outputs' names: TotalSegmentator's for several output types, base "segmentation".
+DICOM_NAMES = {"dicom_seg": "segmentation_seg.dcm", "dicom_rtstruct": "segmentation_rtstruct.dcm"}
 
 
 def nifti_gz_bytes(img: nib.Nifti1Image) -> bytes:
@@ -117,16 +120,49 @@ class _MaskEncoder:
         return self._empty
 
 
+def check_output(output: OutputOptions, volume: Volume) -> None:
+    """Refuse, before any model runs, outputs this input cannot give: DICOM outputs need a
+    DICOM input whose slices are the image's voxel grid (``DicomOutputError``), and their
+    codes need TotalSegmentator's mapping (``MissingResourceError``)."""
+    if output.dicom and not output.skip_saving:
+        from raytseg.pipeline.coding import class_codings
+        from raytseg.pipeline.dicomgrid import slice_grid
+
+        slice_grid(volume.series, volume.affine, volume.shape)
+        class_codings()
+        _check_installed({"dicom_seg": "highdicom", "dicom_rtstruct": "rt_utils"}, output)
+
+
+def _check_installed(libraries: dict[str, str], output: OutputOptions) -> None:
+    import importlib.util
+
+    from raytseg.errors import MissingResourceError
+
+    for kind in output.output_type:
+        if kind in libraries and importlib.util.find_spec(libraries[kind]) is None:
+            raise MissingResourceError(
+                f"output_type {kind} needs the Python package {libraries[kind]}, which is not "
+                "installed here: pip install 'raytseg[dicom]'."
+            )
+
+
 def output_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> Iterator[tuple[str, bytes]]:
     """``(file name, bytes)`` of every file a segmentation produces, in writing order.
 
     The one list for every entry point (the CLI and Python API write it, the service
-    zips it, jobs and batch items commit it): the multilabel ``MULTILABEL_NAME`` or one
-    ``<class>.nii.gz`` per class, for task ``body`` per class also body.nii.gz and
-    skin.nii.gz (none of them with ``skip_saving``); ``preview_<task>.png``; statistics.json.
+    zips it, jobs and batch items commit it), for each output type in the order asked:
+    nifti, the multilabel ``MULTILABEL_NAME`` or one ``<class>.nii.gz`` per class, for task
+    ``body`` per class also body.nii.gz and skin.nii.gz; dicom_seg and dicom_rtstruct,
+    ``DICOM_NAMES`` (none of them with ``skip_saving``); then ``preview_<task>.png`` and
+    statistics.json.
     """
     if not output.skip_saving:
-        yield from _mask_files(seg, volume, output)
+        for kind in output.output_type:
+            yield from (
+                _nifti_files(seg, volume, output)
+                if kind == "nifti"
+                else _dicom_file(seg, volume, output, kind)
+            )
     if output.preview:
         from raytseg.pipeline.preview import preview_png
 
@@ -145,7 +181,20 @@ def _writes_body_masks(output: OutputOptions, task: str) -> bool:
     return output.derived_masks and not output.ml and not output.skip_saving and task == "body"
 
 
-def _mask_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> Iterator[tuple[str, bytes]]:
+def _dicom_file(
+    seg: Segmentation, volume: Volume, output: OutputOptions, kind: str
+) -> Iterator[tuple[str, bytes]]:
+    if kind == "dicom_seg":
+        from raytseg.pipeline.dicomseg import dicom_seg_bytes
+
+        yield DICOM_NAMES[kind], dicom_seg_bytes(seg, volume.series, output.dicom_seg_type)
+    else:
+        from raytseg.pipeline.rtstruct import rtstruct_bytes
+
+        yield DICOM_NAMES[kind], rtstruct_bytes(seg, volume.series)
+
+
+def _nifti_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> Iterator[tuple[str, bytes]]:
     if output.ml:
         yield MULTILABEL_NAME, multilabel_nifti_bytes(seg)
         return
@@ -160,21 +209,30 @@ def _mask_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> Ite
 def write_segmentation(seg: Segmentation, volume: Volume, target: str, output: OutputOptions) -> list[str]:
     """Write ``output_files`` to a local path or fsspec URI; returns the locations, in order.
 
-    ``target`` is a folder. With ``ml`` it may name the multilabel file itself
-    (``-o seg.nii.gz``, as TotalSegmentator's ``--ml``); the other files go beside it.
-    Each file is written atomically; a failed write raises ``StorageError``.
+    ``target`` is a folder, or it names the first output type's one file, as TotalSegmentator's
+    ``-o``: ``seg.nii.gz`` with ``ml``, ``seg.dcm`` for ``dicom_seg`` or ``dicom_rtstruct``;
+    the other files go beside it. Each file is written atomically; a failed write raises
+    ``StorageError``.
     """
-    named = output.ml and target.endswith((".nii", ".nii.gz"))
+    named = _named_file(output, target)
     folder = _parent(target) if named else target
     storage.make_dirs(folder)
     written = []
     for name, data in output_files(seg, volume, output):
-        location = target if named and name == MULTILABEL_NAME else storage.join(folder, name)
+        location = target if name == named else storage.join(folder, name)
         if location.endswith(".nii"):  # uncompressed, as nib.save writes a .nii
             data = gzip.decompress(data)
         storage.write_bytes(location, data)
         written.append(location)
     return written
+
+
+def _named_file(output: OutputOptions, target: str) -> str | None:
+    """The output file ``target`` names, if it names one rather than a folder."""
+    first = output.output_type[0]
+    if first == "nifti":
+        return MULTILABEL_NAME if output.ml and target.endswith((".nii", ".nii.gz")) else None
+    return DICOM_NAMES[first] if target.endswith(".dcm") else None
 
 
 def _parent(location: str) -> str:

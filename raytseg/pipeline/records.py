@@ -19,9 +19,13 @@ from typing import Annotated, Any, Literal
 
 import nibabel as nib
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from raytseg.pipeline.labeltable import add_label_table
+
+OutputType = Literal["nifti", "dicom_seg", "dicom_rtstruct"]
+DICOM_OUTPUTS = frozenset({"dicom_seg", "dicom_rtstruct"})
+OUTPUT_TYPE_ALIASES = {"dicom": "dicom_rtstruct"}  # TotalSegmentator's name before 2.12
 
 Spacing = tuple[float, float, float]
 Shape3 = tuple[int, int, int]
@@ -67,7 +71,7 @@ class Flag:
     short alias. ``raytseg.options`` derives the CLI flags, the batch flags and the HTTP
     parameters from the fields that carry one."""
 
-    short: str
+    short: str | None  # None: raytseg's own option, spelled ``--<name>`` only
     const: float | None = None  # the value of the flag given alone (``-rmb`` means 200 mm³)
     negated: str | None = None  # the flag switches a default-true option off (``--no_derived_masks``)
 
@@ -143,6 +147,44 @@ class OutputOptions(BaseModel):
         default=False,
         description="Write no masks (statistics.json and the preview still), as TotalSegmentator.",
     )
+    output_type: Annotated[tuple[OutputType, ...], Flag("-ot")] = Field(
+        default=("nifti",),
+        min_length=1,
+        description="nifti, dicom_seg and/or dicom_rtstruct (dicom: dicom_rtstruct), e.g. -ot nifti "
+        "dicom_seg. DICOM outputs need DICOM input and make the result multilabel.",
+    )
+    dicom_seg_type: Annotated[Literal["binary", "labelmap"], Flag(None)] = Field(
+        default="binary",
+        description="DICOM-SEG encoding: binary (one frame per segment and slice, as "
+        "TotalSegmentator) or labelmap (one frame per slice, RLE-compressed: much smaller).",
+    )
+
+    @field_validator("output_type", mode="before")
+    @classmethod
+    def _split_output_types(cls, value: Any) -> Any:
+        """TotalSegmentator's spellings: ``a,b`` lists, the old ``dicom`` alias, repeats."""
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            return value
+        names = [n.strip() for item in value for n in str(item).split(",") if n.strip()]
+        return tuple(dict.fromkeys(OUTPUT_TYPE_ALIASES.get(n, n) for n in names))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dicom_is_multilabel(cls, values: Any) -> Any:
+        """A DICOM output holds every class: the NIfTI beside it is the multilabel file too."""
+        if (
+            isinstance(values, dict)
+            and set(cls._split_output_types(values.get("output_type", ()))) & DICOM_OUTPUTS
+        ):
+            return {**values, "ml": True}
+        return values
+
+    @property
+    def dicom(self) -> bool:
+        """Whether a DICOM file is asked for (these need DICOM input)."""
+        return bool(set(self.output_type) & DICOM_OUTPUTS)
 
 
 @dataclass(frozen=True)

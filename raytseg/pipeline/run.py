@@ -184,13 +184,15 @@ def segment(
         >>> import raytseg
         >>> img = raytseg.segment("ct.nii.gz", "segmentations", fast=True)  # doctest: +SKIP
     """
-    from raytseg.pipeline.export import write_segmentation
+    from raytseg.pipeline.export import check_output, write_segmentation
 
     settings = Settings.from_env()
     if "no_derived_masks" in options:
         options["derived_masks"] = not options.pop("no_derived_masks")
     opts, out = split_options({"task": task, **options})
     volume = load_volume(input, LoadLimits.from_settings(settings))
+    if output is not None:
+        check_output(out, volume)
     seg = default_segmenter(device, settings).segment(volume, opts)
     if output is not None:
         write_segmentation(seg, volume, str(output), out)

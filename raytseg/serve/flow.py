@@ -115,7 +115,9 @@ class Flow:
         entry: Entrypoint,
     ) -> Delivered:
         preprocess, postprocess = self._stages.preprocess, self._stages.postprocess
-        volume = await calls.finished(preprocess.load.remote(source, Tags(admitted.options.task, entry)))
+        volume = await calls.finished(
+            preprocess.load.remote(source, Tags(admitted.options.task, entry), delivery.files)
+        )
         admitted = await self._admit_loaded(calls, admitted, volume)
         before = None
         for index, step in enumerate(admitted.passes):

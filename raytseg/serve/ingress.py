@@ -166,7 +166,9 @@ class Ingress:
     @api.post(
         "/v1/segment",
         response_class=Response,
-        responses={200: {"content": {"application/gzip": {}, "application/zip": {}}}},
+        responses={
+            200: {"content": {"application/gzip": {}, "application/dicom": {}, "application/zip": {}}}
+        },
         openapi_extra={
             "requestBody": {
                 "required": True,

@@ -25,12 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from raytseg.metrics import recorder
-from raytseg.pipeline.export import MULTILABEL_NAME, output_files, write_segmentation
+from raytseg.pipeline.export import (
+    DICOM_NAMES,
+    MULTILABEL_NAME,
+    check_output,
+    output_files,
+    write_segmentation,
+)
 from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.passes import after_pass, finish, prepare
 from raytseg.pipeline.plan import Pass
 from raytseg.pipeline.preprocess import PlansCache, model_key
-from raytseg.pipeline.records import NetworkOutput, Prepared, Segmentation, Volume
+from raytseg.pipeline.records import NetworkOutput, OutputOptions, Prepared, Segmentation, Volume
 from raytseg.serve.config import ServeConfig
 from raytseg.serve.handoff import AfterPass, Delivered, Delivery, Tags, own_arrays
 from raytseg.serve.runtime import weights_store
@@ -67,10 +73,12 @@ class CpuStage:
         self._limits = LoadLimits(config.limits.max_voxels, config.limits.max_archive_bytes)
         self._plans = PlansCache(self._store)
 
-    def load(self, source: bytes | str, tags: Tags) -> Volume:
-        """Read the upload (bytes) or a job's input location."""
+    def load(self, source: bytes | str, tags: Tags, output: OutputOptions) -> Volume:
+        """Read the upload (bytes) or a job's input location; refuse outputs it cannot give."""
         with _timed(tags, "load"):
-            return load_volume(source, self._limits)
+            volume = load_volume(source, self._limits)
+        check_output(output, volume)
+        return volume
 
     def modality(self, volume: Volume) -> str | None:
         """The loaded image's DICOM Modality, for the MR rule (``admit``)."""
@@ -133,13 +141,20 @@ class CpuStage:
         return finish(volume, spec.step, own_arrays(prepared), owned, region)
 
 
+# An answer that is one of these files alone is that file; any other answer is a zip.
+SINGLE_FILE_TYPES = {MULTILABEL_NAME: "application/gzip"} | dict.fromkeys(
+    DICOM_NAMES.values(), "application/dicom"
+)
+
+
 def _deliver(seg: Segmentation, volume: Volume, delivery: Delivery) -> Delivered:
     if delivery.output is not None:
         written = write_segmentation(seg, volume, delivery.output, delivery.files)
         return Delivered(None, "application/json", "", tuple(written), seg.statistics)
     files = list(output_files(seg, volume, delivery.files))
-    if len(files) == 1 and files[0][0] == MULTILABEL_NAME:
-        return Delivered(files[0][1], "application/gzip", MULTILABEL_NAME)
+    if len(files) == 1 and files[0][0] in SINGLE_FILE_TYPES:
+        name, data = files[0]
+        return Delivered(data, SINGLE_FILE_TYPES[name], name)
     return Delivered(_zip(files), "application/zip", f"{seg.task}.zip", (), seg.statistics)
 
 

@@ -1,0 +1,87 @@
+"""RTSTRUCT output, written with rt-utils.
+
+One ROI per class present, named after the class and coloured as TotalSegmentator colours
+it (``raytseg.pipeline.coding``). rt-utils traces each slice's mask with OpenCV; where a
+structure is one pixel or a straight line of pixels the trace has fewer than three points,
+which is no polygon (a known rt-utils problem): such a contour is replaced by the rectangle
+around its pixels. The structure set gets raytseg's identity and deterministic UIDs
+(rt-utils would give random ones), and the type 2 attributes rt-utils leaves out.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import numpy as np
+
+from raytseg.pipeline.coding import coding_of
+from raytseg.pipeline.dicomsource import DicomSource, dicom_source
+from raytseg.pipeline.records import Segmentation
+
+log = logging.getLogger(__name__)
+_MIN_POINTS = 3  # a closed planar contour needs a polygon
+
+
+def rtstruct_bytes(seg: Segmentation, series: tuple[Any, ...]) -> bytes:
+    """The RTSTRUCT file (Part 10 bytes) of ``seg`` on the DICOM input ``series``."""
+    from rt_utils import RTStruct
+    from rt_utils.ds_helper import create_rtstruct_dataset
+
+    source = dicom_source(seg, series)
+    slices = list(source.slices)  # rt-utils sorts a series the same way: along the normal
+    structure = RTStruct(slices, create_rtstruct_dataset(slices))
+    present = set(np.unique(source.frames).tolist())
+    for label, name in seg.label_map.items():
+        if label in present:
+            mask = np.ascontiguousarray((source.frames == label).transpose(1, 2, 0))  # rows, cols, slices
+            rgb = coding_of(name).rgb
+            structure.add_roi(mask=mask, name=name, color=None if rgb is None else list(rgb))
+    _finish(structure.ds, source, seg)
+    buffer = io.BytesIO()
+    structure.ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _finish(ds: Any, source: DicomSource, seg: Segmentation) -> None:
+    from raytseg import __version__
+
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = source.uid("rtstruct")
+    ds.SeriesInstanceUID = source.uid("rtstruct-series")
+    ds.Manufacturer = ds.ManufacturerModelName = "raytseg"
+    ds.SoftwareVersions = __version__
+    ds.SeriesDescription = ds.StructureSetLabel = f"{seg.task} (raytseg)"
+    del ds.InstitutionName  # rt-utils writes its authors' institution
+    first = source.slices[0]
+    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
+    for keyword in ("AccessionNumber", "ReferringPhysicianName", "OperatorsName"):
+        setattr(ds, keyword, first.get(keyword, ""))
+    by_uid = {str(s.SOPInstanceUID): s for s in source.slices}
+    for roi in ds.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            _fix_contour(contour, by_uid[str(contour.ContourImageSequence[0].ReferencedSOPInstanceUID)])
+
+
+def _fix_contour(contour: Any, image: Any) -> None:
+    points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
+    if len(points) < _MIN_POINTS:
+        points = _pixel_rectangle(points, image)
+    contour.ContourData = [float(v) for v in points.ravel()]
+    contour.NumberOfContourPoints = len(points)  # rt-utils writes a float
+
+
+def _pixel_rectangle(points: np.ndarray, image: Any) -> np.ndarray:
+    """The corners of the pixels a degenerate contour passes through, as a closed polygon."""
+    orientation = np.array([float(v) for v in image.ImageOrientationPatient])
+    along_row, along_column = orientation[:3], orientation[3:]
+    row_spacing, column_spacing = (float(v) for v in image.PixelSpacing)
+    origin = np.array([float(v) for v in image.ImagePositionPatient])
+    u = (points - origin) @ along_row / column_spacing
+    v = (points - origin) @ along_column / row_spacing
+    corners = [(u.min() - 0.5, v.min() - 0.5), (u.max() + 0.5, v.min() - 0.5)]
+    corners += [(u.max() + 0.5, v.max() + 0.5), (u.min() - 0.5, v.max() + 0.5)]
+    return np.array(
+        [origin + a * column_spacing * along_row + b * row_spacing * along_column for a, b in corners]
+    )
