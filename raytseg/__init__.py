@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from raytseg.errors import RaytsegError
+from raytseg.version import __version__ as __version__
 
 if TYPE_CHECKING:
     from raytseg.pipeline.run import segment
 
 __all__ = ["RaytsegError", "segment"]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

@@ -137,7 +137,8 @@ class HttpOptions(BaseModel):
         return record_of(SegmentOptions, {**self.model_dump(), "roi_subset": rois, **values})
 
     def output(self) -> OutputOptions:
-        return record_of(OutputOptions, self.model_dump())
+        given = {k: v for k, v in self.model_dump().items() if v is not None}  # None: not given
+        return record_of(OutputOptions, given)
 
 
 def http_model(name: str, *, exclude: frozenset[str] = frozenset(), ml: bool = True) -> type[HttpOptions]:
@@ -154,7 +155,9 @@ def http_model(name: str, *, exclude: frozenset[str] = frozenset(), ml: bool = T
             kind = _base(info.annotation)
             if get_origin(kind) is tuple:
                 info = FieldInfo.merge_field_infos(
-                    info, description=f"{info.description} Repeat the parameter or separate with commas."
+                    info,
+                    default=None,  # not given: the record's default
+                    description=f"{info.description} Repeat the parameter or separate with commas.",
                 )
                 fields[field] = (list[str] | None, info)
             else:

@@ -40,20 +40,27 @@ def dicom_seg_bytes(seg: Segmentation, series: tuple[Any, ...], kind: SegType) -
         pixel_array=lookup[source.frames],
         segmentation_type=kind.upper(),
         segment_descriptions=[_description(seg, label, number) for label, number in numbers.items()],
-        series_instance_uid=source.uid(f"seg-series-{kind}"),
-        series_number=SERIES_NUMBER,
-        sop_instance_uid=source.uid(f"seg-{kind}"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=f"{MANUFACTURER} {seg.task}",
-        software_versions=_version(),
-        device_serial_number="1",
-        series_description=f"{seg.task} ({MANUFACTURER})",
         transfer_syntax_uid=RLELossless if kind == "labelmap" else ExplicitVRLittleEndian,
+        **_identity(seg, source, kind),
     )
     buffer = io.BytesIO()
     dcmwrite(buffer, document, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def _identity(seg: Segmentation, source: DicomSource, kind: SegType) -> dict[str, Any]:
+    """The new series and instance, and who made them."""
+    return {
+        "series_instance_uid": source.uid(f"seg-series-{kind}"),
+        "series_number": SERIES_NUMBER,
+        "sop_instance_uid": source.uid(f"seg-{kind}"),
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": f"{MANUFACTURER} {seg.task}",
+        "software_versions": _version(),
+        "device_serial_number": "1",
+        "series_description": f"{seg.task} ({MANUFACTURER})",
+    }
 
 
 def _segment_numbers(seg: Segmentation, frames: np.ndarray) -> dict[int, int]:
@@ -97,7 +104,7 @@ def _concept(code: Any) -> Any:
 
 
 def _version() -> str:
-    from raytseg import __version__
+    from raytseg.version import __version__
 
     return __version__
 

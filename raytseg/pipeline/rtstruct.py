@@ -45,7 +45,7 @@ def rtstruct_bytes(seg: Segmentation, series: tuple[Any, ...]) -> bytes:
 
 
 def _finish(ds: Any, source: DicomSource, seg: Segmentation) -> None:
-    from raytseg import __version__
+    from raytseg.version import __version__
 
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = source.uid("rtstruct")
     ds.SeriesInstanceUID = source.uid("rtstruct-series")

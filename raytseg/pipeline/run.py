@@ -191,8 +191,7 @@ def segment(
         options["derived_masks"] = not options.pop("no_derived_masks")
     opts, out = split_options({"task": task, **options})
     volume = load_volume(input, LoadLimits.from_settings(settings))
-    if output is not None:
-        check_output(out, volume)
+    check_output(out, volume)
     seg = default_segmenter(device, settings).segment(volume, opts)
     if output is not None:
         write_segmentation(seg, volume, str(output), out)

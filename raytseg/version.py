@@ -1,0 +1,3 @@
+"""raytseg's version, in a module of its own so that any module can name it without a cycle."""
+
+__version__ = "0.1.0"
