@@ -172,9 +172,8 @@ def segment(
             None writes nothing.
         task: TotalSegmentator task name.
         device: ``cpu``, ``gpu``, ``gpu:N`` or ``mps``.
-        **options: the fields of ``SegmentOptions`` and ``OutputOptions`` (``fast``,
-            ``roi_subset``, ``statistics``, ``ml``, ``preview``...); TotalSegmentator's
-            ``no_derived_masks=True`` is ``derived_masks=False``.
+        **options: the fields of ``SegmentOptions`` and ``OutputOptions`` (``fast``, ``roi_subset``,
+            ``output_type``...); ``no_derived_masks=True`` is ``derived_masks=False``.
 
     Returns:
         The multilabel image with the label table in its header extension, and the
