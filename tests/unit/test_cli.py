@@ -87,6 +87,39 @@ def test_unreadable_input_is_a_user_error_without_output(
     assert not out.exists()
 
 
+@pytest.mark.usefixtures("env")
+def test_dicom_outputs_of_a_dicom_series(tmp_path: Path) -> None:
+    import pydicom
+
+    out = tmp_path / "seg"
+    flags = ["--fast", "-d", "cpu", "-q", "-ot", "nifti,dicom", "dicom_seg", "--dicom_seg_type", "labelmap"]
+    assert main(["segment", "-i", str(REFERENCE / "example_ct_dicom"), "-o", str(out), *flags]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["segmentation.nii.gz", "segmentation_rtstruct.dcm", "segmentation_seg.dcm"]
+    seg = pydicom.dcmread(out / "segmentation_seg.dcm")
+    multilabel = nib.load(out / "segmentation.nii.gz")
+    present = set(np.unique(np.asarray(multilabel.dataobj)).tolist()) - {0}
+    table = read_label_table(multilabel)
+    assert {s.SegmentLabel for s in seg.SegmentSequence} - {"Background"} == {table[k] for k in present}
+    assert {
+        r.ROIName for r in pydicom.dcmread(out / "segmentation_rtstruct.dcm").StructureSetROISequence
+    } == {table[k] for k in present}
+
+
+@pytest.mark.usefixtures("env")
+def test_dicom_output_of_a_nifti_is_refused_before_segmenting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "seg"
+    assert (
+        main(["segment", "-i", str(CT), "-o", str(out), "--fast", "-ot", "dicom_seg", "-d", "cpu", "-q"]) == 1
+    )
+    err = capsys.readouterr().err
+    assert "this input is NIfTI" in err
+    assert "Predicting" not in err
+    assert not out.exists()
+
+
 def test_unknown_task_lists_valid_ones(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["segment", "-i", str(CT), "-o", str(tmp_path / "o"), "-ta", "totl", "-q"]) == 1
     assert "Valid tasks" in capsys.readouterr().err
