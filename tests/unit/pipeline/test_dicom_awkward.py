@@ -48,13 +48,13 @@ def _copy(dest: Path) -> Path:
     return dest
 
 
-def make_tilted(dest: Path) -> Path:
+def make_tilted(dest: Path, degrees: float = TILT_DEGREES) -> Path:
     """Gantry tilt as GE writes it: axial slices whose origin moves along y with z."""
-    shift = 2.0 * math.tan(math.radians(TILT_DEGREES))
+    shift = 2.0 * math.tan(math.radians(degrees))
     for i, (path, ds) in enumerate(_slices(_copy(dest))):
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
         ds.ImagePositionPatient = [x, y + i * shift, z]
-        ds.GantryDetectorTilt = TILT_DEGREES
+        ds.GantryDetectorTilt = degrees
         ds.save_as(path)
     return dest
 
@@ -303,3 +303,43 @@ def test_several_multiframe_instances_in_a_series_are_refused(tmp_path: Path) ->
     shutil.copy(folder / "enhanced.dcm", folder / "again.dcm")
     with pytest.raises(InconsistentDicomError, match="Pass the one multi-frame instance"):
         load_volume(folder, LIMITS)
+
+
+def _two_slices_at_one_position(dest: Path) -> Path:
+    path, ds = _slices(_copy(dest))[5]
+    _invert_pixels(ds)
+    ds.save_as(path.with_name("other.dcm"))
+    return dest
+
+
+def _two_orientations(dest: Path) -> Path:
+    for path, ds in _slices(_copy(dest))[10:]:
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+        ds.save_as(path)
+    return dest
+
+
+def _two_gappy_series(dest: Path) -> Path:
+    for i, (path, ds) in enumerate(_slices(_copy(dest))):
+        ds.SeriesInstanceUID = "1.2.826.0.1.1" if i < 10 else "1.2.826.0.1.2"
+        ds.save_as(path)
+    for i in (3, 15):
+        _slices(dest)[i][0].unlink()
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("make", "phrase"),
+    [
+        (_two_slices_at_one_position, "but 0.000 mm between instance 272"),
+        (lambda dest: make_tilted(dest, 40.0), "40.0 degrees off their normal"),
+        (_two_orientations, "mixes 2 slice orientations"),
+        (_two_gappy_series, "2 DICOM series and none of them forms a volume"),
+    ],
+    ids=["same-position", "tilt-40", "two-orientations", "no-usable-series"],
+)
+def test_stacks_that_are_no_volume_are_refused(
+    tmp_path: Path, make: Callable[[Path], Path], phrase: str
+) -> None:
+    with pytest.raises(InconsistentDicomError, match=phrase):
+        load_volume(make(tmp_path / "case"), LIMITS)
