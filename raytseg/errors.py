@@ -8,6 +8,7 @@ cleanly when Ray re-raises them in another process.
     ├── InputError (400)                 the request or the image is wrong
     │   ├── UnreadableImageError (400)   not NIfTI/DICOM, truncated, corrupt
     │   ├── InvalidImageError (422)      readable but unusable: 2D, 4D, bad spacing
+    │   │   └── InconsistentDicomError (422)  slices missing, duplicated or mixed
     │   ├── ImageTooLargeError (413)     more voxels or bytes than configured
     │   ├── UnsafeArchiveError (400)     zip with path traversal or a zip bomb
     │   ├── AmbiguousDicomError (422)    several DICOM series in one input
@@ -169,3 +170,7 @@ class InternalError(RaytsegError, status=500):
 
 class ReplicaUnavailableError(RaytsegError, status=503):
     """A replica the request needed died or is being replaced; retrying will work."""
+
+
+class InconsistentDicomError(InvalidImageError, status=422):
+    """The slices of a DICOM series do not form one volume (missing, duplicated, mixed)."""

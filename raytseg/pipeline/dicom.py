@@ -2,18 +2,23 @@
 
 A series is converted the way TotalSegmentator converts it
 (``dicom2nifti.dicom_series_to_nifti(..., reorient_nifti=True)`` followed by ``nib.load``),
-but in memory: nothing is extracted or written to disk. Before any pixel is decoded the
-series must be a single one and fit the voxel limit, from the headers alone. Zips are
-checked by ``raytseg.archive`` before a member is read.
+but in memory: nothing is extracted or written to disk. Before any pixel is decoded, the
+headers alone decide which slices make the volume (``raytseg.pipeline.dicom_series``: no
+localizers, one series) and that it fits the voxel limit. Series TotalSegmentator cannot
+convert (gantry tilt, jittered positions) are converted with dicom2nifti's own tools where
+that is correct, and refused otherwise. Zips are checked by ``raytseg.archive`` before a
+member is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
+import threading
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +27,12 @@ import numpy as np
 
 from raytseg.archive import ArchiveLimits, ByteBudget, check_members, copy_member
 from raytseg.errors import (
-    AmbiguousDicomError,
     ImageTooLargeError,
     InputError,
     InvalidImageError,
     UnreadableImageError,
 )
+from raytseg.pipeline.dicom_series import Stack, select_stack
 from raytseg.pipeline.nifti import volume_from_image
 from raytseg.pipeline.records import Volume
 
@@ -128,18 +133,23 @@ def _is_imaging(dataset: Any) -> bool:
 
 
 def dicom_volume(datasets: list[Any], origin: str, max_voxels: int) -> Volume:
-    """One series of DICOM datasets as a ``Volume``, checked from the headers before conversion."""
+    """One series of DICOM datasets as a ``Volume``, checked from the headers before conversion.
+
+    Localizers are left out, the largest usable series is chosen and awkward stacks
+    (gantry tilt, jittered positions, multi-frame) are converted or refused: see
+    ``raytseg.pipeline.dicom_series``. ``Volume.series`` holds the slices actually used.
+    """
     if not datasets:
         raise UnreadableImageError(
             f"No DICOM image files found in {origin}. Pass a NIfTI file, or a folder or zip that holds "
             "the DICOM slices of one series."
         )
-    _check_one_series(datasets, origin)
-    _check_dicom_size(datasets, max_voxels, origin)
-    modality = str(datasets[0].get("Modality") or "") or None
-    img = _convert_dicom(datasets, origin)
-    volume = volume_from_image(img, f"{origin} (DICOM, {len(datasets)} files)", max_voxels, modality)
-    return dataclasses.replace(volume, series=tuple(_header_only(ds) for ds in datasets))
+    stack = select_stack(datasets, origin)
+    _check_dicom_size(stack.datasets, max_voxels, origin)
+    modality = str(stack.datasets[0].get("Modality") or "") or None
+    img = _convert_dicom(stack, origin)
+    volume = volume_from_image(img, f"{origin} (DICOM, {len(stack.datasets)} files)", max_voxels, modality)
+    return dataclasses.replace(volume, series=tuple(_header_only(ds) for ds in stack.datasets))
 
 
 # Pixel Data, Float Pixel Data, Double Float Pixel Data
@@ -158,24 +168,6 @@ def _header_only(dataset: Any) -> Any:
     return header
 
 
-def _check_one_series(datasets: list[Any], origin: str) -> None:
-    series: dict[str, list[Any]] = {}
-    for ds in datasets:
-        series.setdefault(str(ds.get("SeriesInstanceUID") or ""), []).append(ds)
-    if len(series) < 2:
-        return
-    lines = [
-        f"  - {uid or '<no SeriesInstanceUID>'}: "
-        f"{str(items[0].get('SeriesDescription') or '') or '<no description>'}, {len(items)} slices"
-        for uid, items in sorted(series.items())
-    ]
-    raise AmbiguousDicomError(
-        f"{origin} holds {len(series)} DICOM series:\n"
-        + "\n".join(lines)
-        + "\nPass one series: put its slices in a folder or zip of their own."
-    )
-
-
 def _check_dicom_size(datasets: list[Any], max_voxels: int, origin: str) -> None:
     """Rows x columns x frames of every slice, from the headers, before any pixel is decoded."""
     try:
@@ -192,15 +184,19 @@ def _check_dicom_size(datasets: list[Any], max_voxels: int, origin: str) -> None
         )
 
 
-def _convert_dicom(datasets: list[Any], origin: str) -> nib.Nifti1Image:
-    """``dicom_series_to_nifti(..., reorient_nifti=True)`` then ``nib.load``, without files."""
+def _convert_dicom(stack: Stack, origin: str) -> nib.Nifti1Image:
+    """``dicom_series_to_nifti(..., reorient_nifti=True)`` then ``nib.load``, without files;
+    a regular stack exactly so, the others as ``_convert_awkward`` says."""
     from dicom2nifti.convert_dicom import dicom_array_to_nifti
     from dicom2nifti.exceptions import ConversionError, ConversionValidationError
 
     try:
-        # With reorient_nifti=True dicom2nifti insists on writing the file; reorient here instead.
-        converted = dicom_array_to_nifti(datasets, None, reorient_nifti=False)
-        reoriented = _reorient_like_dicom2nifti(converted["NII"])
+        if stack.layout == "regular":
+            # With reorient_nifti=True dicom2nifti insists on writing the file; reorient here instead.
+            converted = dicom_array_to_nifti(stack.datasets, None, reorient_nifti=False)
+            reoriented = _reorient_like_dicom2nifti(converted["NII"])
+        else:
+            reoriented = _convert_awkward(stack)
         # A save and load fixes the header fields and dtype as TotalSegmentator sees them.
         return nib.Nifti1Image.from_bytes(reoriented.to_bytes())
     except InputError:
@@ -212,6 +208,70 @@ def _convert_dicom(datasets: list[Any], origin: str) -> nib.Nifti1Image:
         ) from exc
     except Exception as exc:
         raise UnreadableImageError(f"The DICOM series in {origin} cannot be read ({exc}).") from exc
+
+
+# dicom2nifti's settings are module globals: changed for one conversion, then restored.
+_SETTINGS_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _dicom2nifti_settings(**values: Any) -> Iterator[None]:
+    """dicom2nifti's ``settings`` with ``values`` for the block, then as they were. The lock
+    keeps two such blocks apart; a regular stack never changes them."""
+    import dicom2nifti.settings as settings
+
+    with _SETTINGS_LOCK:
+        saved = {name: getattr(settings, name) for name in values}
+        try:
+            for name, value in values.items():
+                setattr(settings, name, value)
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(settings, name, value)
+
+
+def _convert_awkward(stack: Stack) -> nib.Nifti1Image:
+    """A stack ``select_stack`` checked, with dicom2nifti's checks of the slice positions
+    (which the stack passed in its own way) off: jittered slices land on the regular grid
+    through the end slices (dicom2nifti's affine), a tilted stack is resampled by dicom2nifti
+    onto an orthogonal grid (its ``resample`` step, padded with the image's minimum: air,
+    not water), a multi-frame instance gets the rescale that dicom2nifti reads only from
+    per-frame groups."""
+    from dicom2nifti.convert_dicom import dicom_array_to_nifti
+    from dicom2nifti.resample import resample_nifti_images
+
+    # A multi-frame instance keeps dicom2nifti's checks: select_stack did not look at its frames.
+    unchecked = {"validate_orthogonal": False, "validate_slice_increment": False}
+    with _dicom2nifti_settings(**({} if stack.layout == "multiframe" else unchecked)):
+        converted = dicom_array_to_nifti(stack.datasets, None, reorient_nifti=False)
+    nii = converted["NII"]
+    if stack.layout == "multiframe":
+        nii = _rescale_multiframe(nii, stack.datasets[0])
+    reoriented = _reorient_like_dicom2nifti(nii)
+    if stack.layout != "tilted":
+        return reoriented
+    padding = np.asanyarray(reoriented.dataobj).min()
+    with _dicom2nifti_settings(resample_padding=padding):
+        resampled: nib.Nifti1Image = resample_nifti_images([reoriented])
+    resampled.header.set_slope_inter(1, 0)
+    resampled.header.set_xyzt_units(2)
+    return resampled
+
+
+def _rescale_multiframe(nii: Any, dataset: Any) -> Any:
+    """Apply a rescale that only the shared functional groups carry (dicom2nifti reads the
+    per-frame ones), as pydicom's modality LUT applies it to a single-frame slice."""
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence") or []
+    shared = dataset.get("SharedFunctionalGroupsSequence") or []
+    if any("PixelValueTransformationSequence" in frame for frame in per_frame):
+        return nii
+    if not shared or "PixelValueTransformationSequence" not in shared[0]:
+        return nii
+    transform = shared[0].PixelValueTransformationSequence[0]
+    slope, intercept = float(transform.RescaleSlope), float(transform.RescaleIntercept)
+    data = np.asanyarray(nii.dataobj).astype(np.float64) * slope + intercept
+    return nib.Nifti1Image(data, nii.affine)
 
 
 def _reorient_like_dicom2nifti(nii: Any) -> nib.Nifti1Image:

@@ -106,23 +106,36 @@ def test_dicom_memory_zip_object(memfs: tuple[Any, str], dicom_volume: Volume) -
     _assert_same_volume(load_volume(f"memory://{root}/series.zip", LIMITS), dicom_volume)
 
 
-@needs_reference
-def test_two_series_are_ambiguous(tmp_path: Path) -> None:
+def _split_series(source: Path, folder: Path, first: int) -> Path:
+    """The reference slices as two series: the first ``first`` files, and the rest."""
     import pydicom
 
-    folder = tmp_path / "mixed"
-    shutil.copytree(EXAMPLE_DICOM, folder)
+    shutil.copytree(source, folder)
     for i, path in enumerate(sorted(folder.iterdir())):
         ds = pydicom.dcmread(path)
-        ds.SeriesInstanceUID = "1.2.826.0.1.1" if i < 12 else "1.2.826.0.1.2"
-        ds.SeriesDescription = "first" if i < 12 else "second"
+        ds.SeriesInstanceUID = "1.2.826.0.1.1" if i < first else "1.2.826.0.1.2"
+        ds.SeriesDescription = "first" if i < first else "second"
         ds.save_as(path)
+    return folder
+
+
+@needs_reference
+def test_two_series_of_one_size_are_ambiguous(tmp_path: Path) -> None:
     with pytest.raises(AmbiguousDicomError) as info:
-        load_volume(folder, LIMITS)
+        load_volume(_split_series(EXAMPLE_DICOM, tmp_path / "mixed", 10), LIMITS)
     message = str(info.value)
-    assert "1.2.826.0.1.1: first, 12 slices" in message
-    assert "1.2.826.0.1.2: second, 8 slices" in message
+    assert "1.2.826.0.1.1: first, 10 slices" in message
+    assert "1.2.826.0.1.2: second, 10 slices" in message
     assert "Pass one series" in message
+
+
+@needs_reference
+def test_of_two_series_the_larger_is_segmented(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    volume = load_volume(_split_series(EXAMPLE_DICOM, tmp_path / "mixed", 12), LIMITS)
+    assert volume.shape == (512, 512, 12)
+    assert {ds.SeriesInstanceUID for ds in volume.series} == {"1.2.826.0.1.1"}
+    assert "1.2.826.0.1.1: first, 12 slices" in caplog.text
+    assert "Ignored:\n  - 1.2.826.0.1.2: second, 8 slices" in caplog.text
 
 
 @needs_reference
