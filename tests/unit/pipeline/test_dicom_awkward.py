@@ -343,3 +343,16 @@ def test_stacks_that_are_no_volume_are_refused(
 ) -> None:
     with pytest.raises(InconsistentDicomError, match=phrase):
         load_volume(make(tmp_path / "case"), LIMITS)
+
+
+@pytest.mark.parametrize(("make", "refusal"), [(make_tilted, "one to one"), (make_multiframe, "multi-frame")])
+def test_dicom_outputs_of_resampled_or_multiframe_input_are_refused_before_segmenting(
+    tmp_path: Path, make: Callable[[Path], Path], refusal: str
+) -> None:
+    from raytseg.errors import DicomOutputError
+    from raytseg.pipeline.export import check_output
+    from raytseg.pipeline.records import OutputOptions
+
+    volume = load_volume(str(make(tmp_path / "series")), LIMITS)
+    with pytest.raises(DicomOutputError, match=refusal):
+        check_output(OutputOptions(output_type=("dicom_seg",)), volume)
