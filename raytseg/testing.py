@@ -1,4 +1,5 @@
-"""Stand-ins for tests of what surrounds the network: no nnU-Net, no weights read.
+"""Stand-ins for tests of what surrounds the network: no nnU-Net, no weights read; and an
+independent reader of DICOM-SEG files for tests of the DICOM outputs (``seg_masks``).
 
     segmenter = Segmenter(store, torch.device("cpu"), load_network=fake_networks())
 
@@ -10,8 +11,10 @@ they mean nothing, like the labels of random weights.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +23,7 @@ from raytseg.pipeline.preprocess import ModelPlans
 from raytseg.pipeline.records import NetworkInput, NetworkOutput
 from raytseg.tasks import ModelSpec
 
-__all__ = ["FakeNetwork", "fake_networks"]
+__all__ = ["FakeNetwork", "fake_networks", "seg_masks"]
 
 
 @dataclass
@@ -71,3 +74,48 @@ def _nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return labels
     index = np.ix_(*(np.arange(n) * size // n for n, size in zip(shape, labels.shape, strict=True)))
     return labels[index]
+
+
+# LPS (DICOM patient coordinates) to RAS (NIfTI world coordinates): its own inverse.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def seg_masks(data: bytes, affine: np.ndarray, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Each segment of a DICOM-SEG (by label) as a mask on the grid of ``affine`` and ``shape``.
+
+    Frames are placed by their own Image Position (Patient) and the shared orientation and
+    pixel spacing, not by what they reference: a reader independent of how raytseg (or
+    TotalSegmentator) ordered them. BINARY and LABELMAP segmentations; a LABELMAP's
+    background segment (number 0) is left out.
+    """
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in ds.SegmentSequence if int(s.SegmentNumber)}
+    pixels = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
+    masks = {name: np.zeros(shape, dtype=bool) for name in names.values()}
+    to_voxel = np.linalg.inv(affine) @ _LPS_TO_RAS
+    for frame, item in zip(pixels, ds.PerFrameFunctionalGroupsSequence, strict=True):
+        lps = _pixel_positions(ds, item.PlanePositionSequence[0].ImagePositionPatient)
+        voxels = np.rint(lps @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(int)
+        if "SegmentIdentificationSequence" in item:  # BINARY: one segment per frame
+            hits = {int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber): frame > 0}
+        else:  # LABELMAP: pixel values are segment numbers
+            hits = {number: frame == number for number in names}
+        for number, hit in hits.items():
+            i, j, k = voxels[hit].T
+            masks[names[number]][i, j, k] = True
+    return masks
+
+
+def _pixel_positions(ds: Any, position: Any) -> np.ndarray:
+    """LPS coordinates (rows, columns, 3) of every pixel of a frame at ``position``."""
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    orientation = np.array([float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient])
+    row_spacing, column_spacing = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)
+    r, c = np.indices((int(ds.Rows), int(ds.Columns)))
+    origin = np.array([float(v) for v in position])
+    along_row, along_column = orientation[:3], orientation[3:]
+    positions: np.ndarray = origin + c[..., None] * column_spacing * along_row
+    positions += r[..., None] * row_spacing * along_column
+    return positions

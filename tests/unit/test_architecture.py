@@ -90,7 +90,7 @@ PUBLIC = {
     "raytseg.batch": ["BatchConfig", "BatchReport", "run_batch"],
     "raytseg.serve": ["ServeConfig", "build_app", "load_config"],
     "raytseg.client": ["Client", "SegmentResult", "ServiceError"],
-    "raytseg.testing": ["FakeNetwork", "fake_networks"],
+    "raytseg.testing": ["FakeNetwork", "fake_networks", "seg_masks"],
 }
 
 

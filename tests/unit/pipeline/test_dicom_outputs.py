@@ -25,13 +25,13 @@ from raytseg.pipeline.export import DICOM_NAMES, check_output, write_segmentatio
 from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.records import OutputOptions, Segmentation, Volume
 from raytseg.pipeline.rtstruct import rtstruct_bytes
+from raytseg.testing import seg_masks
 
 REPO = Path(__file__).resolve().parents[3]
 REFERENCE = REPO.parent / "shared" / "data" / "totalseg-reference"
 EXAMPLE_DICOM = REFERENCE / "example_ct_dicom"
 LIMITS = LoadLimits(max_voxels=50_000_000, max_archive_bytes=64 * 2**20)
 LABELS = {1: "kidney_left", 2: "kidney_right", 5: "liver", 7: "aorta"}
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 pytestmark = pytest.mark.skipif(not EXAMPLE_DICOM.is_dir(), reason="reference DICOM series not present")
 
@@ -100,40 +100,8 @@ def _sides(volume: Volume) -> Segmentation:
 # --- independent decoders --------------------------------------------------------------
 
 
-def _pixel_lps(ds: Any, position: Any) -> np.ndarray:
-    """LPS coordinates (rows, cols, 3) of every pixel of a frame at ``position``."""
-    orientation = np.array(
-        [
-            float(v)
-            for v in ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
-        ]
-    )
-    spacing = [float(v) for v in ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
-    r, c = np.indices((int(ds.Rows), int(ds.Columns)))
-    origin = np.array([float(v) for v in position])
-    return origin + c[..., None] * spacing[1] * orientation[:3] + r[..., None] * spacing[0] * orientation[3:]
-
-
 def _decode_seg(data: bytes, volume: Volume) -> dict[str, np.ndarray]:
-    """Each segment (by label) as a mask on the volume's grid, placed by the frames' positions."""
-    ds = pydicom.dcmread(io.BytesIO(data))
-    names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in ds.SegmentSequence}
-    assert names.pop(0, "Background") == "Background"  # highdicom describes a LABELMAP's zeros
-    pixels = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
-    masks = {name: np.zeros(volume.shape, dtype=bool) for name in names.values()}
-    to_voxel = np.linalg.inv(volume.affine) @ LPS_TO_RAS
-    for frame, item in zip(pixels, ds.PerFrameFunctionalGroupsSequence, strict=True):
-        lps = _pixel_lps(ds, item.PlanePositionSequence[0].ImagePositionPatient)
-        voxels = np.rint(lps @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(int)
-        if "SegmentIdentificationSequence" in item:  # BINARY: one segment per frame
-            number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-            hits = {number: frame > 0}
-        else:  # LABELMAP: pixel values are segment numbers
-            hits = {number: frame == number for number in names}
-        for number, hit in hits.items():
-            i, j, k = voxels[hit].T
-            masks[names[number]][i, j, k] = True
-    return masks
+    return seg_masks(data, volume.affine, volume.shape)
 
 
 @pytest.mark.parametrize("kind", ["binary", "labelmap"])
