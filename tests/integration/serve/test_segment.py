@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import zipfile
@@ -11,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
+from raytseg.pipeline.labeltable import read_label_table
 from raytseg.pipeline.records import SegmentOptions
 
 Reference = Callable[[bytes, SegmentOptions], bytes]
@@ -71,6 +74,43 @@ def test_dicom_zip_upload(
     answer = api.post("/v1/segment", params={"fast": "true"}, content=body)
     assert answer.status_code == 200, answer.text
     assert answer.content == reference(body, SegmentOptions(task="total", fast=True))
+
+
+def test_dicom_outputs_answer_dicom_or_a_zip(
+    api: httpx.Client, make_zip: Any, reference: Reference, reference_data: Path, tiny_ct: bytes
+) -> None:
+    """``output_type=dicom_seg`` answers the SEG itself (application/dicom), holding the
+    in-process labels; with RTSTRUCT too, a zip of both; for a NIfTI upload, 422."""
+    import nibabel as nib
+
+    from raytseg.testing import seg_masks
+
+    folder = reference_data / "example_ct_dicom"
+    body = make_zip({p.name: p.read_bytes() for p in sorted(folder.iterdir())})
+    answer = api.post("/v1/segment", params={"fast": "true", "output_type": "dicom_seg"}, content=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/dicom"
+    assert answer.headers["content-disposition"] == 'attachment; filename="segmentation_seg.dcm"'
+    expected = nib.Nifti1Image.from_bytes(
+        gzip.decompress(reference(body, SegmentOptions(task="total", fast=True)))
+    )
+    labels = np.asarray(expected.dataobj)
+    masks = seg_masks(answer.content, expected.affine, labels.shape)
+    table = read_label_table(expected)
+    assert list(masks) == [name for k, name in table.items() if (labels == k).any()]
+    for k, name in table.items():
+        if name in masks:
+            np.testing.assert_array_equal(masks[name], labels == k, err_msg=name)
+    both = api.post(
+        "/v1/segment", params={"fast": "true", "output_type": "dicom_seg,dicom_rtstruct"}, content=body
+    )
+    assert both.status_code == 200, both.text
+    names = zipfile.ZipFile(io.BytesIO(both.content)).namelist()
+    assert names == ["segmentation_seg.dcm", "segmentation_rtstruct.dcm"]
+    refused = api.post("/v1/segment", params={"fast": "true", "output_type": "dicom_seg"}, content=tiny_ct)
+    assert refused.status_code == 422
+    assert refused.json()["error"]["type"] == "DicomOutputError"
+    assert "this input is NIfTI" in refused.json()["error"]["message"]
 
 
 def test_an_mr_dicom_series_runs_total_mr(
