@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from raytseg.batch.commit import MARKER_NAME
@@ -140,6 +141,37 @@ def test_voxels_travel_on_only_when_a_later_step_reads_them(
     assert state.volume is not None
     assert (state.volume.data.size > 0) is kept
     assert state.voxels == 122 * 101 * 30
+
+
+def test_dicom_outputs_are_written_and_committed_beside_the_nifti(
+    settings: Settings, segmenter: Segmenter, tmp_path: Path
+) -> None:
+    import nibabel as nib
+
+    from raytseg.pipeline.labeltable import read_label_table
+    from raytseg.testing import seg_masks
+
+    series = CT.parent / "example_ct_dicom"
+    config = BatchConfig.model_validate(
+        {"input": "i", "output": str(tmp_path / "out"), "fast": True, "output_type": "nifti,dicom_seg"}
+    )
+    item = WorkItem("series", str(series), str(tmp_path / "out" / "series"))
+    state, _ = run_item(JobSpec(config, settings, "run1"), segmenter, item)
+    assert (result_of(state).status, result_of(state).error_type) == ("ok", None)
+    folder = tmp_path / "out" / "series"
+    assert sorted(files(folder)) == sorted([MARKER_NAME, "segmentation.nii.gz", "segmentation_seg.dcm"])
+    multilabel = nib.load(folder / "segmentation.nii.gz")
+    labels = np.asarray(multilabel.dataobj)
+    masks = seg_masks((folder / "segmentation_seg.dcm").read_bytes(), multilabel.affine, labels.shape)
+    table = read_label_table(multilabel)
+    assert masks
+    for name, mask in masks.items():
+        k = next(k for k, n in table.items() if n == name)
+        np.testing.assert_array_equal(mask, labels == k, err_msg=name)
+    refused, _ = run_item(
+        JobSpec(config, settings, "run1"), segmenter, WorkItem("ct", str(CT), str(tmp_path / "ct"))
+    )
+    assert (result_of(refused).status, result_of(refused).error_type) == ("failed", "DicomOutputError")
 
 
 def test_a_bad_item_becomes_a_failed_result(settings: Settings, segmenter: Segmenter, tmp_path: Path) -> None:
