@@ -55,7 +55,7 @@ def test_stages_equal_the_in_process_pipeline(config: ServeConfig, ct: bytes) ->
     stage = CpuStage(config)
     tags = Tags("total", "http")
     spec = PassSpec(passes(plan, options), 0, tags, Delivery())
-    volume = stage.load(ct, tags)
+    volume = stage.load(ct, tags, OutputOptions())
     volume.data.flags.writeable = False  # as read from the object store
     prepared = stage.prepare(spec, volume, None)
     assert prepared is not None
@@ -81,7 +81,7 @@ def test_an_empty_crop_region_answers_zeros(config: ServeConfig, ct: bytes) -> N
     tags = Tags("total", "http")
     crop, main = passes(plan, options)
     spec = PassSpec((crop, main), 1, tags, Delivery())
-    volume = stage.load(ct, tags)
+    volume = stage.load(ct, tags, OutputOptions())
     empty = AfterPass(empty_segmentation(volume, main))  # after_pass's answer to an empty region
     assert stage.prepare(spec, volume, empty) is None
     assert stage.end_pass(spec, volume, None, empty) is empty  # passed on by a later crop pass
@@ -101,7 +101,7 @@ def test_an_answer_with_more_than_the_multilabel_file_is_the_exporters_files_zip
     tags = Tags("total", "http")
     output = OutputOptions(ml=True, preview=True)
     spec = PassSpec((crop, main), 1, tags, Delivery(output))
-    volume = stage.load(ct, tags)
+    volume = stage.load(ct, tags, OutputOptions())
     empty = AfterPass(empty_segmentation(volume, main))
     delivered = stage.finish(spec, volume, None, empty)
     assert (delivered.media_type, delivered.filename) == ("application/zip", "total.zip")
