@@ -68,6 +68,7 @@ def _dciodvfy_errors(path: Path) -> int | None:
 
 def main() -> None:
     from raytseg.pipeline.dicomseg import dicom_seg_bytes
+    from raytseg.pipeline.dicomsource import dicom_source
     from raytseg.pipeline.labeltable import read_label_table
     from raytseg.pipeline.load import LoadLimits, load_volume
     from raytseg.pipeline.records import Segmentation
@@ -81,9 +82,11 @@ def main() -> None:
     seg = Segmentation(labels, volume.affine, volume.header, read_label_table(img), "total")
     print(f"labels: {len(np.unique(labels)) - 1} classes present, shape {labels.shape}")
     writers = {
-        "raytseg dicom_seg binary": lambda: dicom_seg_bytes(seg, volume.series, "binary"),
-        "raytseg dicom_seg labelmap": lambda: dicom_seg_bytes(seg, volume.series, "labelmap"),
-        "raytseg dicom_rtstruct": lambda: rtstruct_bytes(seg, volume.series),
+        "raytseg dicom_seg binary": lambda: dicom_seg_bytes(seg, dicom_source(seg, volume.series), "binary"),
+        "raytseg dicom_seg labelmap": lambda: dicom_seg_bytes(
+            seg, dicom_source(seg, volume.series), "labelmap"
+        ),
+        "raytseg dicom_rtstruct": lambda: rtstruct_bytes(seg, dicom_source(seg, volume.series)),
     }
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

@@ -67,23 +67,23 @@ def _check_single_frames(series: tuple[Any, ...]) -> None:
 
 def _sorted_slices(series: tuple[Any, ...]) -> tuple[Any, ...]:
     normal = _normal(series[0])
-    return tuple(sorted(series, key=lambda ds: float(np.dot(normal, _position(ds)))))
+    return tuple(sorted(series, key=lambda ds: float(np.dot(normal, position(ds)))))
 
 
 def _frame_affine(slices: tuple[Any, ...]) -> np.ndarray:
     """(column, row, slice) index -> LPS millimetres, from the sorted slices' headers."""
     first = slices[0]
-    row_cosine, column_cosine = _cosines(first)
+    row_cosine, column_cosine = cosines(first)
     row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
     if len(slices) > 1:
-        step = (_position(slices[-1]) - _position(first)) / (len(slices) - 1)
+        step = (position(slices[-1]) - position(first)) / (len(slices) - 1)
     else:
         step = _normal(first) * float(first.get("SliceThickness") or 1.0)
     affine = np.eye(4)
     affine[:3, 0] = row_cosine * column_spacing  # along a row: the next column
     affine[:3, 1] = column_cosine * row_spacing  # down a column: the next row
     affine[:3, 2] = step
-    affine[:3, 3] = _position(first)
+    affine[:3, 3] = position(first)
     return affine
 
 
@@ -115,15 +115,15 @@ def _mismatch(detail: str) -> DicomOutputError:
     )
 
 
-def _cosines(ds: Any) -> tuple[np.ndarray, np.ndarray]:
+def cosines(ds: Any) -> tuple[np.ndarray, np.ndarray]:
     values = np.array([float(v) for v in ds.ImageOrientationPatient])
     return values[:3], values[3:]
 
 
 def _normal(ds: Any) -> np.ndarray:
-    row_cosine, column_cosine = _cosines(ds)
+    row_cosine, column_cosine = cosines(ds)
     return np.asarray(np.cross(row_cosine, column_cosine))
 
 
-def _position(ds: Any) -> np.ndarray:
+def position(ds: Any) -> np.ndarray:
     return np.array([float(v) for v in ds.ImagePositionPatient])

@@ -16,7 +16,7 @@ import numpy as np
 
 from raytseg.errors import DicomOutputError
 from raytseg.pipeline.coding import coding_of
-from raytseg.pipeline.dicomsource import DicomSource, dicom_source
+from raytseg.pipeline.dicomsource import DicomSource
 from raytseg.pipeline.records import Segmentation
 
 SegType = Literal["binary", "labelmap"]
@@ -24,14 +24,13 @@ MANUFACTURER = "raytseg"
 SERIES_NUMBER = 100  # TotalSegmentator's
 
 
-def dicom_seg_bytes(seg: Segmentation, series: tuple[Any, ...], kind: SegType) -> bytes:
-    """The DICOM-SEG file (Part 10 bytes) of ``seg`` on the DICOM input ``series``."""
+def dicom_seg_bytes(seg: Segmentation, source: DicomSource, kind: SegType) -> bytes:
+    """The DICOM-SEG file (Part 10 bytes) of ``seg`` on its DICOM input ``source``."""
     import highdicom as hd
     from pydicom.filewriter import dcmwrite
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-    source = dicom_source(seg, series)
-    numbers = _segment_numbers(seg, source.frames)
+    numbers = _segment_numbers(seg, source.present)
     lookup = np.zeros(256, dtype=np.uint16)
     for label, number in numbers.items():
         lookup[label] = number
@@ -63,9 +62,8 @@ def _identity(seg: Segmentation, source: DicomSource, kind: SegType) -> dict[str
     }
 
 
-def _segment_numbers(seg: Segmentation, frames: np.ndarray) -> dict[int, int]:
+def _segment_numbers(seg: Segmentation, present: frozenset[int]) -> dict[int, int]:
     """Segment number of each label present, 1..n in label map order (TotalSegmentator's)."""
-    present = set(np.flatnonzero(np.bincount(frames.ravel(), minlength=256)).tolist())
     labels = [label for label in seg.label_map if label in present]
     if not labels:
         raise DicomOutputError(
@@ -109,4 +107,4 @@ def _version() -> str:
     return __version__
 
 
-__all__ = ["DicomSource", "SegType", "dicom_seg_bytes"]
+__all__ = ["SegType", "dicom_seg_bytes"]

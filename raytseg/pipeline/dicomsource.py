@@ -13,6 +13,7 @@ SOP Instance UID, so storing a result twice replaces it instead of duplicating i
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -40,12 +41,18 @@ _TYPE2 = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # cached_property needs a __dict__: no slots
 class DicomSource:
     """What a DICOM output needs of its input: slices in frame order, and the labels as frames."""
 
     slices: tuple[Any, ...]  # repaired copies, sorted along the slice normal
     frames: np.ndarray  # the segmentation's labels as (slice, row, column)
+
+    @functools.cached_property
+    def present(self) -> frozenset[int]:
+        """The label ids the frames hold (0 included where present)."""
+        counts = np.bincount(self.frames.ravel(), minlength=256)
+        return frozenset(np.flatnonzero(counts).tolist())
 
     def uid(self, kind: str) -> str:
         """A UID for output ``kind`` that depends only on the source slices and the labels."""

@@ -13,6 +13,7 @@ data type uint8, and TotalSegmentator's label table in header extension code 0.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import posixpath
@@ -20,6 +21,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -28,6 +30,9 @@ from raytseg import storage
 from raytseg.pipeline.labeltable import add_label_table
 from raytseg.pipeline.records import OutputOptions, Segmentation, Volume
 from raytseg.pipeline.stats import label_counts_and_sums, statistics_json
+
+if TYPE_CHECKING:
+    from raytseg.pipeline.dicomsource import DicomSource
 
 # nibabel's DeterministicGzipFile at nibabel's default level 1: no name, mtime 0,
 # XFL 4 (fastest), OS 255 (unknown).
@@ -157,11 +162,10 @@ def output_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> It
     statistics.json.
     """
     if not output.skip_saving:
+        dicom = _DicomSources(seg, volume)
         for kind in output.output_type:
             yield from (
-                _nifti_files(seg, volume, output)
-                if kind == "nifti"
-                else _dicom_file(seg, volume, output, kind)
+                _nifti_files(seg, volume, output) if kind == "nifti" else _dicom_file(dicom, output, kind)
             )
     if output.preview:
         from raytseg.pipeline.preview import preview_png
@@ -181,17 +185,29 @@ def _writes_body_masks(output: OutputOptions, task: str) -> bool:
     return output.derived_masks and not output.ml and not output.skip_saving and task == "body"
 
 
-def _dicom_file(
-    seg: Segmentation, volume: Volume, output: OutputOptions, kind: str
-) -> Iterator[tuple[str, bytes]]:
+class _DicomSources:
+    """The slices and frames every DICOM output of one segmentation shares, made once and
+    only when a DICOM output is asked for."""
+
+    def __init__(self, seg: Segmentation, volume: Volume) -> None:
+        self.seg, self._volume = seg, volume
+
+    @functools.cached_property
+    def source(self) -> DicomSource:
+        from raytseg.pipeline.dicomsource import dicom_source
+
+        return dicom_source(self.seg, self._volume.series)
+
+
+def _dicom_file(sources: _DicomSources, output: OutputOptions, kind: str) -> Iterator[tuple[str, bytes]]:
     if kind == "dicom_seg":
         from raytseg.pipeline.dicomseg import dicom_seg_bytes
 
-        yield DICOM_NAMES[kind], dicom_seg_bytes(seg, volume.series, output.dicom_seg_type)
+        yield DICOM_NAMES[kind], dicom_seg_bytes(sources.seg, sources.source, output.dicom_seg_type)
     else:
         from raytseg.pipeline.rtstruct import rtstruct_bytes
 
-        yield DICOM_NAMES[kind], rtstruct_bytes(seg, volume.series)
+        yield DICOM_NAMES[kind], rtstruct_bytes(sources.seg, sources.source)
 
 
 def _nifti_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> Iterator[tuple[str, bytes]]:

@@ -11,30 +11,27 @@ around its pixels. The structure set gets raytseg's identity and deterministic U
 from __future__ import annotations
 
 import io
-import logging
 from typing import Any
 
 import numpy as np
 
 from raytseg.pipeline.coding import coding_of
-from raytseg.pipeline.dicomsource import DicomSource, dicom_source
+from raytseg.pipeline.dicomgrid import cosines, position
+from raytseg.pipeline.dicomsource import DicomSource
 from raytseg.pipeline.records import Segmentation
 
-log = logging.getLogger(__name__)
 _MIN_POINTS = 3  # a closed planar contour needs a polygon
 
 
-def rtstruct_bytes(seg: Segmentation, series: tuple[Any, ...]) -> bytes:
-    """The RTSTRUCT file (Part 10 bytes) of ``seg`` on the DICOM input ``series``."""
+def rtstruct_bytes(seg: Segmentation, source: DicomSource) -> bytes:
+    """The RTSTRUCT file (Part 10 bytes) of ``seg`` on its DICOM input ``source``."""
     from rt_utils import RTStruct
     from rt_utils.ds_helper import create_rtstruct_dataset
 
-    source = dicom_source(seg, series)
     slices = list(source.slices)  # rt-utils sorts a series the same way: along the normal
     structure = RTStruct(slices, create_rtstruct_dataset(slices))
-    present = set(np.unique(source.frames).tolist())
     for label, name in seg.label_map.items():
-        if label in present:
+        if label in source.present:
             mask = np.ascontiguousarray((source.frames == label).transpose(1, 2, 0))  # rows, cols, slices
             rgb = coding_of(name).rgb
             structure.add_roi(mask=mask, name=name, color=None if rgb is None else list(rgb))
@@ -74,10 +71,9 @@ def _fix_contour(contour: Any, image: Any) -> None:
 
 def _pixel_rectangle(points: np.ndarray, image: Any) -> np.ndarray:
     """The corners of the pixels a degenerate contour passes through, as a closed polygon."""
-    orientation = np.array([float(v) for v in image.ImageOrientationPatient])
-    along_row, along_column = orientation[:3], orientation[3:]
+    along_row, along_column = cosines(image)
     row_spacing, column_spacing = (float(v) for v in image.PixelSpacing)
-    origin = np.array([float(v) for v in image.ImagePositionPatient])
+    origin = position(image)
     u = (points - origin) @ along_row / column_spacing
     v = (points - origin) @ along_column / row_spacing
     corners = [(u.min() - 0.5, v.min() - 0.5), (u.max() + 0.5, v.min() - 0.5)]

@@ -100,6 +100,14 @@ def _sides(volume: Volume) -> Segmentation:
 # --- independent decoders --------------------------------------------------------------
 
 
+def _seg_bytes(seg: Segmentation, volume: Volume, kind: Any) -> bytes:
+    return dicom_seg_bytes(seg, dicom_source(seg, volume.series), kind)
+
+
+def _rt_bytes(seg: Segmentation, volume: Volume) -> bytes:
+    return rtstruct_bytes(seg, dicom_source(seg, volume.series))
+
+
 def _decode_seg(data: bytes, volume: Volume) -> dict[str, np.ndarray]:
     return seg_masks(data, volume.affine, volume.shape)
 
@@ -107,14 +115,14 @@ def _decode_seg(data: bytes, volume: Volume) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("kind", ["binary", "labelmap"])
 def test_seg_decodes_to_the_labels_on_the_right_side(volume: Volume, kind: str) -> None:
     seg = _sides(volume)
-    masks = _decode_seg(dicom_seg_bytes(seg, volume.series, kind), volume)  # type: ignore[arg-type]
+    masks = _decode_seg(_seg_bytes(seg, volume, kind), volume)
     assert sorted(masks) == sorted(LABELS.values())
     for label, name in LABELS.items():
         np.testing.assert_array_equal(masks[name], seg.labels == label, err_msg=name)
 
 
 def test_seg_segments_carry_totalsegmentator_codes_and_raytseg_identity(volume: Volume) -> None:
-    ds = pydicom.dcmread(io.BytesIO(dicom_seg_bytes(_sides(volume), volume.series, "binary")))
+    ds = pydicom.dcmread(io.BytesIO(_seg_bytes(_sides(volume), volume, "binary")))
     liver = next(s for s in ds.SegmentSequence if s.SegmentLabel == "liver")
     assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == coding.coding_of("liver").type.value
     assert liver.SegmentedPropertyCategoryCodeSequence[0].CodeMeaning == "Anatomical Structure"
@@ -159,7 +167,7 @@ def _contour_masks(data: bytes, volume: Volume) -> dict[str, np.ndarray]:
 
 def test_rtstruct_contours_give_back_the_masks_on_the_right_side(volume: Volume) -> None:
     seg = _sides(volume)
-    data = rtstruct_bytes(seg, volume.series)
+    data = _rt_bytes(seg, volume)
     masks = _contour_masks(data, volume)
     for label in (1, 2, 5):
         truth = seg.labels == label
@@ -180,7 +188,7 @@ def test_one_voxel_and_one_line_structures_become_polygons_around_their_pixels(v
     labels[100, 200, 5] = 7  # one voxel
     labels[300:320, 50, 6] = 5  # a straight line: OpenCV's trace has two points
     seg = Segmentation(labels, volume.affine, volume.header, LABELS, "total")
-    data = rtstruct_bytes(seg, volume.series)
+    data = _rt_bytes(seg, volume)
     ds = pydicom.dcmread(io.BytesIO(data))
     contours = [c for roi in ds.ROIContourSequence for c in roi.ContourSequence]
     assert len(contours) == 2
@@ -210,7 +218,7 @@ def test_a_series_off_the_image_grid_is_refused(volume: Volume) -> None:
 def test_an_empty_segmentation_has_no_seg(volume: Volume) -> None:
     empty = Segmentation(np.zeros(volume.shape, np.uint8), volume.affine, volume.header, LABELS, "total")
     with pytest.raises(DicomOutputError, match="at least one segment"):
-        dicom_seg_bytes(empty, volume.series, "binary")
+        _seg_bytes(empty, volume, "binary")
 
 
 def test_without_the_totalsegmentator_mapping_dicom_output_is_refused(
@@ -228,12 +236,12 @@ def test_without_the_totalsegmentator_mapping_dicom_output_is_refused(
 
 def test_uids_depend_on_the_labels_only(volume: Volume) -> None:
     seg = _sides(volume)
-    first = pydicom.dcmread(io.BytesIO(dicom_seg_bytes(seg, volume.series, "labelmap")))
-    again = pydicom.dcmread(io.BytesIO(dicom_seg_bytes(seg, volume.series, "labelmap")))
+    first = pydicom.dcmread(io.BytesIO(_seg_bytes(seg, volume, "labelmap")))
+    again = pydicom.dcmread(io.BytesIO(_seg_bytes(seg, volume, "labelmap")))
     other = Segmentation(
         np.where(seg.labels == 7, 0, seg.labels).astype(np.uint8), seg.affine, seg.header, LABELS, "total"
     )
-    changed = pydicom.dcmread(io.BytesIO(dicom_seg_bytes(other, volume.series, "labelmap")))
+    changed = pydicom.dcmread(io.BytesIO(_seg_bytes(other, volume, "labelmap")))
     assert first.SOPInstanceUID == again.SOPInstanceUID != changed.SOPInstanceUID
     assert first.SeriesInstanceUID == again.SeriesInstanceUID
     assert first.StudyInstanceUID == again.StudyInstanceUID != ""
@@ -270,11 +278,7 @@ def test_dciodvfy_finds_no_error(volume: Volume, kind: str, tmp_path: Path) -> N
     if tool is None:
         pytest.skip("dciodvfy (dicom3tools) not installed")
     seg = _sides(volume)
-    data = (
-        dicom_seg_bytes(seg, volume.series, "binary")
-        if kind == "dicom_seg"
-        else rtstruct_bytes(seg, volume.series)
-    )
+    data = _seg_bytes(seg, volume, "binary") if kind == "dicom_seg" else _rt_bytes(seg, volume)
     path = tmp_path / "out.dcm"
     path.write_bytes(data)
     report = subprocess.run([tool, str(path)], capture_output=True, text=True, check=False)
