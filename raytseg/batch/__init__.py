@@ -5,9 +5,9 @@
 
 Modules, in the order a job uses them: ``config`` (the job), ``inputs`` (items from a
 prefix or manifest), ``triage`` (what is done already), ``item`` (the steps each item goes
-through, Ray-free), ``commit`` (atomic outputs and completion markers), ``retry``
-(transient storage errors), ``stages`` and ``job`` (the Ray Data wiring), ``results``
-(rows, the table, progress counts), ``progress`` and ``cli`` (the command line).
+through, Ray-free), ``commit`` (atomic outputs and completion markers), ``stages`` and
+``job`` (the Ray Data wiring), ``results`` (rows, the table, progress counts), ``progress``
+and ``cli`` (the command line). Retries of transient storage errors: ``raytseg.retry``.
 Importing this package imports neither Ray nor torch.
 """
 

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from raytseg import storage
-from raytseg.batch.retry import RetryPolicy
+from raytseg.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from raytseg import storage
-from raytseg.batch.retry import RetryPolicy
 from raytseg.errors import BatchInputError
+from raytseg.retry import RetryPolicy
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq", ".jsonl", ".ndjson")
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")

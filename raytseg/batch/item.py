@@ -38,7 +38,6 @@ from raytseg.batch.commit import OutputStore
 from raytseg.batch.config import BatchConfig
 from raytseg.batch.inputs import WorkItem
 from raytseg.batch.results import ItemResult
-from raytseg.batch.retry import RetryPolicy
 from raytseg.config import Settings
 from raytseg.errors import InputError, LicenseError
 from raytseg.pipeline.export import check_output, reads_image, write_segmentation
@@ -54,6 +53,7 @@ from raytseg.pipeline.records import (
     SegmentOptions,
     Volume,
 )
+from raytseg.retry import RetryPolicy
 from raytseg.tasks import ModelSpec
 
 if TYPE_CHECKING:

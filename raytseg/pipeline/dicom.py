@@ -93,6 +93,11 @@ def read_dicom_dir(folder: Path) -> list[Any]:
 
 def datasets_from_blobs(blobs: Iterable[tuple[str, bytes]]) -> list[Any]:
     datasets = [_dcmread(io.BytesIO(blob), name) for name, blob in blobs if _is_dicom(blob, io.BytesIO(blob))]
+    return imaging_only(datasets)
+
+
+def imaging_only(datasets: Iterable[Any]) -> list[Any]:
+    """The datasets dicom2nifti would convert (images, not reports or presentation states)."""
     return [ds for ds in datasets if _is_imaging(ds)]
 
 

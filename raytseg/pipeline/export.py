@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from raytseg import storage
+from raytseg.errors import InvalidOptionError
 from raytseg.pipeline.labeltable import add_label_table
 from raytseg.pipeline.records import OutputOptions, Segmentation, Volume
 from raytseg.pipeline.stats import label_counts_and_sums, statistics_json
@@ -138,6 +139,22 @@ def check_output(output: OutputOptions, volume: Volume) -> None:
         _check_installed({"dicom_seg": "highdicom", "dicom_rtstruct": "rt_utils"}, output)
 
 
+def check_target(target: str | None, output: OutputOptions, statistics: bool) -> None:
+    """Without an output location only a DICOMweb server receives outputs: refuse, before
+    any work, the options whose files would have nowhere to go."""
+    if target is not None:
+        return
+    if output.dicomweb_store is None:
+        raise InvalidOptionError(
+            "Give an output folder or file (-o), or a DICOMweb server (--dicomweb_store)"
+        )
+    if "nifti" in output.output_type or output.preview or statistics:
+        raise InvalidOptionError(
+            "Without -o only the DICOM outputs can be stored (on --dicomweb_store): give -o for NIfTI, "
+            "the preview and statistics, or ask for -ot dicom_seg / dicom_rtstruct only."
+        )
+
+
 def _check_installed(libraries: dict[str, str], output: OutputOptions) -> None:
     import importlib.util
 
@@ -222,24 +239,36 @@ def _nifti_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> It
             yield name, nifti_gz_bytes(img)
 
 
-def write_segmentation(seg: Segmentation, volume: Volume, target: str, output: OutputOptions) -> list[str]:
+def write_segmentation(
+    seg: Segmentation, volume: Volume, target: str | None, output: OutputOptions
+) -> list[str]:
     """Write ``output_files`` to a local path or fsspec URI; returns the locations, in order.
 
     ``target`` is a folder, or it names the first output type's one file, as TotalSegmentator's
     ``-o``: ``seg.nii.gz`` with ``ml``, ``seg.dcm`` for ``dicom_seg`` or ``dicom_rtstruct``;
     the other files go beside it. Each file is written atomically; a failed write raises
-    ``StorageError``.
+    ``StorageError``. With ``output.dicomweb_store`` the DICOM files are then stored on that
+    server too (their instance URIs end the list); ``target`` None writes no file at all.
     """
-    named = _named_file(output, target)
-    folder = _parent(target) if named else target
-    storage.make_dirs(folder)
-    written = []
+    named = None if target is None else _named_file(output, target)
+    folder = _parent(target) if named and target else target
+    if folder is not None:
+        storage.make_dirs(folder)
+    written, dicom = [], []
     for name, data in output_files(seg, volume, output):
+        if name in DICOM_NAMES.values():
+            dicom.append(data)
+        if target is None or folder is None:
+            continue
         location = target if name == named else storage.join(folder, name)
         if location.endswith(".nii"):  # uncompressed, as nib.save writes a .nii
             data = gzip.decompress(data)
         storage.write_bytes(location, data)
         written.append(location)
+    if output.dicomweb_store is not None:
+        from raytseg import dicomweb
+
+        written += dicomweb.store(output.dicomweb_store, dicom)
     return written
 
 

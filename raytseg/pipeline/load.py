@@ -3,7 +3,8 @@
 Accepted inputs, as TotalSegmentator accepts them:
 
 - NIfTI (``.nii`` or ``.nii.gz``), read with nibabel exactly as ``nib.load`` reads it;
-- a DICOM series, as a folder of slices or a zip of them, converted the way
+- a DICOM series, as a folder of slices, a zip of them or a DICOMweb series URI
+  (``raytseg.dicomweb``), converted the way
   TotalSegmentator converts it (``dicom2nifti.dicom_series_to_nifti(..., reorient_nifti=True)``
   followed by ``nib.load``), but in memory: nothing is extracted or written to disk.
 
@@ -27,10 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 
-from raytseg import storage
+from raytseg import dicomweb, storage
 from raytseg.archive import ArchiveLimits, ByteBudget
 from raytseg.errors import ImageTooLargeError, StorageError, UnreadableImageError
-from raytseg.pipeline.dicom import ARCHIVE_ADVICE, datasets_from_blobs, dicom_volume, read_dicom_dir, read_zip
+from raytseg.pipeline.dicom import (
+    ARCHIVE_ADVICE,
+    datasets_from_blobs,
+    dicom_volume,
+    imaging_only,
+    read_dicom_dir,
+    read_zip,
+)
 from raytseg.pipeline.nifti import FIX_NIFTI, read_nifti, volume_from_image
 from raytseg.pipeline.records import Volume
 
@@ -74,8 +82,8 @@ def load_volume(source: str | os.PathLike[str] | bytes | nib.Nifti1Image, limits
 
     Args:
         source: a local path or fsspec URI of a ``.nii``/``.nii.gz`` file, a DICOM zip or
-            a folder (prefix) of DICOM slices; the bytes of a NIfTI file or DICOM zip; or
-            an in-memory ``nib.Nifti1Image``.
+            a folder (prefix) of DICOM slices; a DICOMweb series URI; the bytes of a NIfTI
+            file or DICOM zip; or an in-memory ``nib.Nifti1Image``.
         limits: size limits, checked from headers before voxels are read.
 
     Returns:
@@ -101,6 +109,9 @@ def load_volume(source: str | os.PathLike[str] | bytes | nib.Nifti1Image, limits
     if isinstance(source, bytes):
         return _load_stream(io.BytesIO(source), limits, "<bytes>")
     location = os.fspath(source)
+    if dicomweb.is_dicomweb(location):
+        datasets = dicomweb.read_series(location, limits.max_voxels, limits.max_archive_bytes)
+        return dicom_volume(imaging_only(datasets), location, limits.max_voxels)
     if storage.is_uri(location):
         return _load_uri(location, limits)
     return _load_local(storage.local_path(location), limits)

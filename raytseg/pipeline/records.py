@@ -158,6 +158,11 @@ class OutputOptions(BaseModel):
         description="DICOM-SEG encoding: binary (one frame per segment and slice, as "
         "TotalSegmentator) or labelmap (one frame per slice, RLE-compressed: much smaller).",
     )
+    dicomweb_store: Annotated[str | None, Flag(None)] = Field(
+        default=None,
+        description="Also store the DICOM outputs on this DICOMweb server with STOW-RS "
+        "(dicomweb+https://host/prefix); an instance the server holds already is not sent again.",
+    )
 
     @field_validator("output_type", mode="before")
     @classmethod
@@ -180,6 +185,17 @@ class OutputOptions(BaseModel):
         ):
             return {**values, "ml": True}
         return values
+
+    @model_validator(mode="after")
+    def _stores_dicom(self) -> OutputOptions:
+        if self.dicomweb_store is not None:
+            from raytseg.dicomweb import parse
+
+            if not parse(self.dicomweb_store).is_server:
+                raise ValueError("dicomweb_store must name a DICOMweb server: dicomweb+https://host/prefix")
+            if not self.dicom:
+                raise ValueError("dicomweb_store stores DICOM outputs: add -ot dicom_seg / dicom_rtstruct")
+        return self
 
     @property
     def dicom(self) -> bool:

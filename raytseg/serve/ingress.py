@@ -200,13 +200,15 @@ class Ingress:
     async def submit_job(self, request: Request, job: Annotated[JobRequest, Body()]) -> JSONResponse:
         """Queue a segmentation of ``input_uri``, written under ``output_uri``; poll ``/v1/jobs/{id}``."""
         self._authorize(request)
-        options = job.options.segment(task=job.task)
+        options, output = job.options.segment(task=job.task), job.options.output()
         self._flow.check(options)
+        if output.dicomweb_store is not None:  # a server the job would send data to
+            self._uris.check(output.dicomweb_store, "dicomweb_store")
         spec = JobSpec(
             self._uris.check(job.input_uri, "input_uri"),
             self._uris.check(job.output_uri, "output_uri"),
             options,
-            job.options.output(),
+            output,
         )
         record = await self._call_runner("submit", spec, self._route)
         return JSONResponse(record, status_code=202, headers={"Location": f"/v1/jobs/{record['id']}"})

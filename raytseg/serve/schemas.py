@@ -19,7 +19,9 @@ if TYPE_CHECKING:  # built at run time; their fields are the records' (checked b
     SegmentQuery = HttpOptions
     JobOptions = HttpOptions
 else:
-    SegmentQuery = http_model("SegmentQuery")  # the query string of POST /v1/segment
+    # The query string of POST /v1/segment: the answer is the files; storing them on a
+    # DICOMweb server is for jobs, whose locations the allow-list checks.
+    SegmentQuery = http_model("SegmentQuery", exclude=frozenset({"dicomweb_store"}))
     JobOptions = http_model("JobOptions", exclude=frozenset({"task"}))  # a job names its task beside them
 
 
@@ -28,7 +30,10 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_uri: str = Field(description="NIfTI file, DICOM zip or DICOM folder/prefix (fsspec URI or path).")
+    input_uri: str = Field(
+        description="NIfTI file, DICOM zip, DICOM folder/prefix (fsspec URI or path) or DICOMweb series "
+        "(dicomweb+https://host/prefix/studies/<uid>/series/<uid>)."
+    )
     output_uri: str = Field(
         description="Output folder/prefix; with ml also a .nii.gz file (else <folder>/segmentation.nii.gz)."
     )

@@ -1,4 +1,5 @@
-"""Fixtures shared by the integration tests: moto's standalone S3 server on 127.0.0.1.
+"""Fixtures shared by the integration tests: moto's standalone S3 server and Orthanc (a
+DICOMweb server), both on 127.0.0.1.
 
 Clients reach it the standard way: ``AWS_ENDPOINT_URL`` (honoured by botocore >= 1.31 and
 therefore by s3fs) plus dummy credentials, with the AWS config files pointed at nothing.
@@ -6,6 +7,10 @@ therefore by s3fs) plus dummy credentials, with the AWS config files pointed at 
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -86,3 +91,133 @@ def dicom_zip_bomb(tmp_path_factory: pytest.TempPathFactory, reference_data: Pat
             for _ in range(3 * (1 << 30) // len(chunk)):
                 member.write(chunk)
     return bomb
+
+
+# --- Orthanc: a real DICOMweb server ---------------------------------------------------
+
+ORTHANC_USER, ORTHANC_PASSWORD = "raytseg", "orthanc-test-password-3141"
+
+
+class Orthanc:
+    """Debian's Orthanc with its DICOMweb plugin, on 127.0.0.1 with a throwaway storage
+    folder and basic auth; ``stop()`` and ``start()`` keep its port and its studies."""
+
+    def __init__(self, folder: Path) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.config = folder / "orthanc.json"
+        self.config.write_text(json.dumps(self._settings(folder)))
+        self.log = folder / "orthanc.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dicomweb(self) -> str:
+        """The server's DICOMweb root as raytseg names it."""
+        return f"dicomweb+{self.url}/dicom-web"
+
+    def start(self) -> None:
+        import requests
+
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen(["Orthanc", str(self.config)], stdout=log, stderr=log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.url}/system", auth=self.auth, timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.2)
+        raise RuntimeError(f"Orthanc did not start; see {self.log}")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=30)
+            self._process = None
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        return ORTHANC_USER, ORTHANC_PASSWORD
+
+    def upload(self, blobs: list[bytes]) -> None:
+        import requests
+
+        for blob in blobs:
+            requests.post(f"{self.url}/instances", data=blob, auth=self.auth, timeout=30).raise_for_status()
+
+    def get(self, path: str) -> Any:
+        """Orthanc's REST answer (JSON) for ``path``."""
+        return json.loads(self.get_bytes(path))
+
+    def get_bytes(self, path: str) -> bytes:
+        import requests
+
+        answer = requests.get(f"{self.url}{path}", auth=self.auth, timeout=30)
+        answer.raise_for_status()
+        return answer.content
+
+    def post_json(self, path: str, body: str) -> Any:
+        import requests
+
+        answer = requests.post(f"{self.url}{path}", data=body, auth=self.auth, timeout=30)
+        answer.raise_for_status()
+        return answer.json()
+
+    def _settings(self, folder: Path) -> dict[str, Any]:
+        return {
+            "Name": "raytseg-tests",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "storage"),
+            "HttpPort": self.port,
+            "RemoteAccessAllowed": False,  # 127.0.0.1 only
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {ORTHANC_USER: ORTHANC_PASSWORD},
+            "DicomServerEnabled": False,
+            "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Orthanc]:
+    """A running Orthanc; raytseg in this process reaches it with basic auth from the environment."""
+    if shutil.which("Orthanc") is None:
+        pytest.skip("Orthanc is not installed (scripts/setup-ci-tools.sh installs it)")
+    (tmp_path / "orthanc").mkdir()
+    server = Orthanc(tmp_path / "orthanc")
+    monkeypatch.setenv("RAYTSEG_DICOMWEB_USER", ORTHANC_USER)
+    monkeypatch.setenv("RAYTSEG_DICOMWEB_PASSWORD", ORTHANC_PASSWORD)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def series_with_uids(folder: Path, salt: str) -> tuple[str, str, list[bytes]]:
+    """The slices of ``folder`` with study, series and instance UIDs filled (the reference
+    series has empty ones, which a PACS refuses): (study UID, series UID, Part 10 bytes)."""
+    import io
+
+    import pydicom
+    from pydicom.uid import CTImageStorage, generate_uid
+
+    study, series = generate_uid(entropy_srcs=[salt, "study"]), generate_uid(entropy_srcs=[salt, "series"])
+    blobs = []
+    for path in sorted(folder.iterdir()):
+        dataset = pydicom.dcmread(path)
+        sop = generate_uid(entropy_srcs=[salt, path.name])
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID = study, series, sop
+        dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        dataset.file_meta.MediaStorageSOPInstanceUID = sop
+        buffer = io.BytesIO()
+        dataset.save_as(buffer)
+        blobs.append(buffer.getvalue())
+    return study, series, blobs

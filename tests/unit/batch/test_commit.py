@@ -13,7 +13,7 @@ import pytest
 from raytseg import storage
 from raytseg.batch import commit as commit_module
 from raytseg.batch.commit import MARKER_NAME, OutputStore
-from raytseg.batch.retry import RetryPolicy
+from raytseg.retry import RetryPolicy
 
 FILES = {"liver.nii.gz": b"liver bytes", "spleen.nii.gz": b"spleen bytes", "statistics.json": b"{}"}
 
@@ -108,7 +108,7 @@ def test_a_move_whose_reply_was_lost_is_not_redone(tmp_path: Path) -> None:
 
 
 def test_transient_errors_during_commit_are_retried(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from raytseg.batch import retry as retry_module
+    from raytseg import retry as retry_module
 
     monkeypatch.setattr(retry_module.time, "sleep", lambda seconds: None)
     failures = iter([OSError("503 Slow Down"), ConnectionResetError("reset")])

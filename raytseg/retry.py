@@ -1,6 +1,7 @@
 """Retries with exponential backoff for transient storage errors.
 
-Object stores fail transiently (throttling, dropped connections, 5xx) and s3fs/botocore
+Used by batch jobs (listing, reading, writing, committing) and by DICOMweb transfers.
+Object stores and DICOMweb servers fail transiently (throttling, dropped connections, 5xx) and s3fs/botocore
 retry a few of those themselves; what still comes through is retried here a few more
 times. Errors that another try cannot fix (a missing object, no permission, a corrupt
 image) are raised at once.

@@ -6,9 +6,9 @@ import errno
 
 import pytest
 
-from raytseg.batch import retry as retry_module
-from raytseg.batch.retry import RetryPolicy, is_transient
+from raytseg import retry as retry_module
 from raytseg.errors import StorageError, UnreadableImageError
+from raytseg.retry import RetryPolicy, is_transient
 
 
 class Flaky:
