@@ -1,6 +1,7 @@
 """The batch job's configuration: one pydantic model, from CLI flags or a YAML file.
 
-    input: s3://bucket/cts/            # a prefix to list, or a manifest (.csv, .parquet, .jsonl)
+    input: s3://bucket/cts/            # a prefix to list, a manifest (.csv, .parquet, .jsonl)
+                                       # or a DICOMweb study/search (dicomweb+https://...)
     output: s3://bucket/segmentations/
     task: total
     fast: true
@@ -95,7 +96,10 @@ class BatchConfig(SegmentOptions, OutputOptions):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input: str = Field(description="Prefix (folder or URI) to list, or a manifest .csv/.parquet/.jsonl.")
+    input: str = Field(
+        description="Prefix (folder or URI) to list, a manifest .csv/.parquet/.jsonl, or a DICOMweb "
+        "study or QIDO-RS search (dicomweb+https://host/prefix/series?Modality=CT)."
+    )
     output: str = Field(description="Where <id>/ folders and the results table are written.")
     results: str | None = Field(default=None, description=f"Results table (default <output>/{RESULTS_NAME}).")
     device: Device = Field(default="gpu", description="cpu, gpu, gpu:N or mps (no GPU: CPU).")

@@ -6,7 +6,9 @@ A prefix is listed once, recursively. Items are:
 - every folder that directly holds DICOM-looking files (``.dcm``, ``.ima``, no
   extension, or a numeric one such as ``CT.1.2.840...``): one DICOM series.
 
-Other files (``.json``, ``.txt``...) are ignored. A manifest (``.csv``, ``.parquet``,
+Other files (``.json``, ``.txt``...) are ignored. A DICOMweb study or QIDO-RS search
+(``raytseg.dicomweb``: ``dicomweb+https://host/prefix/series?Modality=CT``) gives one item
+per series it names, with the Series Instance UID as id. A manifest (``.csv``, ``.parquet``,
 ``.jsonl``) lists items instead: ``input_uri`` and optionally ``id``, ``task`` (overrides
 the job's task) and ``output`` (the item's folder instead of ``<output>/<id>``); relative
 locations are resolved against the manifest's folder (inputs) or the job's output (outputs).
@@ -28,7 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from raytseg import storage
+from raytseg import dicomweb, storage
 from raytseg.errors import BatchInputError
 from raytseg.retry import RetryPolicy
 
@@ -72,7 +74,9 @@ def work_items(source: str, output: str, retry: RetryPolicy | None = None) -> li
         StorageError: the listing or the manifest could not be read.
     """
     retry = retry or RetryPolicy()
-    if is_manifest(source):
+    if dicomweb.is_dicomweb(source):
+        items = _dicomweb_items(source, output, retry)
+    elif is_manifest(source):
         items = list(_manifest_items(source, output, retry))
     else:
         items = [
@@ -210,6 +214,18 @@ def _location(base: str, relative: str) -> str:
     if relative == "":
         return base
     return storage.join(base, relative)
+
+
+# --- DICOMweb ------------------------------------------------------------------------
+
+
+def _dicomweb_items(source: str, output: str, retry: RetryPolicy) -> list[WorkItem]:
+    """One item per series of a DICOMweb study or search, named by its Series Instance UID."""
+    found = retry.call(lambda: dicomweb.find_series(source), f"Searching {source}")
+    ids = [uri.rsplit("/", 1)[1] for uri in found]
+    return [
+        WorkItem(item_id, uri, storage.join(output, item_id)) for item_id, uri in zip(ids, found, strict=True)
+    ]
 
 
 # --- manifests -----------------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from raytseg import dicomweb
 from raytseg.batch.commit import OutputStore
 from raytseg.batch.config import BatchConfig
 from raytseg.batch.inputs import WorkItem
@@ -47,7 +48,6 @@ from raytseg.pipeline.plan import Pass, admit
 from raytseg.pipeline.preprocess import ModelPlans, model_key
 from raytseg.pipeline.records import (
     NetworkOutput,
-    OutputOptions,
     Prepared,
     Segmentation,
     SegmentOptions,
@@ -225,22 +225,20 @@ def _write(state: ItemState, job: JobSpec, seg: Segmentation) -> None:
     staged = store.staging_dir(state.item.id, state.attempt)
     started = time.perf_counter()
     volume = state.volume
-    names = job.retry.call(
-        lambda: _write_files(seg, volume, staged, config.output_options), f"Writing {state.item.id}"
+    written = job.retry.call(
+        lambda: write_segmentation(seg, volume, staged, config.output_options), f"Writing {state.item.id}"
     )
     state.volume = None
     state.timings["write"] = time.perf_counter() - started  # the marker records it without the commit
-    result = _ok_result(state, seg, names)
+    # Files are committed from the staging folder; instances stored on a DICOMweb server are
+    # there already (the write returned once the server had accepted them).
+    names = [loc.rstrip("/").rsplit("/", 1)[-1] for loc in written if not dicomweb.is_dicomweb(loc)]
+    stored = [loc for loc in written if dicomweb.is_dicomweb(loc)]
+    result = _ok_result(state, seg, names, stored)
     store.commit(staged, state.item.output, names, json.loads(result.to_json()))
     state.timings["write"] = time.perf_counter() - started
     state.result = dataclasses.replace(result, timings=_final_timings(state))
     store.discard(state.item.id)
-
-
-def _write_files(seg: Segmentation, volume: Volume, folder: str, output: OutputOptions) -> list[str]:
-    """The files ``raytseg segment`` writes, into ``folder``; returns their names."""
-    written = write_segmentation(seg, volume, folder, output)
-    return [location.rstrip("/").rsplit("/", 1)[-1] for location in written]
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -280,14 +278,14 @@ def _guarded(state: ItemState, job: JobSpec, step: Callable[[], None]) -> None:
         job.outputs().discard(state.item.id, state.attempt)
 
 
-def _ok_result(state: ItemState, seg: Segmentation, names: list[str]) -> ItemResult:
+def _ok_result(state: ItemState, seg: Segmentation, names: list[str], stored: list[str]) -> ItemResult:
     from raytseg import storage
     from raytseg.pipeline.stats import statistics_json
 
     return _result(
         state,
         status="ok",
-        outputs=tuple(storage.join(state.item.output, name) for name in names),
+        outputs=(*(storage.join(state.item.output, name) for name in names), *stored),
         statistics=None if seg.statistics is None else statistics_json(seg.statistics).decode(),
     )
 

@@ -80,7 +80,7 @@ class UriPolicy:
         normal = normalise_location(location, what)
         for prefix in self.prefixes:
             base = normalise_location(prefix, "allowed prefix")
-            if normal == base or normal.startswith(base.rstrip("/") + "/"):
+            if normal.rstrip("/") == base.rstrip("/") or normal.startswith(base.rstrip("/") + "/"):
                 return normal
         allowed = ", ".join(self.prefixes) or "none are configured (jobs.allowed_prefixes)"
         raise UriNotAllowedError(f"The {what} is outside the allowed locations; allowed: {allowed}.")

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import missing_deploy_tool
+
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
@@ -96,18 +98,19 @@ def dicom_zip_bomb(tmp_path_factory: pytest.TempPathFactory, reference_data: Pat
 # --- Orthanc: a real DICOMweb server ---------------------------------------------------
 
 ORTHANC_USER, ORTHANC_PASSWORD = "raytseg", "orthanc-test-password-3141"
+ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
 
 
 class Orthanc:
     """Debian's Orthanc with its DICOMweb plugin, on 127.0.0.1 with a throwaway storage
     folder and basic auth; ``stop()`` and ``start()`` keep its port and its studies."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, port: int | None = None) -> None:
         import socket
 
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+            s.bind(("127.0.0.1", port or 0))
+            self.port = int(s.getsockname()[1])
         self.config = folder / "orthanc.json"
         self.config.write_text(json.dumps(self._settings(folder)))
         self.log = folder / "orthanc.log"
@@ -180,18 +183,24 @@ class Orthanc:
             "AuthenticationEnabled": True,
             "RegisteredUsers": {ORTHANC_USER: ORTHANC_PASSWORD},
             "DicomServerEnabled": False,
-            "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+            "Plugins": [ORTHANC_DICOMWEB_PLUGIN],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
 
 
 @pytest.fixture
-def orthanc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Orthanc]:
+def orthanc_port() -> int | None:
+    """The port the ``orthanc`` fixture serves on (None: any free one)."""
+    return None
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, orthanc_port: int | None) -> Iterator[Orthanc]:
     """A running Orthanc; raytseg in this process reaches it with basic auth from the environment."""
-    if shutil.which("Orthanc") is None:
-        pytest.skip("Orthanc is not installed (scripts/setup-ci-tools.sh installs it)")
+    if shutil.which("Orthanc") is None or not Path(ORTHANC_DICOMWEB_PLUGIN).exists():
+        missing_deploy_tool("No Orthanc with its DICOMweb plugin")
     (tmp_path / "orthanc").mkdir()
-    server = Orthanc(tmp_path / "orthanc")
+    server = Orthanc(tmp_path / "orthanc", orthanc_port)
     monkeypatch.setenv("RAYTSEG_DICOMWEB_USER", ORTHANC_USER)
     monkeypatch.setenv("RAYTSEG_DICOMWEB_PASSWORD", ORTHANC_PASSWORD)
     server.start()
@@ -199,6 +208,27 @@ def orthanc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Orthanc
         yield server
     finally:
         server.stop()
+
+
+def assert_seg_is_the_nifti(seg: bytes, multilabel_path: Path) -> None:
+    """The DICOM-SEG ``seg``, decoded by the independent reader, has exactly the voxels of
+    the multilabel NIfTI, segment by segment (matched by class name)."""
+    import nibabel as nib
+    import numpy as np
+
+    from raytseg.pipeline.labeltable import read_label_table
+    from raytseg.testing import seg_masks
+
+    multilabel = nib.load(multilabel_path)
+    labels = np.asarray(multilabel.dataobj)
+    number = {name: k for k, name in read_label_table(multilabel).items()}
+    masks = seg_masks(seg, multilabel.affine, multilabel.shape)
+    assert masks, "the random-weight network predicted no class"
+    rebuilt = np.zeros_like(labels)
+    for name, mask in masks.items():
+        assert not rebuilt[mask].any(), f"{name} overlaps another segment"
+        rebuilt[mask] = number[name]
+    np.testing.assert_array_equal(rebuilt, labels)
 
 
 def series_with_uids(folder: Path, salt: str) -> tuple[str, str, list[bytes]]:

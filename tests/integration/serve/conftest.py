@@ -39,6 +39,7 @@ from raytseg.pipeline.export import multilabel_nifti_bytes  # noqa: E402
 from raytseg.pipeline.load import LoadLimits, load_volume  # noqa: E402
 from raytseg.pipeline.records import SegmentOptions  # noqa: E402
 from raytseg.serve.config import ServeConfig, load_config  # noqa: E402
+from tests.integration.conftest import ORTHANC_PASSWORD, ORTHANC_USER  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE_CT = REPO / "examples" / "data" / "example_ct_sm.nii.gz"
@@ -61,6 +62,7 @@ class Service:
     weights: Path
     jobs_dir: Path
     ray_dir: Path
+    dicomweb_port: int  # the allow-list admits a DICOMweb server on this port (started by a test)
 
     def client(self, token: str | None = TOKEN, timeout: float = 300.0) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -92,6 +94,7 @@ def service(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     jobs_dir = base / "jobs"
     jobs_dir.mkdir()
     small = {"num_cpus": 0.25}
+    dicomweb_port = _free_port()
     config = load_config(
         {
             "device": "cpu",
@@ -113,13 +116,23 @@ def service(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                 "retry_after_s": 2,
             },
             "auth": {"token_file": str(base / "tokens"), "required": True},
-            "jobs": {"allowed_prefixes": [str(jobs_dir), "memory://raytseg-jobs/"]},
+            "jobs": {
+                "allowed_prefixes": [
+                    str(jobs_dir),
+                    "memory://raytseg-jobs/",
+                    f"dicomweb+http://127.0.0.1:{dicomweb_port}/dicom-web/",
+                ]
+            },
             "http": {"port": _free_port(), "metrics_export_port": _free_port()},
         },
         {},
     )
     # A short private Ray temp dir (socket paths are length-limited): its replica logs are ours.
     ray_dir = Path(tempfile.mkdtemp(prefix="rts", dir="/tmp"))
+    patch = pytest.MonkeyPatch()
+    # The test Orthanc's credentials, in the environment the replicas inherit from Ray.
+    patch.setenv("RAYTSEG_DICOMWEB_USER", ORTHANC_USER)
+    patch.setenv("RAYTSEG_DICOMWEB_PASSWORD", ORTHANC_PASSWORD)
     try:
         started = start_local(
             config,
@@ -129,8 +142,9 @@ def service(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             _temp_dir=str(ray_dir),
             _system_config={"metrics_report_interval_ms": 1000},
         )
-        yield Service(started.url, metrics_url() or "", config, weights, jobs_dir, ray_dir)
+        yield Service(started.url, metrics_url() or "", config, weights, jobs_dir, ray_dir, dicomweb_port)
     finally:
+        patch.undo()
         stop_local()
         shutil.rmtree(ray_dir, ignore_errors=True)
 
