@@ -22,6 +22,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,17 @@ class Service:
     def client(self, token: str | None = TOKEN, timeout: float = 300.0) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+
+def wait_for_job(api: httpx.Client, job_id: str, timeout_s: float = 180) -> dict[str, Any]:
+    """The job's record once it succeeded or failed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record: dict[str, Any] = api.get(f"/v1/jobs/{job_id}").json()
+        if record["state"] in ("succeeded", "failed"):
+            return record
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish")
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ stored back with STOW-RS under the same study; servers outside the allow-list ar
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import Orthanc, assert_seg_is_the_nifti, series_with_uids
+from tests.integration.serve.conftest import wait_for_job
 
 REFERENCE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "totalseg-reference"
 
@@ -18,16 +18,6 @@ REFERENCE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "to
 @pytest.fixture
 def orthanc_port(service: Any) -> int:
     return int(service.dicomweb_port)  # the one the service's allow-list admits
-
-
-def _wait(api: httpx.Client, job_id: str, timeout_s: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        record: dict[str, Any] = api.get(f"/v1/jobs/{job_id}").json()
-        if record["state"] in ("succeeded", "failed"):
-            return record
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 def test_a_job_reads_a_series_and_stores_its_seg_under_the_study(
@@ -43,7 +33,7 @@ def test_a_job_reads_a_series_and_stores_its_seg_under_the_study(
     }
     answer = api.post("/v1/jobs", json=body)
     assert answer.status_code == 202, answer.text
-    record = _wait(api, answer.json()["id"])
+    record = wait_for_job(api, answer.json()["id"])
     assert record["state"] == "succeeded", record
     files, stored = record["outputs"][:2], record["outputs"][2:]
     assert files == [str(out / "segmentation.nii.gz"), str(out / "segmentation_seg.dcm")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,16 +11,7 @@ import pytest
 import ray
 
 from raytseg.pipeline.records import SegmentOptions
-
-
-def _wait(api: httpx.Client, job_id: str, timeout_s: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        record: dict[str, Any] = api.get(f"/v1/jobs/{job_id}").json()
-        if record["state"] in ("succeeded", "failed"):
-            return record
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not finish")
+from tests.integration.serve.conftest import wait_for_job
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +40,7 @@ def test_job_writes_a_local_output(
     job = answer.json()
     assert job["state"] in ("queued", "running")
     assert answer.headers["location"] == f"/v1/jobs/{job['id']}"
-    record = _wait(api, job["id"])
+    record = wait_for_job(api, job["id"])
     assert record["state"] == "succeeded", record
     assert record["outputs"] == [str(out / "segmentation.nii.gz"), str(out / "statistics.json")]
     assert (out / "segmentation.nii.gz").read_bytes() == reference(
@@ -65,7 +55,7 @@ def test_job_writes_to_memory(api: httpx.Client, job_input: Path) -> None:
         "options": {"fast": True},
     }
     job = api.post("/v1/jobs", json=body).json()
-    record = _wait(api, job["id"])
+    record = wait_for_job(api, job["id"])
     assert record["state"] == "succeeded", record
     assert record["outputs"] == ["memory://raytseg-jobs/case2/segmentation.nii.gz"]
 
@@ -78,7 +68,7 @@ def test_failed_job_reports_its_error(api: httpx.Client, service: Any) -> None:
         "output_uri": str(service.jobs_dir / "out" / "bad"),
         "options": {"fast": True},
     }
-    record = _wait(api, api.post("/v1/jobs", json=body).json()["id"])
+    record = wait_for_job(api, api.post("/v1/jobs", json=body).json()["id"])
     assert record["state"] == "failed"
     assert record["error"]["type"] == "UnreadableImageError"
     assert record["error"]["status"] == 400
@@ -133,7 +123,7 @@ def test_job_state_survives_an_ingress_restart(
             return False
 
     waiter(answers, 60, "a new ingress replica")
-    assert _wait(api, job_id)["state"] == "succeeded"
+    assert wait_for_job(api, job_id)["state"] == "succeeded"
 
 
 def _replica_actors(deployment: str) -> list[str]:
