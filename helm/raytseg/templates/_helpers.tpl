@@ -59,6 +59,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Where the API token Secret is mounted, and the file serve.auth.token_file names. */}}
 {{- define "raytseg.apiTokenDir" -}}/var/run/secrets/raytseg/api{{- end }}
+{{- define "raytseg.dicomwebDir" -}}/var/run/secrets/raytseg/dicomweb{{- end }}
 
 {{/*
 The app's ServeConfig: the `serve` values plus what the chart owns (where the API tokens are
@@ -141,6 +142,15 @@ affinity:
 - name: AWS_DEFAULT_REGION
   value: {{ . | quote }}
 {{- end }}
+{{- if $v.dicomweb.existingSecret }}
+{{- $dir := include "raytseg.dicomwebDir" . }}
+{{- range $name, $key := dict "TOKEN" $v.dicomweb.tokenKey "USER" $v.dicomweb.userKey "PASSWORD" $v.dicomweb.passwordKey }}
+{{- if $key }}
+- name: RAYTSEG_DICOMWEB_{{ $name }}_FILE
+  value: {{ printf "%s/%s" $dir $key | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- with $v.env }}
 {{ toYaml . }}
 {{- end }}
@@ -152,6 +162,11 @@ affinity:
 {{- if .root.Values.apiAuth.existingSecret }}
 - name: api-tokens
   mountPath: {{ include "raytseg.apiTokenDir" .root }}
+  readOnly: true
+{{- end }}
+{{- if .root.Values.dicomweb.existingSecret }}
+- name: dicomweb-credentials
+  mountPath: {{ include "raytseg.dicomwebDir" .root }}
   readOnly: true
 {{- end }}
 {{- if .root.Values.weights.existingClaim }}
@@ -177,6 +192,12 @@ affinity:
 - name: api-tokens
   secret:
     secretName: {{ .root.Values.apiAuth.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- if .root.Values.dicomweb.existingSecret }}
+- name: dicomweb-credentials
+  secret:
+    secretName: {{ .root.Values.dicomweb.existingSecret }}
     defaultMode: 0440
 {{- end }}
 {{- if .root.Values.weights.existingClaim }}
@@ -356,5 +377,13 @@ workerGroupSpecs:
 {{- end }}
 {{- if and (not (kindIs "invalid" $v.serve.auth)) $v.serve.auth.required (not $v.apiAuth.existingSecret) (not $v.serve.auth.token_file) }}
 {{- fail "serve.auth.required is true but no tokens are configured: set apiAuth.existingSecret (a Secret with the tokens)" }}
+{{- end }}
+{{- with $v.dicomweb }}
+{{- if and .existingSecret (not .tokenKey) (not (and .userKey .passwordKey)) }}
+{{- fail "dicomweb.existingSecret is set but names no credentials: set dicomweb.tokenKey, or dicomweb.userKey and dicomweb.passwordKey (keys of that Secret)" }}
+{{- end }}
+{{- if and (not .existingSecret) (or .tokenKey .userKey .passwordKey) }}
+{{- fail "dicomweb keys are set but dicomweb.existingSecret is empty: name the Secret that holds them" }}
+{{- end }}
 {{- end }}
 {{- end }}

@@ -168,11 +168,33 @@ def test_secrets_are_referenced_never_inlined(renders: dict[str, Any], values: s
     for pod in _ray_pods(objects):
         for container in pod["containers"]:
             for env in container.get("env", []):
-                if SECRETISH.search(env["name"]):
+                if SECRETISH.search(env["name"]) and not _names_a_mounted_secret(env):
                     assert "valueFrom" in env, f"{env['name']} has a literal value"
     (app,) = yaml.safe_load(_one(objects, "RayService")["spec"]["serveConfigV2"])["applications"]
     # Tokens reach the app as a mounted file; serveConfigV2 (shown by the dashboard) names it only.
     assert set(app["args"]["auth"]) <= {"required", "token_file", "token_env"}
+
+
+def _names_a_mounted_secret(env: dict[str, Any]) -> bool:
+    """``X_FILE`` pointing into the chart's secret mounts: a path, not the secret."""
+    return bool(
+        env["name"].endswith("_FILE") and env.get("value", "").startswith("/var/run/secrets/raytseg/")
+    )
+
+
+def test_dicomweb_credentials_are_the_named_secret_mounted_as_files(renders: dict[str, Any]) -> None:
+    for pod in _ray_pods(renders["ci"]):
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        folder = "/var/run/secrets/raytseg/dicomweb"
+        assert env["RAYTSEG_DICOMWEB_USER_FILE"] == f"{folder}/username"
+        assert env["RAYTSEG_DICOMWEB_PASSWORD_FILE"] == f"{folder}/password"
+        assert "RAYTSEG_DICOMWEB_TOKEN_FILE" not in env
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == folder]
+        assert mount["readOnly"] is True
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == "raytseg-ci-pacs"
+    for pod in _ray_pods(renders["default"]):
+        assert not [e for e in pod["containers"][0]["env"] if e["name"].startswith("RAYTSEG_DICOMWEB")]
 
 
 def test_storage_credentials_come_from_the_named_secret(renders: dict[str, Any]) -> None:

@@ -108,6 +108,8 @@ CONTRADICTIONS = [
         "needs autoscaling.enabled",
     ),
     (["head.gcsFaultTolerance.enabled=true"], "redisAddress is required"),
+    (["dicomweb.existingSecret=pacs", "dicomweb.userKey=user"], "names no credentials"),
+    (["dicomweb.tokenKey=token"], "dicomweb.existingSecret is empty"),
 ]
 
 
