@@ -3,13 +3,20 @@ stored back with STOW-RS under the same study; servers outside the allow-list ar
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.integration.conftest import Orthanc, assert_seg_is_the_nifti, series_with_uids
+from tests.integration.conftest import (
+    ORTHANC_PASSWORD,
+    ORTHANC_USER,
+    Orthanc,
+    assert_seg_is_the_nifti,
+    series_with_uids,
+)
 from tests.integration.serve.conftest import wait_for_job
 
 REFERENCE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "totalseg-reference"
@@ -41,6 +48,15 @@ def test_a_job_reads_a_series_and_stores_its_seg_under_the_study(
     assert stored[0].startswith(f"{orthanc.dicomweb}/studies/{study}/series/")
     seg_id = orthanc.post_json("/tools/lookup", stored[0].rsplit("/", 1)[1])[0]["ID"]
     assert_seg_is_the_nifti(orthanc.get_bytes(f"/instances/{seg_id}/file"), out / "segmentation.nii.gz")
+    _assert_no_credentials_in_logs(service.ray_dir)
+
+
+def _assert_no_credentials_in_logs(ray_dir: Path) -> None:
+    basic = base64.b64encode(f"{ORTHANC_USER}:{ORTHANC_PASSWORD}".encode())
+    logs = [p for p in ray_dir.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err")]
+    assert logs
+    leaks = [p for p in logs if ORTHANC_PASSWORD.encode() in p.read_bytes() or basic in p.read_bytes()]
+    assert not leaks
 
 
 def test_dicomweb_servers_outside_the_allow_list_are_403(api: httpx.Client, service: Any) -> None:
