@@ -222,6 +222,8 @@ def _location(base: str, relative: str) -> str:
 def _dicomweb_items(source: str, output: str, retry: RetryPolicy) -> list[WorkItem]:
     """One item per series of a DICOMweb study or search, named by its Series Instance UID."""
     found = retry.call(lambda: dicomweb.find_series(source), f"Searching {source}")
+    if not found:
+        raise BatchInputError(f"{source} names no series. Check the study UID or the search filters.")
     ids = [uri.rsplit("/", 1)[1] for uri in found]
     return [
         WorkItem(item_id, uri, storage.join(output, item_id)) for item_id, uri in zip(ids, found, strict=True)

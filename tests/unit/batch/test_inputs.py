@@ -186,3 +186,25 @@ def test_unparseable_manifest(tmp_path: Path) -> None:
 def test_work_items_travel_as_json() -> None:
     item = WorkItem("a", "s3://b/a.nii.gz", "s3://o/a", "body")
     assert WorkItem.from_json(item.to_json()) == item
+
+
+def test_a_manifest_of_dicomweb_series(tmp_path: Path) -> None:
+    series = "dicomweb+https://pacs/dicom-web/studies/1.2.3/series/1.2.3.4"
+    (tmp_path / "m.jsonl").write_text(json.dumps({"input_uri": series}) + "\n")
+    (item,) = work_items(str(tmp_path / "m.jsonl"), "s3://out")
+    assert item == WorkItem("1.2.3.4", series, "s3://out/1.2.3.4")
+
+
+def test_a_dicomweb_search_gives_one_item_per_series(monkeypatch: pytest.MonkeyPatch) -> None:
+    from raytseg import dicomweb
+
+    search = "dicomweb+https://pacs/dicom-web/series?Modality=CT"
+    found = [f"dicomweb+https://pacs/dicom-web/studies/1.2/series/{uid}" for uid in ("1.2.5", "1.2.6")]
+    monkeypatch.setattr(dicomweb, "find_series", lambda uri: found if uri == search else [])
+    items = work_items(search, "s3://out")
+    assert [(i.id, i.input, i.output) for i in items] == [
+        ("1.2.5", found[0], "s3://out/1.2.5"),
+        ("1.2.6", found[1], "s3://out/1.2.6"),
+    ]
+    with pytest.raises(BatchInputError, match="names no series"):
+        work_items("dicomweb+https://pacs/dicom-web/series?Modality=MR", "s3://out")
