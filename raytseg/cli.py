@@ -2,6 +2,8 @@
 
     raytseg segment -i ct.nii.gz -o segmentations [--fast] [-ta TASK] [--ml] ...
     raytseg stats -i ct.nii.gz --seg seg.nii.gz -o statistics.json
+    raytseg get-modality -i image.nii.gz -o modality.json [-n]
+    raytseg get-phase -i ct.nii.gz -o phase.json
     raytseg combine-masks -i segmentations -o lung.nii.gz -m lung
     raytseg tasks [--json] [--classes TASK]
     raytseg weights download|import|synth ...
@@ -65,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_segment(sub)
     _add_stats(sub)
+    _add_get_modality(sub)
+    _add_get_phase(sub)
     _add_combine(sub)
     _add_tasks(sub)
     _add_weights(sub)
@@ -120,6 +124,72 @@ def _add_stats(sub: Any) -> None:
     p.add_argument("-sa", "--stats_aggregation", choices=["mean", "median"], default="mean")
     p.add_argument("-sx", "--statistics_extra", action="store_true", help="Also voxels, std, min, max, bbox.")
     p.set_defaults(handler=_cmd_stats)
+
+
+def _add_get_modality(sub: Any) -> None:
+    p = sub.add_parser("get-modality", help="CT or MR? (totalseg_get_modality's classifiers).")
+    _classifier_flags(p, "NIfTI file, DICOM folder/zip, or URI.")
+    p.add_argument(
+        "-n",
+        dest="normalized_intensities",
+        action="store_true",
+        help="Classify normalised intensities of 16 structures (runs total_mr --fast).",
+    )
+    p.set_defaults(handler=_cmd_get_modality)
+
+
+def _add_get_phase(sub: Any) -> None:
+    p = sub.add_parser("get-phase", help="CT contrast phase (totalseg_get_phase's classifiers).")
+    _classifier_flags(p, "CT: NIfTI file, DICOM folder/zip, or URI.")
+    p.add_argument(
+        "-s", dest="existing_stats", help="Reuse this statistics.json (total --fast -sa median -sii)."
+    )
+    p.set_defaults(handler=_cmd_get_phase)
+
+
+def _classifier_flags(p: argparse.ArgumentParser, input_help: str) -> None:
+    """The flags TotalSegmentator's classifier tools share."""
+    p.add_argument("-i", dest="input", required=True, help=input_help)
+    p.add_argument("-o", dest="output", required=True, help="JSON file to write.")
+    p.add_argument("-d", "--device", default="gpu", help=f"{DEVICES} (default: gpu, else cpu).")
+    p.add_argument("-q", "--quiet", action="store_true", help="Print nothing.")
+
+
+def _cmd_get_modality(args: argparse.Namespace) -> int:
+    from raytseg.pipeline.modality import modality_of
+
+    volume, segmenter = _classifier_inputs(args)
+    guess = modality_of(volume, segmenter.segment if args.normalized_intensities else None)
+    return _write_answer(args, guess.to_json())
+
+
+def _cmd_get_phase(args: argparse.Namespace) -> int:
+    from raytseg import storage
+    from raytseg.pipeline.phase import phase_of
+
+    volume, segmenter = _classifier_inputs(args)
+    stats = None if args.existing_stats is None else json.loads(storage.read_bytes(args.existing_stats))
+    return _write_answer(args, phase_of(volume, segmenter.segment, stats).to_json())
+
+
+def _classifier_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The loaded image and a segmenter (which loads models only when it segments)."""
+    from raytseg.pipeline.load import LoadLimits, load_volume
+    from raytseg.pipeline.run import default_segmenter
+
+    settings = _settings()
+    return load_volume(args.input, LoadLimits.from_settings(settings)), default_segmenter(
+        args.device, settings
+    )
+
+
+def _write_answer(args: argparse.Namespace, answer: bytes) -> int:
+    from raytseg import storage
+
+    storage.write_bytes(args.output, answer)
+    if not args.quiet:
+        print(answer.decode())
+    return 0
 
 
 def _add_combine(sub: Any) -> None:

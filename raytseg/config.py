@@ -143,6 +143,13 @@ def _secret(env: Mapping[str, str], name: str) -> str:
         raise InvalidOptionError(f"Cannot read {name}_FILE ({path}): {exc.strerror}.") from None
 
 
+def resources_dir(environ: Mapping[str, str] | None = None) -> Path | None:
+    """``RAYTSEG_TS_RESOURCES``: a folder of TotalSegmentator's resource files (``raytseg.resources``)."""
+    env = os.environ if environ is None else environ
+    folder = env.get("RAYTSEG_TS_RESOURCES")
+    return Path(folder).expanduser() if folder else None
+
+
 def environment() -> Mapping[str, str]:
     """A snapshot of the process environment, for readers that take an env mapping."""
     return dict(os.environ)

@@ -13,9 +13,9 @@ RAY_VERSION=2.60.0
 constraint=(-c constraints/cpu.txt)
 [[ ${RAYTSEG_TORCH:-cpu} == cuda ]] && constraint=()
 python -m pip install --no-cache-dir -q "${constraint[@]}" ".[serve,batch,s3]" "ray[serve,data]==$RAY_VERSION" \
-  highdicom dicomweb-client opencv-python-headless
+  highdicom dicomweb-client opencv-python-headless xgboost-cpu
 # DICOM outputs: rt-utils without its opencv-python (which needs libGL; the headless build
 # above is the same library), and TotalSegmentator's package for its SNOMED-CT mapping only.
 python -m pip install --no-cache-dir -q --no-deps rt-utils TotalSegmentator==2.18.0
-python -c "import raytseg.serve.app, raytseg.batch.job, torch, nnunetv2, highdicom, rt_utils.rtstruct, dicomweb_client"
+python -c "import raytseg.serve.app, raytseg.batch.job, torch, nnunetv2, highdicom, rt_utils.rtstruct, dicomweb_client, xgboost"
 python -c "from raytseg.pipeline.coding import class_codings; assert class_codings()"

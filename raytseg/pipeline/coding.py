@@ -1,23 +1,20 @@
 """What DICOM outputs call each class: SNOMED-CT codes and display colours.
 
 TotalSegmentator ships them in ``resources/totalsegmentator_snomed_mapping.csv``; raytseg
-reads that file where the TotalSegmentator package is installed (``pip install --no-deps
-TotalSegmentator==2.18.0`` puts it there without TotalSegmentator's dependencies) and never
-copies it. Classes the mapping lacks get TotalSegmentator's fallback, SCT "Tissue".
+reads that file where ``raytseg.resources`` finds it and never copies it. Classes the
+mapping lacks get TotalSegmentator's fallback, SCT "Tissue".
 """
 
 from __future__ import annotations
 
 import csv
 import functools
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from raytseg.errors import MissingResourceError
+from raytseg.resources import resource_path
 
 MAPPING_FILE = "totalsegmentator_snomed_mapping.csv"
-INSTALL_HINT = "pip install --no-deps TotalSegmentator==2.18.0"
 _COLUMN = "SegmentedProperty{}CodeSequence.{}"
 
 
@@ -58,18 +55,8 @@ def class_codings() -> dict[str, ClassCoding]:
 
 
 def mapping_path() -> Path:
-    """The mapping file of the installed TotalSegmentator package (it is not imported)."""
-    spec = importlib.util.find_spec("totalsegmentator")
-    folders = [] if spec is None else list(spec.submodule_search_locations or [])
-    for folder in folders:
-        path = Path(folder) / "resources" / MAPPING_FILE
-        if path.is_file():
-            return path
-    raise MissingResourceError(
-        f"DICOM outputs take their SNOMED-CT codes from TotalSegmentator's {MAPPING_FILE}, and no "
-        f"installed TotalSegmentator package has it. Install it with `{INSTALL_HINT}`, or ask for "
-        "output_type nifti."
-    )
+    """TotalSegmentator's mapping file (``raytseg.resources``)."""
+    return resource_path(MAPPING_FILE, "DICOM output (else ask for output_type nifti)")
 
 
 def _coding(row: dict[str, str]) -> ClassCoding:

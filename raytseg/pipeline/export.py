@@ -146,7 +146,7 @@ def check_target(target: str | None, output: OutputOptions, statistics: bool) ->
         return
     if output.dicomweb_store is None:
         raise InvalidOptionError(
-            "Give an output folder or file (-o), or a DICOMweb server (--dicomweb_store)"
+            "Give an output folder or file (-o), or a DICOMweb server (--dicomweb_store)."
         )
     if "nifti" in output.output_type or output.preview or statistics:
         raise InvalidOptionError(
@@ -255,7 +255,8 @@ def write_segmentation(
     if folder is not None:
         storage.make_dirs(folder)
     written, dicom = [], []
-    for name, data in output_files(seg, volume, output):
+    files = output if folder is not None else _dicom_only(output)
+    for name, data in output_files(seg, volume, files):
         if name in DICOM_NAMES.values():
             dicom.append(data)
         if target is None or folder is None:
@@ -270,6 +271,12 @@ def write_segmentation(
 
         written += dicomweb.store(output.dicomweb_store, dicom)
     return written
+
+
+def _dicom_only(output: OutputOptions) -> OutputOptions:
+    """The options of a write without a target: nothing but the DICOM files is made."""
+    kinds = tuple(kind for kind in output.output_type if kind != "nifti")
+    return output.model_copy(update={"output_type": kinds, "preview": False})
 
 
 def _named_file(output: OutputOptions, target: str) -> str | None:

@@ -167,4 +167,5 @@ def _measure(
         aggregation=options.stats_aggregation,
         # TotalSegmentator's --fast statistics (nnunet.py) do not pass statistics_extra on.
         extra=options.statistics_extra and not step.plan.fast_statistics,
+        normalized=options.statistics_normalized_intensities,
     )

@@ -124,6 +124,11 @@ class SegmentOptions(BaseModel):
         default=False,
         description="Statistics also give n_voxels, intensity std/min/max, centroid_vox, bbox_vox.",
     )
+    statistics_normalized_intensities: Annotated[bool, Flag(None)] = Field(
+        default=False,
+        description="Statistics on intensities scaled to 0..1 by the image's minimum and maximum "
+        "(TotalSegmentator's Python API option, used by get-modality -n).",
+    )
     remove_small_blobs: Annotated[float | None, Flag("-rmb", const=200.0)] = Field(
         default=None, gt=0, description="Remove connected components smaller than this (mm³; alone: 200)."
     )

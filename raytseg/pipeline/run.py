@@ -169,7 +169,7 @@ def segment(
     Args:
         input: NIfTI path, DICOM folder or zip, fsspec URI, or a nibabel image.
         output: where to write results (a folder, or a ``.nii.gz`` file with ``ml=True``);
-            None writes nothing.
+            None writes nothing (with ``dicomweb_store``, only the DICOM outputs are stored).
         task: TotalSegmentator task name.
         device: ``cpu``, ``gpu``, ``gpu:N`` or ``mps``.
         **options: the fields of ``SegmentOptions`` and ``OutputOptions`` (``fast``, ``roi_subset``,
@@ -192,7 +192,7 @@ def segment(
     volume = load_volume(input, LoadLimits.from_settings(settings))
     check_output(out, volume)
     seg = default_segmenter(device, settings).segment(volume, opts)
-    if output is not None:
-        write_segmentation(seg, volume, str(output), out)
+    if output is not None or out.dicomweb_store is not None:
+        write_segmentation(seg, volume, None if output is None else str(output), out)
     img = seg.to_nifti()
     return (img, seg.statistics or {}) if opts.statistics else img

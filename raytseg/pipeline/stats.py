@@ -15,6 +15,7 @@ values, and the ``extra`` metrics see the same values in the same (C) order.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,37 +37,37 @@ def basic_statistics(  # noqa: PLR0913 - TotalSegmentator's options, keyword-onl
     include_incomplete: bool = False,
     aggregation: Literal["mean", "median"] = "mean",
     extra: bool = False,
+    normalized: bool = False,
 ) -> Stats:
     """Volume (mm³) and mean or median intensity of every class.
 
-    Args:
-        labels: Integer label map, same shape as ``image``.
-        image: The image the labels were predicted on (stored values, scaling applied).
-            It is cast to int16 after float64 as TotalSegmentator does
-            (``get_fdata().astype(np.int16)``).
-        zooms: Voxel size as the NIfTI header stores it (float32 values); the voxel
-            volume is their float32 product, like TotalSegmentator's.
-        classes: ``{label id: class name}``; the result keeps this order.
-        include_incomplete: Also measure classes within 3 voxels of the image border
-            (TotalSegmentator ``--stats_include_incomplete``); otherwise they get zeros.
-        aggregation: ``"mean"`` (default) or ``"median"`` intensity.
-        extra: Add ``n_voxels``, ``intensity_std/min/max``, ``centroid_vox`` and
-            ``bbox_vox`` (TotalSegmentator ``--statistics_extra``).
+    ``image``: the stored values, scaling applied; cast to int16 after float64 as
+    TotalSegmentator does (``get_fdata().astype(np.int16)``). ``zooms``: as the header
+    stores them (float32); the voxel volume is their float32 product. ``classes``:
+    ``{label id: name}``, the result's order. Options, as TotalSegmentator's:
+    ``include_incomplete`` (``-sii``: also classes within 3 voxels of the border, else
+    zeros), ``aggregation`` (``-sa``), ``extra`` (``-sx``: ``n_voxels``,
+    ``intensity_std/min/max``, ``centroid_vox``, ``bbox_vox``), ``normalized``
+    (``statistics_normalized_intensities``: ``(ct - ct.min()) / (ct.max() - ct.min())``
+    over the image; medians on the scaled values as TotalSegmentator computes them, means
+    from the exact integer mean, equal to its float64 average after rounding).
 
-    Returns:
-        ``{class name: {"volume": …, "intensity": …, …}}`` with Python floats, rounded
-        where TotalSegmentator rounds.
+    Returns ``{class name: {"volume": …, "intensity": …, …}}`` with Python floats, rounded
+    where TotalSegmentator rounds.
     """
     if labels.shape != image.shape:
         raise ValueError(f"labels {labels.shape} and image {image.shape} differ in shape")
-    tables = _Tables.build(labels, _as_int16(image), zooms, classes, boxes=aggregation == "median" or extra)
-    stats: Stats = {}
-    for k, name in classes.items():
-        if tables.border[k] and not include_incomplete:
-            stats[name] = {"volume": 0.0, "intensity": 0.0, **(_EMPTY_EXTRA if extra else {})}
-        else:
-            stats[name] = tables.measure(k, aggregation=aggregation, extra=extra)
-    return stats
+    ct = _as_int16(image)
+    tables = _Tables.build(labels, ct, zooms, classes, boxes=aggregation == "median" or extra)
+    if normalized:
+        tables = dataclasses.replace(tables, scale=(ct.min(initial=0), ct.max(initial=0)))
+    empty = {"volume": 0.0, "intensity": 0.0, **(_EMPTY_EXTRA if extra else {})}
+    return {
+        name: dict(empty)
+        if tables.border[k] and not include_incomplete
+        else tables.measure(k, aggregation=aggregation, extra=extra)
+        for k, name in classes.items()
+    }
 
 
 def statistics_json(stats: Stats) -> bytes:
@@ -129,6 +130,7 @@ class _Tables:
     border: np.ndarray  # bool per label id: within 3 voxels of a face
     boxes: list[tuple[slice, ...] | None]  # bounding box per label id - 1 (find_objects)
     vox_vol: np.float32
+    scale: tuple[np.int16, np.int16] | None = None  # (min, max) when intensities are normalised
 
     @classmethod
     def build(
@@ -163,16 +165,24 @@ class _Tables:
             entry["intensity"] = 0.0
             return {**entry, **_EMPTY_EXTRA} if extra else entry
         if aggregation == "mean":
-            entry["intensity"] = float(np.round(np.float64(self.sums[k]) / np.float64(count), 5))
+            mean = np.float64(self.sums[k]) / np.float64(count)
+            entry["intensity"] = float(np.round(self._scaled(mean), 5))
         box = self.boxes[k - 1] if self.boxes else None
         if box is not None:
             mask = self.labels[box] == k
-            ct = self.ct[box]
+            ct = self._scaled(self.ct[box])
             if aggregation == "median":
                 entry["intensity"] = float(np.round(np.median(ct[mask]), 5))
             if extra:
                 entry.update(_extra_metrics(mask, ct, box))
         return entry
+
+    def _scaled(self, values: Any) -> Any:
+        """``values`` in TotalSegmentator's normalisation (same int16 then float64 steps)."""
+        if self.scale is None:
+            return values
+        low, high = self.scale
+        return (values - low) / (high - low)
 
 
 def _as_int16(image: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import raytseg
 from raytseg import dicomweb
 from raytseg.cli import main
 from raytseg.errors import StorageError
@@ -91,6 +92,13 @@ def test_without_o_only_the_server_receives_the_outputs(
     modalities = [s["MainDicomTags"].get("Modality") for s in orthanc.get("/series?expand")]
     assert sorted(modalities) == ["CT", "SEG"]
     assert not list(tmp_path.glob("**/*.dcm"))
+    # The Python API without an output: the image comes back, the (BINARY) SEG goes to the server.
+    img = raytseg.segment(
+        series, fast=True, device="cpu", output_type=["dicom_seg"], dicomweb_store=orthanc.dicomweb
+    )
+    assert img.shape == (512, 512, 20)
+    modalities = [s["MainDicomTags"].get("Modality") for s in orthanc.get("/series?expand")]
+    assert sorted(modalities) == ["CT", "SEG", "SEG"]
     assert (
         main(["segment", "-i", series, "-ot", "nifti", "dicom_seg", "--dicomweb_store", orthanc.dicomweb])
         == 1

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "total": ("default", "fast"),
         "total_mr": ("default", "fast"),
         "body": ("default", "fast"),
+        "headneck_bones_vessels": ("default",),  # get-phase
     }.items():
         for mode in modes:
             synthesize_task(task, root, fast=mode == "fast", tiny=True)
@@ -91,3 +92,35 @@ def totalsegmentator(
     workdir = tmp_path_factory.mktemp("ts_runs")
     yield TotalSegmentatorRunner(ts_python, ts_home, workdir)
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ts_script(ts_python: Path, ts_home: Path) -> Callable[..., bytes]:
+    """``ts_script(name, image, out, *flags)``: run one of TotalSegmentator's tools (e.g.
+    ``totalseg_get_phase``) on the CPU with the shared weights; the bytes of ``out``."""
+
+    def run(name: str, image: Path, out: Path, *flags: str) -> bytes:
+        env = {**os.environ, "TOTALSEG_HOME_DIR": str(ts_home)}
+        env.pop("TOTALSEG_WEIGHTS_PATH", None)
+        args = [str(ts_python.parent / name), "-i", str(image), "-o", str(out), "-q", "-d", "cpu", *flags]
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1200, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return out.read_bytes()
+
+    return run
+
+
+@pytest.fixture
+def raytseg_tool(tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., bytes]:
+    """``raytseg_tool(command, image, out, *flags)``: ``raytseg <command>`` on the CPU with
+    the shared weights; the bytes of ``out``."""
+    from raytseg.cli import main
+
+    monkeypatch.setenv("RAYTSEG_WEIGHTS", str(tiny_weights))
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "raytseg-home"))
+
+    def run(command: str, image: Path, out: Path, *flags: str) -> bytes:
+        assert main([command, "-i", str(image), "-o", str(out), "-q", "-d", "cpu", *flags]) == 0
+        return out.read_bytes()
+
+    return run

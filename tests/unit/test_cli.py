@@ -184,3 +184,44 @@ def test_totalsegmentator_list_flags_print_and_exit(capsys: pytest.CaptureFixtur
         main(["segment", "-lc", "nope"])
     assert done.value.code == 1
     assert "Unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_get_modality_writes_totalsegmentators_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("xgboost")
+    out = tmp_path / "modality.json"
+    assert main(["get-modality", "-i", str(CT), "-o", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"modality": "ct", "probability": 1.0}
+    assert out.read_text() == capsys.readouterr().out.strip()
+
+
+def test_get_modality_from_rois_segments_with_total_mr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("xgboost")
+    from raytseg.weights.synth import synthesize_task
+
+    synthesize_task("total_mr", tmp_path / "weights", fast=True, tiny=True)
+    monkeypatch.setenv("RAYTSEG_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "home"))
+    out = tmp_path / "modality.json"
+    assert (
+        main(
+            [
+                "get-modality",
+                "-i",
+                str(REFERENCE / "example_mr_sm.nii.gz"),
+                "-o",
+                str(out),
+                "-n",
+                "-d",
+                "cpu",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    answer = json.loads(out.read_text())
+    assert answer["modality"] in ("ct", "mr")
+    assert 0.5 <= answer["probability"] <= 1.0

@@ -224,8 +224,11 @@ def test_an_empty_segmentation_has_no_seg(volume: Volume) -> None:
 def test_without_the_totalsegmentator_mapping_dicom_output_is_refused(
     volume: Volume, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from raytseg import resources
+
     coding.class_codings.cache_clear()
-    monkeypatch.setattr(coding.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(resources.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.delenv("RAYTSEG_TS_RESOURCES", raising=False)
     try:
         with pytest.raises(MissingResourceError, match="pip install --no-deps TotalSegmentator"):
             check_output(OutputOptions(output_type=("dicom_seg",)), volume)
