@@ -27,7 +27,7 @@ from typing import Any
 
 from raytseg.batch import cli as batch_cli
 from raytseg.config import DEVICES
-from raytseg.errors import RaytsegError
+from raytseg.errors import InvalidOptionError, RaytsegError
 from raytseg.options import add_flags, from_args
 from raytseg.serve import cli as serve_cli
 
@@ -41,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.handler(args)
     except RaytsegError as exc:
+        if getattr(args, "debug", False):  # TotalSegmentator's --debug: where it failed, in full
+            log.exception(
+                "Failed on input %s, task %s", getattr(args, "input", None), getattr(args, "task", None)
+            )
         print(f"raytseg: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -92,6 +96,13 @@ def _add_segment(sub: Any) -> None:
     p.add_argument("-l", "--license_number", help="Store this license key first (licensed tasks).")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
     p.add_argument("-v", "--verbose", action="store_true", help="More progress output.")
+    p.add_argument(
+        "--debug", action="store_true", help="On errors, also print the input, task and traceback."
+    )
+    p.add_argument("-t", "--nora_tag", default="None", help="TotalSegmentator's NORA tag: not supported.")
+    p.add_argument(
+        "--test", type=int, choices=[0, 1, 3], default=0, help="TotalSegmentator's test hook: not supported."
+    )
     p.add_argument("-lt", "--list-tasks", action=_ListAndExit, nargs=0, help="List the tasks and exit.")
     p.add_argument(
         "-lc", "--list-classes", action=_ListAndExit, nargs="?", const="total", metavar="TASK",
@@ -255,6 +266,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         from raytseg.weights.license import set_license
 
         set_license(args.license_number, settings)
+    _refuse_unsupported(args)
     options, output = from_args(args)
     check_target(args.output, output, options.statistics)
     volume = load_volume(args.input, LoadLimits.from_settings(settings))
@@ -267,6 +279,20 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     where = args.output or output.dicomweb_store
     log.info("Wrote %d output(s) to %s in %.1f s", len(written), where, seg.timings.get("total", 0.0))
     return 0
+
+
+def _refuse_unsupported(args: argparse.Namespace) -> None:
+    """TotalSegmentator flags whose meaning lies outside raytseg, refused rather than ignored."""
+    if args.nora_tag != "None":
+        raise InvalidOptionError(
+            "-t/--nora_tag runs the NORA platform's own command to tag the output, which raytseg "
+            "does not call: tag the written files with NORA afterwards."
+        )
+    if args.test:
+        raise InvalidOptionError(
+            "--test replaces the prediction with files from TotalSegmentator's source tree (its unit "
+            "tests); raytseg's tests use synthetic weights instead (raytseg weights synth)."
+        )
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:

@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 # XFL 4 (fastest), OS 255 (unknown).
 _GZIP_LEVEL = 1
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x04\xff"
-_MAX_THREADS = 4
 MULTILABEL_NAME = "segmentation.nii.gz"  # the multilabel file in an output folder, everywhere
 # The DICOM outputs' names: TotalSegmentator's for several output types, base "segmentation".
 DICOM_NAMES = {"dicom_seg": "segmentation_seg.dcm", "dicom_rtstruct": "segmentation_rtstruct.dcm"}
@@ -72,17 +71,18 @@ def multilabel_nifti_bytes(seg: Segmentation) -> bytes:
     return nifti_gz_bytes(add_label_table(img, seg.label_map))
 
 
-def class_mask_files(seg: Segmentation) -> Iterator[tuple[str, bytes]]:
+def class_mask_files(seg: Segmentation, threads: int = 6) -> Iterator[tuple[str, bytes]]:
     """``(<class>.nii.gz, bytes)`` for every class of ``seg.label_map``, in its order.
 
     Each file is the binary uint8 mask ``labels == k`` with the input header and no
     label table, as TotalSegmentator writes without ``--ml``. Classes absent from the
-    labels share one encoded all-zero file; the others are compressed on a few threads
-    (zlib releases the GIL) while the caller consumes the previous ones.
+    labels share one encoded all-zero file; the others are compressed on up to ``threads``
+    threads (TotalSegmentator's ``-ns``; zlib releases the GIL) while the caller consumes the
+    previous ones.
     """
     encoder = _MaskEncoder(seg)
     todo = [k for k in seg.label_map if k in encoder.present]
-    workers = max(1, min(_MAX_THREADS, _usable_cpus(), len(todo)))
+    workers = max(1, min(threads, _usable_cpus(), len(todo)))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raytseg-export")
     try:
         encoded = pool.map(encoder.encode, todo)  # results arrive in ``todo`` order
@@ -231,7 +231,7 @@ def _nifti_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> It
     if output.ml:
         yield MULTILABEL_NAME, multilabel_nifti_bytes(seg)
         return
-    yield from class_mask_files(seg)
+    yield from class_mask_files(seg, output.nr_thr_saving)
     if _writes_body_masks(output, seg.task):
         from raytseg.pipeline.derived import derived_body_masks
 

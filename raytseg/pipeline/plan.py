@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 # crop models find the region (python_api.py: ``crop_addon = [20,20,20] if crop_model is None``).
 DEFAULT_CROP_MARGIN_MM: Spacing = (20.0, 20.0, 20.0)
 BODY_ROIS = ("body_trunc", "body_extremities")
+# TotalSegmentator's -ms small (python_api.get_task_config): other plans, same folds.
+SMALL_MODEL_TASK, SMALL_PLANS = "total_v3", "nnUNetResEncUNetLPlans_8"
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,8 @@ def plan_run(options: SegmentOptions) -> RunPlan:
     _, mode = task.select_mode(fast=options.fast, fastest=options.fastest)
     rois = _validated_rois(task, options)
     models = tuple(mode.models)
+    if options.model_size == "small":
+        models = _small_models(task, models)
     if rois is not None and len(models) > 1:
         models = tuple(m for m in models if set(m.labels.values()) & set(rois))
     main = ModelRun(
@@ -159,6 +163,15 @@ def plan_run(options: SegmentOptions) -> RunPlan:
         roi_ids=None if rois is None else tuple(output),
         fast_statistics=options.statistics and options.fast,
     )
+
+
+def _small_models(task: TaskSpec, models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
+    """``-ms small``: TotalSegmentator's smaller plans, for the one task that has them."""
+    if task.name != SMALL_MODEL_TASK:
+        raise InvalidOptionError(
+            f"model_size small exists only for task {SMALL_MODEL_TASK}, not {task.name}."
+        )
+    return tuple(m.model_copy(update={"plans": SMALL_PLANS}) for m in models)
 
 
 def _validated_rois(task: TaskSpec, options: SegmentOptions) -> tuple[str, ...] | None:

@@ -105,6 +105,16 @@ class SegmentOptions(BaseModel):
     force_split: Annotated[bool, Flag("-fs")] = Field(
         default=False, description="Predict in three overlapping z chunks."
     )
+    model_size: Annotated[Literal["big", "small"], Flag("-ms")] = Field(
+        default="big",
+        description="small: task total_v3's ResEnc-L models (nnUNetResEncUNetLPlans_8), as TotalSegmentator.",
+    )
+    nr_thr_resamp: Annotated[int, Flag("-nr")] = Field(
+        default=1,
+        ge=1,
+        description="TotalSegmentator's resampling threads. Accepted and without effect: raytseg "
+        "resamples in one in-process call per pass, on torch's threads (the process's CPU share).",
+    )
     resampling_order: Annotated[int, Flag("-ro")] = Field(
         default=1,
         ge=0,
@@ -157,6 +167,11 @@ class OutputOptions(BaseModel):
         min_length=1,
         description="nifti, dicom_seg and/or dicom_rtstruct (dicom: dicom_rtstruct), e.g. -ot nifti "
         "dicom_seg. DICOM outputs need DICOM input and make the result multilabel.",
+    )
+    nr_thr_saving: Annotated[int, Flag("-ns")] = Field(
+        default=6,
+        ge=1,
+        description="Threads that compress the per-class mask files (at most the usable CPUs).",
     )
     dicom_seg_type: Annotated[Literal["binary", "labelmap"], Flag(None)] = Field(
         default="binary",

@@ -225,3 +225,37 @@ def test_get_modality_from_rois_segments_with_total_mr(
     answer = json.loads(out.read_text())
     assert answer["modality"] in ("ct", "mr")
     assert 0.5 <= answer["probability"] <= 1.0
+
+
+@pytest.mark.usefixtures("env")
+def test_thread_counts_change_nothing_in_the_outputs(tmp_path: Path) -> None:
+    flags = ["-i", str(CT), "--fast", "-d", "cpu", "-q", "-rs", "liver", "spleen", "kidney_left"]
+    assert main(["segment", *flags, "-o", str(tmp_path / "a")]) == 0
+    assert main(["segment", *flags, "-o", str(tmp_path / "b"), "-nr", "4", "-ns", "1"]) == 0
+    for path in (tmp_path / "a").iterdir():
+        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["-t", "project7"], "NORA platform's own command"),
+        (["--test", "1"], "TotalSegmentator's source tree"),
+        (["-ms", "small"], "model_size small exists only for task total_v3"),
+    ],
+)
+@pytest.mark.usefixtures("env")
+def test_flags_that_cannot_mean_the_same_are_refused(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["segment", "-i", str(CT), "-o", str(tmp_path / "o"), "--fast", "-d", "cpu", *flags]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_debug_shows_where_an_error_happened(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing.nii.gz"
+    assert main(["segment", "-i", str(missing), "-o", str(tmp_path / "o"), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert f"Failed on input {missing}, task total" in err
+    assert "Traceback" in err

@@ -165,3 +165,12 @@ def test_admit_refuses_bad_options_before_the_license(tmp_path: Path) -> None:
 
 def _settings(home: Path) -> Settings:
     return Settings.from_env({"HOME": str(home), "TOTALSEG_HOME_DIR": str(home / "ts")})
+
+
+def test_model_size_small_switches_total_v3_to_its_small_plans() -> None:
+    big = plan_run(SegmentOptions(task="total_v3", fast=True)).main.models
+    small = plan_run(SegmentOptions(task="total_v3", fast=True, model_size="small")).main.models
+    assert [m.plans for m in small] == ["nnUNetResEncUNetLPlans_8"] * len(big)
+    assert [m.model_copy(update={"plans": b.plans}) for m, b in zip(small, big, strict=True)] == list(big)
+    with pytest.raises(InvalidOptionError, match="only for task total_v3"):
+        plan_run(SegmentOptions(task="total", model_size="small"))
