@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ def _add_segment(sub: Any) -> None:
     p.add_argument("-l", "--license_number", help="Store this license key first (licensed tasks).")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
     p.add_argument("-v", "--verbose", action="store_true", help="More progress output.")
+    p.add_argument("-rp", "--report", help="Also write TotalSegmentator's run report (JSON) to this file.")
     p.add_argument(
         "--debug", action="store_true", help="On errors, also print the input, task and traceback."
     )
@@ -256,19 +258,14 @@ def _settings() -> Any:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from raytseg.pipeline.export import check_output, check_target, write_segmentation
+    from raytseg.pipeline.export import check_output, write_segmentation
     from raytseg.pipeline.load import LoadLimits, load_volume
     from raytseg.pipeline.model import configure_torch
     from raytseg.pipeline.run import default_segmenter
 
+    started = time.perf_counter()
     settings = _settings()
-    if args.license_number:
-        from raytseg.weights.license import set_license
-
-        set_license(args.license_number, settings)
-    _refuse_unsupported(args)
-    options, output = from_args(args)
-    check_target(args.output, output, options.statistics)
+    options, output = _segment_options(args, settings)
     volume = load_volume(args.input, LoadLimits.from_settings(settings))
     log.info("Loaded %s: shape %s, voxel size %s mm", volume.source, volume.shape, volume.zooms)
     check_output(output, volume)
@@ -278,7 +275,35 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     written = write_segmentation(seg, volume, args.output, output)
     where = args.output or output.dicomweb_store
     log.info("Wrote %d output(s) to %s in %.1f s", len(written), where, seg.timings.get("total", 0.0))
+    if args.report:
+        from raytseg import storage
+        from raytseg.pipeline.report import ReportedRun, device_name, report_json
+
+        run = ReportedRun.of(
+            seg,
+            (args.input, args.output),
+            options,
+            files=output,
+            device=device_name(segmenter.device),
+            written=written,
+            runtime_s=time.perf_counter() - started,
+        )
+        storage.write_bytes(args.report, report_json(run))
     return 0
+
+
+def _segment_options(args: argparse.Namespace, settings: Any) -> tuple[Any, Any]:
+    """The request's options, after the license key is stored and before anything is read."""
+    from raytseg.pipeline.export import check_target
+
+    if args.license_number:
+        from raytseg.weights.license import set_license
+
+        set_license(args.license_number, settings)
+    _refuse_unsupported(args)
+    options, output = from_args(args)
+    check_target(args.output, output, options.statistics)
+    return options, output
 
 
 def _refuse_unsupported(args: argparse.Namespace) -> None:

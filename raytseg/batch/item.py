@@ -235,6 +235,7 @@ def _write(state: ItemState, job: JobSpec, seg: Segmentation) -> None:
     names = [loc.rstrip("/").rsplit("/", 1)[-1] for loc in written if not dicomweb.is_dicomweb(loc)]
     stored = [loc for loc in written if dicomweb.is_dicomweb(loc)]
     result = _ok_result(state, seg, names, stored)
+    result = dataclasses.replace(result, report=_report(state, job, seg, result.outputs))
     store.commit(staged, state.item.output, names, json.loads(result.to_json()))
     state.timings["write"] = time.perf_counter() - started
     state.result = dataclasses.replace(result, timings=_final_timings(state))
@@ -288,6 +289,23 @@ def _ok_result(state: ItemState, seg: Segmentation, names: list[str], stored: li
         outputs=(*(storage.join(state.item.output, name) for name in names), *stored),
         statistics=None if seg.statistics is None else statistics_json(seg.statistics).decode(),
     )
+
+
+def _report(state: ItemState, job: JobSpec, seg: Segmentation, outputs: tuple[str, ...]) -> str:
+    from raytseg.pipeline.report import ReportedRun, device_name, run_report
+
+    item, config = state.item, job.config
+    run = ReportedRun.of(
+        seg,
+        (item.input, item.output),
+        state.options,
+        files=config.output_options,
+        device=device_name(config.device),
+        written=outputs,
+        runtime_s=time.time() - state.started,
+    )
+    # The item's own stage timings: its passes ran in separate Ray tasks.
+    return json.dumps(run_report(dataclasses.replace(run, timings=dict(state.timings))))
 
 
 def _failed_result(state: ItemState, error_type: str, message: str) -> ItemResult:

@@ -23,7 +23,7 @@ from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.passes import Region, after_pass, finish, prepare
 from raytseg.pipeline.plan import Pass, admit
 from raytseg.pipeline.preprocess import ModelPlans, PlansCache, model_key
-from raytseg.pipeline.records import Segmentation, SegmentOptions, Volume
+from raytseg.pipeline.records import OutputOptions, Segmentation, SegmentOptions, Volume
 from raytseg.tasks import ModelSpec
 from raytseg.weights.synth import warn_if_synthetic
 
@@ -166,33 +166,41 @@ def segment(
 ) -> nib.Nifti1Image | tuple[nib.Nifti1Image, dict[str, Any]]:
     """Segment an image like ``totalsegmentator.python_api.totalsegmentator``.
 
-    Args:
-        input: NIfTI path, DICOM folder or zip, fsspec URI, or a nibabel image.
-        output: where to write results (a folder, or a ``.nii.gz`` file with ``ml=True``);
-            None writes nothing (with ``dicomweb_store``, only the DICOM outputs are stored).
-        task: TotalSegmentator task name.
-        device: ``cpu``, ``gpu``, ``gpu:N`` or ``mps``.
-        **options: the fields of ``SegmentOptions`` and ``OutputOptions`` (``fast``, ``roi_subset``,
-            ``output_type``...); ``no_derived_masks=True`` is ``derived_masks=False``.
-
-    Returns:
-        The multilabel image with the label table in its header extension, and the
-        statistics dict as well when ``statistics=True`` (as TotalSegmentator does).
-
-    Example:
-        >>> import raytseg
-        >>> img = raytseg.segment("ct.nii.gz", "segmentations", fast=True)  # doctest: +SKIP
+    ``input``: a NIfTI path, DICOM folder or zip, fsspec or DICOMweb URI, or a nibabel
+    image. ``output``: a folder, or a ``.nii.gz`` file with ``ml=True``; None writes nothing
+    (with ``dicomweb_store``, only the DICOM outputs are stored). ``options``: the fields of
+    ``SegmentOptions`` and ``OutputOptions``, ``no_derived_masks=True`` and ``report=PATH``
+    (the run report) as TotalSegmentator's. Returns the multilabel image (label table in its
+    header extension), with the statistics dict when ``statistics=True``.
     """
+    from raytseg import storage
     from raytseg.pipeline.export import check_output, write_segmentation
+    from raytseg.pipeline.report import ReportedRun, device_name, report_json
 
-    settings = Settings.from_env()
-    if "no_derived_masks" in options:
-        options["derived_masks"] = not options.pop("no_derived_masks")
-    opts, out = split_options({"task": task, **options})
+    started, settings = time.perf_counter(), Settings.from_env()
+    opts, out, report = _api_options(task, options)
     volume = load_volume(input, LoadLimits.from_settings(settings))
     check_output(out, volume)
-    seg = default_segmenter(device, settings).segment(volume, opts)
-    if output is not None or out.dicomweb_store is not None:
-        write_segmentation(seg, volume, None if output is None else str(output), out)
+    segmenter = default_segmenter(device, settings)
+    seg = segmenter.segment(volume, opts)
+    target = None if output is None else str(output)
+    written = write_segmentation(seg, volume, target, out) if target or out.dicomweb_store else []
+    if report is not None:
+        source = "Nifti1Image" if isinstance(input, nib.Nifti1Image) else str(input)
+        runtime_s, device_used = time.perf_counter() - started, device_name(segmenter.device)
+        run = ReportedRun.of(
+            seg, (source, target), opts, files=out, device=device_used, written=written, runtime_s=runtime_s
+        )
+        storage.write_bytes(report, report_json(run))
     img = seg.to_nifti()
     return (img, seg.statistics or {}) if opts.statistics else img
+
+
+def _api_options(task: str, options: dict[str, Any]) -> tuple[SegmentOptions, OutputOptions, str | None]:
+    """The records of the Python API's keywords, TotalSegmentator's spellings included
+    (``no_derived_masks``), and the run report's path (``report``)."""
+    if "no_derived_masks" in options:
+        options["derived_masks"] = not options.pop("no_derived_masks")
+    report = options.pop("report", None)
+    opts, out = split_options({"task": task, **options})
+    return opts, out, None if report is None else str(report)

@@ -91,6 +91,8 @@ class Delivered:
     filename: str
     written: tuple[str, ...] = ()
     statistics: dict[str, dict[str, Any]] | None = None
+    task: str = ""  # the task that ran, and the classes it reports (for a job's run report)
+    classes: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
 def own_arrays(record: T) -> T:

@@ -88,6 +88,8 @@ class JobRecord:
     finished_at: float | None = None
     outputs: tuple[str, ...] = ()
     error: dict[str, Any] | None = None
+    device: str = "cpu"  # where the app's models run, for the run report
+    report: dict[str, Any] | None = None  # raytseg.pipeline.report, once succeeded
 
     def public(self) -> dict[str, Any]:
         return {
@@ -101,7 +103,26 @@ class JobRecord:
             "finished_at": self.finished_at,
             "outputs": list(self.outputs),
             "error": self.error,
+            "report": self.report,
         }
+
+    def succeeded(self, delivered: Delivered) -> None:
+        """Record the outcome of a successful run, with its run report."""
+        from raytseg.pipeline.report import ReportedRun, run_report
+
+        self.state, self.outputs = "succeeded", delivered.written
+        run = ReportedRun(
+            self.spec.input,
+            self.spec.output,
+            self.spec.options.model_copy(update={"task": delivered.task or self.spec.options.task}),
+            self.spec.files,
+            self.device,
+            delivered.classes,
+            delivered.written,
+            runtime_s=time.time() - (self.started_at or self.created_at),
+            timings={},
+        )
+        self.report = run_report(run)
 
 
 class JobRunner:
@@ -119,7 +140,9 @@ class JobRunner:
         waiting = sum(r.state == "queued" for r in self._records.values())
         if waiting >= self._spec.max_pending:
             raise OverloadedError(f"{waiting} jobs are waiting already. Retry after the Retry-After delay.")
-        record = JobRecord(uuid.uuid4().hex, spec)
+        from raytseg.pipeline.report import device_name
+
+        record = JobRecord(uuid.uuid4().hex, spec, device=device_name(route.config.device))
         self._records[record.id] = record
         run = self._run(record, self._flow(route), route.config.request_timeout_s)
         task = asyncio.get_running_loop().create_task(run)
@@ -148,7 +171,7 @@ class JobRunner:
             except Exception as exc:
                 self._failed(record, as_raytseg_error(exc))
             else:
-                record.state, record.outputs = "succeeded", delivered.written
+                record.succeeded(delivered)
                 recorder().request(task, "ok", "job")
             finally:
                 record.finished_at = time.time()

@@ -54,6 +54,9 @@ class JobStatus(BaseModel):
     finished_at: float | None
     outputs: list[str]
     error: dict[str, Any] | None
+    report: dict[str, Any] | None = Field(
+        default=None, description="Once succeeded: the run report (TotalSegmentator's --report JSON)."
+    )
 
 
 class TaskInfo(BaseModel):

@@ -148,3 +148,27 @@ def test_statistics_match_totalsegmentator(
     # Same masks and the same arithmetic: the numbers are equal, not just close.
     assert ours_stats == theirs_stats
     assert list(ours_stats) == list(theirs_stats)
+
+
+# What differs between two runs by design: software versions of the two environments,
+# time, and where the input and output were.
+REPORT_RUN_SPECIFIC = {"nnunetv2_version", "torch_version", "runtime_seconds", "input", "output"}
+
+
+@pytest.mark.usefixtures("raytseg_env")
+@pytest.mark.parametrize("case", ["total_fast_classes", "dicom_classes"])
+def test_run_report_matches_totalsegmentator(
+    case: str, totalsegmentator: object, reference_data: Path, tmp_path: Path
+) -> None:
+    image, flags = FOLDER_CASES[case]
+    ts_report = tmp_path / "ts_report.json"
+    totalsegmentator.run(reference_data / image, *flags, "-rp", str(ts_report))  # type: ignore[attr-defined]
+    ours_report = tmp_path / "report.json"
+    run_raytseg(reference_data / image, tmp_path / "out", *flags, "--report", str(ours_report))
+    theirs, ours = json.loads(ts_report.read_text()), json.loads(ours_report.read_text())
+    assert list(ours)[: len(theirs)] == list(theirs)  # TotalSegmentator's keys first, in its order
+    assert {k: v for k, v in ours.items() if k in theirs and k not in REPORT_RUN_SPECIFIC} == {
+        k: v for k, v in theirs.items() if k not in REPORT_RUN_SPECIFIC
+    }
+    assert ours["output"] == str(tmp_path / "out")
+    assert len(ours["outputs"]) == len(ours["output_files"])

@@ -37,10 +37,19 @@ def env(weights: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 @pytest.mark.usefixtures("env")
 def test_segment_writes_every_class_statistics_and_preview(tmp_path: Path) -> None:
-    out = tmp_path / "seg"
-    assert main(["segment", "-i", str(CT), "-o", str(out), "--fast", "-s", "-p", "-d", "cpu", "-q"]) == 0
+    out, report = tmp_path / "seg", tmp_path / "report.json"
+    args = ["-i", str(CT), "-o", str(out), "--fast", "-s", "-p", "-d", "cpu", "-q", "-rp", str(report)]
+    assert main(["segment", *args]) == 0
     names = {p.name for p in out.iterdir()}
-    assert len([n for n in names if n.endswith(".nii.gz")]) == 117
+    masks = sorted(n for n in names if n.endswith(".nii.gz"))
+    assert len(masks) == 117
+    run = json.loads(report.read_text())
+    assert (run["task"], run["device"], run["fast"], run["multilabel"]) == ("total", "cpu", True, False)
+    assert (run["input"], run["output"], run["num_classes"]) == (str(CT), str(out), 117)
+    assert run["classes"]["5"] == "liver"
+    assert run["output_files"] == masks
+    assert len(run["outputs"]) == 117 + 2  # the masks, statistics.json, the preview
+    assert set(run["timings"]) == {"preprocess", "model", "postprocess", "total"}
     assert {"statistics.json", "preview_total.png", "liver.nii.gz"} <= names
     liver = nib.load(out / "liver.nii.gz")
     assert liver.shape == nib.load(CT).shape
@@ -50,8 +59,11 @@ def test_segment_writes_every_class_statistics_and_preview(tmp_path: Path) -> No
 
 @pytest.mark.usefixtures("env")
 def test_python_api_returns_the_multilabel_image(tmp_path: Path) -> None:
-    img = raytseg.segment(nib.load(CT), task="total", fast=True, device="cpu")
+    report = tmp_path / "report.json"
+    img = raytseg.segment(nib.load(CT), task="total", fast=True, device="cpu", report=report)
     assert isinstance(img, nib.Nifti1Image)
+    run = json.loads(report.read_text())
+    assert (run["input"], run["output"], run["outputs"], run["output_files"]) == ("Nifti1Image", None, [], [])
     assert read_label_table(img)[5] == "liver"
     img2, stats = raytseg.segment(
         str(CT), tmp_path / "ml.nii.gz", fast=True, ml=True, statistics=True, device="cpu"

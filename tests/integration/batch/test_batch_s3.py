@@ -74,6 +74,10 @@ def test_bucket_job_matches_segment_and_reports_every_item(
         assert sorted(row["outputs"]) == sorted(f"{output}/{item}/{f}" for f in item_files(written, item))
         assert all(row[f"{stage}_s"] > 0 for stage in STAGES), row
         assert row["statistics"] is None
+        run = json.loads(row["report"])
+        assert (run["task"], run["input"], run["output"]) == ("total", row["input"], row["output"])
+        assert (run["outputs"], run["num_classes"]) == (row["outputs"], 117)
+        assert set(run["timings"]) == {"load", "preprocess", "model", "postprocess"}  # before the write
     assert rows["ct_small"]["voxels"] == 122 * 101 * 30
     for item in BAD:
         row = rows[item]

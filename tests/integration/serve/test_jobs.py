@@ -43,6 +43,9 @@ def test_job_writes_a_local_output(
     record = wait_for_job(api, job["id"])
     assert record["state"] == "succeeded", record
     assert record["outputs"] == [str(out / "segmentation.nii.gz"), str(out / "statistics.json")]
+    run = record["report"]
+    assert (run["task"], run["device"], run["fast"], run["num_classes"]) == ("total", "cpu", True, 117)
+    assert (run["input"], run["output"], run["outputs"]) == (str(job_input), str(out), record["outputs"])
     assert (out / "segmentation.nii.gz").read_bytes() == reference(
         ct, SegmentOptions(task="total", fast=True)
     )

@@ -1,0 +1,103 @@
+"""The run report: TotalSegmentator 2.18's ``--report`` JSON, with raytseg's additions.
+
+TotalSegmentator's keys, in its order and meaning (``python_api.build_run_report``), then
+``raytseg_version``, ``timings`` (seconds per stage) and ``outputs`` (every location
+written, DICOMweb instances included). ``totalsegmentator_version`` is the installed
+TotalSegmentator package whose data files raytseg reads (None without one): raytseg does
+not run TotalSegmentator. ``save_lowres`` is always false (raytseg has no ``-sl``).
+Written by ``raytseg segment --report``, returned in a job's record, stored per item in a
+batch's results table.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import posixpath
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from raytseg.pipeline.records import OutputOptions, Segmentation, SegmentOptions
+
+
+@dataclass(frozen=True)
+class ReportedRun:
+    """What one run was asked, where it ran and what it wrote."""
+
+    input: str  # a location, or "Nifti1Image" for an in-memory image (as TotalSegmentator)
+    output: str | None
+    options: SegmentOptions  # as run (a DICOM MR asked for "total" ran "total_mr")
+    files: OutputOptions
+    device: str  # gpu, cpu or mps
+    classes: Mapping[int, str]  # the classes reported (roi_subset applied)
+    written: Sequence[str]
+    runtime_s: float
+    timings: Mapping[str, float]
+
+    @classmethod
+    def of(
+        cls, seg: Segmentation, request: tuple[str, str | None], options: SegmentOptions, **run: Any
+    ) -> ReportedRun:
+        """The run that made ``seg`` from ``request`` (input, output); ``run``: files,
+        device, written, runtime_s."""
+        ran = options.model_copy(update={"task": seg.task})
+        return cls(request[0], request[1], ran, classes=seg.label_map, timings=seg.timings, **run)
+
+
+def run_report(run: ReportedRun) -> dict[str, Any]:
+    """The report as a JSON-ready dict."""
+    from raytseg.tasks import get_task
+    from raytseg.version import __version__
+
+    task = get_task(run.options.task)
+    kinds = list(run.files.output_type)
+    return {
+        "totalsegmentator_version": _version("TotalSegmentator"),
+        "nnunetv2_version": _version("nnunetv2"),
+        "torch_version": _version("torch"),
+        "task": task.name,
+        "modality": task.modality,
+        "license_required": task.license_required,
+        "device": run.device,
+        "fast": run.options.fast,
+        "fastest": run.options.fastest,
+        "save_lowres": False,
+        "multilabel": run.files.ml,
+        "output_type": kinds[0] if len(kinds) == 1 else kinds,
+        "roi_subset": None if run.options.roi_subset is None else list(run.options.roi_subset),
+        "input": run.input,
+        "output": run.output,
+        "num_classes": len(run.classes),
+        "classes": {str(k): name for k, name in run.classes.items()},
+        "runtime_seconds": round(run.runtime_s, 2),
+        "output_files": _nifti_names(run),
+        "raytseg_version": __version__,
+        "timings": {stage: round(seconds, 3) for stage, seconds in run.timings.items()},
+        "outputs": list(run.written),
+    }
+
+
+def report_json(run: ReportedRun) -> bytes:
+    """The report file, indented as TotalSegmentator writes it."""
+    return json.dumps(run_report(run), indent=2).encode()
+
+
+def device_name(device: object) -> str:
+    """``gpu``, ``cpu`` or ``mps`` for a torch device or a device option (``gpu:1`` -> ``gpu``)."""
+    kind = str(getattr(device, "type", device)).split(":", 1)[0]
+    return "gpu" if kind in ("cuda", "gpu") else kind
+
+
+def _nifti_names(run: ReportedRun) -> list[str]:
+    """The .nii.gz files written into the output folder (TotalSegmentator lists the folder's)."""
+    if run.output is None or run.output.endswith((".nii", ".nii.gz", ".dcm")):
+        return []
+    return sorted(posixpath.basename(w) for w in run.written if w.endswith(".nii.gz"))
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
