@@ -11,4 +11,6 @@ export RAYTSEG_REQUIRE_REFERENCE=${RAYTSEG_REQUIRE_REFERENCE:-1}
 .venv/bin/ruff check raytseg tests tools bench
 .venv/bin/ruff format --check raytseg tests tools bench
 .venv/bin/mypy
+# A crash of the test process (a native library) prints its Python stack.
+export PYTHONFAULTHANDLER=1
 exec .venv/bin/pytest -q --durations=25 "$@"

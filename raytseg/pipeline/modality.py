@@ -106,7 +106,9 @@ def _folds(models: str) -> tuple[Any, ...]:
         ) from exc
     folds = []
     for fold in range(FOLDS):
-        classifier = xgboost.XGBClassifier()
+        # One thread: a single row of features, and no thread pool of xgboost's own OpenMP
+        # runtime (its wheel bundles a second libgomp beside torch's) in a torch process.
+        classifier = xgboost.XGBClassifier(n_jobs=1)
         # The files are UBJSON despite their .json names: load the bytes, format detected.
         path = resource_path(f"{models}.{fold}", "get-modality")
         classifier.load_model(bytearray(path.read_bytes()))

@@ -135,4 +135,8 @@ def _regressors() -> tuple[Any, ...]:
             folds = _XGBoostOnly(io.BytesIO(data)).load()
     except pickle.UnpicklingError as exc:
         raise MissingResourceError(f"{CLASSIFIERS} is not TotalSegmentator's classifier file: {exc}") from exc
+    for fold in folds.values():
+        # One thread, as for the modality classifiers (raytseg.pipeline.modality._folds);
+        # set_params would check parameters these pickles from an older XGBoost lack.
+        fold.n_jobs = 1
     return tuple(folds.values())

@@ -77,7 +77,7 @@ def test_bucket_job_matches_segment_and_reports_every_item(
         run = json.loads(row["report"])
         assert (run["task"], run["input"], run["output"]) == ("total", row["input"], row["output"])
         assert (run["outputs"], run["num_classes"]) == (row["outputs"], 117)
-        assert set(run["timings"]) == {"load", "preprocess", "model", "postprocess"}  # before the write
+        assert set(run["timings"]) == {"load", "preprocess", "model", "postprocess", "write"}
     assert rows["ct_small"]["voxels"] == 122 * 101 * 30
     for item in BAD:
         row = rows[item]
