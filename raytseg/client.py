@@ -7,6 +7,7 @@
         result.save("segmentation.nii.gz")             # the multilabel NIfTI
         job = client.submit_job("s3://in/ct.nii.gz", "s3://out/case1/", fast=True)
         done = client.wait(job)                        # {"state": "succeeded", "outputs": [...]}
+        client.modality("ct.nii.gz")                   # {"modality": "ct", "probability": 1.0}
 
 Errors come back as the service's error classes (the tree of ``raytseg.errors``:
 ``UnreadableImageError``, ``OverloadedError``...), carrying the service's message; an
@@ -32,6 +33,7 @@ from raytseg.errors import RaytsegError
 
 __all__ = ["Client", "SegmentResult", "ServiceError"]
 _FINAL_STATES = ("succeeded", "failed")
+Image = bytes | str | os.PathLike[str]  # the bytes, or a path to a NIfTI file or a DICOM zip
 
 
 class ServiceError(RaytsegError):
@@ -75,7 +77,8 @@ class SegmentResult:
 
 
 class Client:
-    """Synchronous client for ``/v1/segment``, ``/v1/jobs`` and ``/v1/tasks``.
+    """Synchronous client for ``/v1/segment``, ``/v1/jobs``, ``/v1/tasks``, ``/v1/modality``
+    and ``/v1/phase``.
 
     Args:
         base_url: the service, e.g. ``http://127.0.0.1:8000``.
@@ -108,22 +111,26 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def segment(
-        self, image: bytes | str | os.PathLike[str], *, task: str = "total", **options: Any
-    ) -> SegmentResult:
+    def segment(self, image: Image, *, task: str = "total", **options: Any) -> SegmentResult:
         """Segment an image (bytes, or a path to a NIfTI file or a DICOM zip).
 
         ``options`` are the query parameters: ``fast``, ``fastest``, ``roi_subset`` (a list),
         ``ml`` (default true), ``statistics``, ``robust_crop``, ``body_seg``, ``force_split``...
         """
-        body = image if isinstance(image, bytes) else Path(image).read_bytes()
-        params = _query({"task": task, **options})
-        headers = {"Content-Type": "application/octet-stream"}
-        response = self._send("POST", "/v1/segment", params=params, content=body, headers=headers)
+        response = self._upload("/v1/segment", image, {"task": task, **options})
         disposition = response.headers.get("content-disposition", "")
         filename = disposition.split("filename=")[-1].strip('"') if "filename=" in disposition else "result"
         media = response.headers.get("content-type", "application/octet-stream").split(";")[0]
         return SegmentResult(response.content, media, filename)
+
+    def modality(self, image: Image, *, normalized_intensities: bool = False) -> dict[str, Any]:
+        """CT or MR? ``{"modality": "ct" | "mr", "probability": p}``, as ``totalseg_get_modality``."""
+        options = {"normalized_intensities": normalized_intensities}
+        return dict(self._upload("/v1/modality", image, options).json())
+
+    def phase(self, image: Image) -> dict[str, Any]:
+        """A CT's contrast phase: ``pi_time``, ``phase``, ``probability``... as ``totalseg_get_phase``."""
+        return dict(self._upload("/v1/phase", image, {}).json())
 
     def submit_job(self, input_uri: str, output_uri: str, *, task: str = "total", **options: Any) -> str:
         """Queue a job; returns its id."""
@@ -158,6 +165,11 @@ class Client:
     def ready(self) -> bool:
         """True once every deployment of the service has a running replica."""
         return self._http.get("/readyz").status_code == 200
+
+    def _upload(self, route: str, image: Image, options: Mapping[str, Any]) -> httpx.Response:
+        body = image if isinstance(image, bytes) else Path(image).read_bytes()
+        headers = {"Content-Type": "application/octet-stream"}
+        return self._send("POST", route, params=_query(options), content=body, headers=headers)
 
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         for attempt in range(self._retries + 1):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -70,7 +70,7 @@ def modality_of(
     """The intensity classifier's answer, or with ``segment`` (a segmenter's) the ROI classifier's."""
     if segment is None:
         return classify(intensity_features(volume), INTENSITY_MODELS)
-    return classify(roi_features(segment(volume, ROI_SEGMENTATION)), ROI_MODELS)
+    return roi_modality(segment(volume, ROI_SEGMENTATION).statistics)
 
 
 def intensity_features(volume: Volume) -> list[float]:
@@ -79,11 +79,11 @@ def intensity_features(volume: Volume) -> list[float]:
     return [float(np.mean(data)), float(np.std(data)), float(np.min(data)), float(np.max(data))]
 
 
-def roi_features(seg: Segmentation) -> list[float]:
-    """The ROI classifier's features from a ``ROI_SEGMENTATION`` result."""
-    if seg.statistics is None:
+def roi_modality(statistics: Mapping[str, Mapping[str, Any]] | None) -> ModalityGuess:
+    """The ROI classifier's answer from the statistics of a ``ROI_SEGMENTATION`` result."""
+    if statistics is None:
         raise ValueError("the segmentation has no statistics: segment with ROI_SEGMENTATION")
-    return [float(seg.statistics[organ]["intensity"]) for organ in ROI_ORGANS]
+    return classify([float(statistics[organ]["intensity"]) for organ in ROI_ORGANS], ROI_MODELS)
 
 
 def classify(features: list[float], models: str) -> ModalityGuess:

@@ -80,12 +80,20 @@ def phase_of(volume: Volume, segment: Segment, body_stats: Stats | None = None) 
     """Segment what the features need (``body_stats``: an existing ``total --fast -sa median
     -sii`` statistics.json instead of the first model), then predict."""
     body = body_stats if body_stats is not None else _statistics(segment(volume, BODY_SEGMENTATION))
-    if body["brain"]["volume"] > _BRAIN_MM3:
-        neck: Stats = _statistics(segment(volume, NECK_SEGMENTATION))
-    else:
-        neck = {vessel: {"intensity": 0.0} for vessel in NECK_VESSELS}
-    features = [body[organ]["intensity"] for organ in ORGANS] + [neck[v]["intensity"] for v in NECK_VESSELS]
-    return predict(features)
+    neck = _statistics(segment(volume, NECK_SEGMENTATION)) if neck_needed(body) else None
+    return phase_from(body, neck)
+
+
+def neck_needed(body: Stats) -> bool:
+    """Whether the image holds a head, so the neck vessels' segmentation is needed."""
+    return bool(body["brain"]["volume"] > _BRAIN_MM3)
+
+
+def phase_from(body: Stats, neck: Stats | None) -> PhaseGuess:
+    """The phase from the statistics of ``BODY_SEGMENTATION`` and, where ``neck_needed``,
+    of ``NECK_SEGMENTATION`` (None: no head, the vessels' features are zeros)."""
+    vessels = [0.0] * len(NECK_VESSELS) if neck is None else [neck[v]["intensity"] for v in NECK_VESSELS]
+    return predict([body[organ]["intensity"] for organ in ORGANS] + vessels)
 
 
 def predict(features: list[float]) -> PhaseGuess:

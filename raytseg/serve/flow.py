@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from raytseg.errors import NotDeployedError, ReplicaUnavailableError
+from raytseg.pipeline.modality import ROI_SEGMENTATION, ModalityGuess
+from raytseg.pipeline.phase import BODY_SEGMENTATION, NECK_SEGMENTATION, PhaseGuess, Stats, neck_needed
 from raytseg.pipeline.plan import Admitted, Pass, for_modality
 from raytseg.pipeline.preprocess import model_key
-from raytseg.pipeline.records import SegmentOptions
+from raytseg.pipeline.records import OutputOptions, SegmentOptions
 from raytseg.serve.errors import as_raytseg_error
 from raytseg.serve.handoff import Delivered, Delivery, Entrypoint, Tags
 from raytseg.serve.runtime import POOL, POSTPROCESS, PREPROCESS, Catalogue, deployment_name
@@ -39,6 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The classifier tools' names, for their requests' metric tags.
+MODALITY_TOOL = "get-modality"
+PHASE_TOOL = "get-phase"
 # How often a waiting request looks for lost nodes, and how long it then still waits.
 _NODE_CHECK_S = 5.0
 _NODE_LOSS_GRACE_S = 30.0
@@ -105,6 +110,36 @@ class Flow:
         except Exception as exc:
             calls.cancel()
             raise as_raytseg_error(exc) from exc
+
+    async def statistics(self, source: bytes | str, options: SegmentOptions, entrypoint: Entrypoint) -> Stats:
+        """Segment ``source`` (``options.statistics`` set) and answer its statistics only."""
+        done = await self.segment(source, options, Delivery(statistics_only=True), entrypoint)
+        assert done.statistics is not None, "options.statistics is set"
+        return done.statistics
+
+    async def modality(self, source: bytes | str, normalized: bool, entrypoint: Entrypoint) -> ModalityGuess:
+        """``get-modality``: the intensity classifier, or with ``normalized`` the ROI one."""
+        preprocess = self._stages.preprocess
+        if normalized:
+            statistics = await self.statistics(source, ROI_SEGMENTATION, entrypoint)
+            return cast(ModalityGuess, await preprocess.roi_modality.remote(statistics))
+        calls = _Calls()
+        try:
+            volume = calls.add(
+                preprocess.load.remote(source, Tags(MODALITY_TOOL, entrypoint), OutputOptions())
+            )
+            return cast(
+                ModalityGuess, await calls.watched(calls.add(preprocess.classify_modality.remote(volume)))
+            )
+        except Exception as exc:
+            calls.cancel()
+            raise as_raytseg_error(exc) from exc
+
+    async def phase(self, source: bytes | str, entrypoint: Entrypoint) -> PhaseGuess:
+        """``get-phase``: the body's statistics, the neck's when the image holds a head, the regressors."""
+        body = await self.statistics(source, BODY_SEGMENTATION, entrypoint)
+        neck = await self.statistics(source, NECK_SEGMENTATION, entrypoint) if neck_needed(body) else None
+        return cast(PhaseGuess, await self._stages.preprocess.phase.remote(body, neck))
 
     async def _run(  # noqa: PLR0913 - segment()'s arguments plus the call tracker
         self,

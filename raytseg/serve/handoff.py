@@ -76,10 +76,12 @@ class AfterPass:
 
 @dataclass(frozen=True)
 class Delivery:
-    """What to produce: response bytes, or files written under ``output`` (jobs)."""
+    """What to produce: response bytes, files written under ``output`` (jobs), or with
+    ``statistics_only`` nothing but the statistics (the classifier tools' features)."""
 
     files: OutputOptions = OutputOptions(ml=True)
     output: str | None = None
+    statistics_only: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """The HTTP ingress: routes, auth, limits and validation; the one place errors become HTTP.
 
     POST /v1/segment        image in the body -> multilabel NIfTI, or a zip (per-class / statistics)
+    POST /v1/modality       image in the body -> {"modality": "ct" | "mr", "probability"} (get-modality)
+    POST /v1/phase          CT in the body -> {"pi_time", "phase", ...} (get-phase)
     POST /v1/jobs           {input_uri, output_uri, task, options} -> 202 {id, state, ...}
     GET  /v1/jobs/{id}      state, written locations, error
     GET  /v1/tasks          catalogue tasks, classes, what this deployment serves
@@ -18,9 +20,9 @@ they were uploaded and the answer comes back from the postprocess stage as bytes
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,9 +41,11 @@ from raytseg.errors import (
     UnreadableImageError,
 )
 from raytseg.metrics import recorder
+from raytseg.pipeline.modality import ROI_SEGMENTATION
+from raytseg.pipeline.phase import BODY_SEGMENTATION
 from raytseg.serve.config import LimitsSpec, ServeConfig
 from raytseg.serve.errors import as_raytseg_error, http_error
-from raytseg.serve.flow import Flow, StageNames, Stages
+from raytseg.serve.flow import MODALITY_TOOL, PHASE_TOOL, Flow, StageNames, Stages
 from raytseg.serve.handoff import Delivery, Entrypoint
 from raytseg.serve.jobs import JobSpec, Route, job_runner
 from raytseg.serve.runtime import Catalogue
@@ -50,10 +54,21 @@ from raytseg.serve.security import UriPolicy, check_bearer, load_tokens
 from raytseg.tasks import load_catalog
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _READY_TTL_S = 2.0
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 500, 502, 503, 504)
 }
+
+# The upload routes' body (read from the stream, so FastAPI cannot describe it itself).
+_IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "A NIfTI file (.nii or .nii.gz) or a zip of one DICOM series.",
+    }
+}
+_JSON_ANSWER: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {}}}}
 
 api = FastAPI(
     title="raytseg",
@@ -117,8 +132,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def _task_tag(task: str) -> str:
-    """A metric tag for a task: catalogue names only, so clients cannot add label values."""
-    return task if task in load_catalog().tasks else "unknown"
+    """A metric tag for a task: catalogue names and the tools only, so clients cannot add label values."""
+    return task if task in load_catalog().tasks or task in (MODALITY_TOOL, PHASE_TOOL) else "unknown"
 
 
 def _readiness(app: str) -> dict[str, Any]:
@@ -169,13 +184,7 @@ class Ingress:
         responses={
             200: {"content": {"application/gzip": {}, "application/dicom": {}, "application/zip": {}}}
         },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-                "description": "A NIfTI file (.nii or .nii.gz) or a zip of one DICOM series.",
-            }
-        },
+        openapi_extra=_IMAGE_BODY,
     )
     async def segment(self, request: Request, query: Annotated[SegmentQuery, Query()]) -> Response:
         """Segment the uploaded image.
@@ -189,12 +198,37 @@ class Ingress:
             self._authorize(request)
             options = query.segment()
             self._flow.check(options)
-            with self._admission.slot():
-                body = await read_body(request, self._config.limits.max_body_bytes)
-                work = self._flow.segment(body, options, Delivery(query.output()), "http")
-                done = await asyncio.wait_for(work, self._config.request_timeout_s)
+            delivery = Delivery(query.output())
+            done = await self._on_upload(
+                request, lambda body: self._flow.segment(body, options, delivery, "http")
+            )
         disposition = {"Content-Disposition": f'attachment; filename="{done.filename}"'}
         return Response(done.body, media_type=done.media_type, headers=disposition)
+
+    @api.post("/v1/modality", response_class=Response, responses=_JSON_ANSWER, openapi_extra=_IMAGE_BODY)
+    async def modality(self, request: Request, normalized_intensities: bool = False) -> Response:
+        """CT or MR? ``totalseg_get_modality``'s JSON, byte for byte: the intensity
+        classifier, or with ``normalized_intensities`` (its ``-n``) the ROI-based one, which
+        segments with ``total_mr`` fast (served here or 503)."""
+        with self._tracked(MODALITY_TOOL, "http"):
+            self._authorize(request)
+            if normalized_intensities:
+                self._flow.check(ROI_SEGMENTATION)
+            guess = await self._on_upload(
+                request, lambda body: self._flow.modality(body, normalized_intensities, "http")
+            )
+        return Response(guess.to_json(), media_type="application/json")
+
+    @api.post("/v1/phase", response_class=Response, responses=_JSON_ANSWER, openapi_extra=_IMAGE_BODY)
+    async def phase(self, request: Request) -> Response:
+        """The contrast phase of a CT: ``totalseg_get_phase``'s JSON, byte for byte. Segments
+        with ``total`` fast, and with ``headneck_bones_vessels`` when the image holds a head
+        (each served here, or 503)."""
+        with self._tracked(PHASE_TOOL, "http"):
+            self._authorize(request)
+            self._flow.check(BODY_SEGMENTATION)
+            guess = await self._on_upload(request, lambda body: self._flow.phase(body, "http"))
+        return Response(guess.to_json(), media_type="application/json")
 
     @api.post("/v1/jobs", status_code=202, response_model=JobStatus)
     async def submit_job(self, request: Request, job: Annotated[JobRequest, Body()]) -> JSONResponse:
@@ -253,6 +287,12 @@ class Ingress:
             report = await asyncio.to_thread(_readiness, self._app)
             self._ready = (time.monotonic(), report)
         return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+    async def _on_upload(self, request: Request, work: Callable[[bytes], Awaitable[T]]) -> T:
+        """``work`` on the request's body: admitted, size-limited, under the request timeout."""
+        with self._admission.slot():
+            body = await read_body(request, self._config.limits.max_body_bytes)
+            return await asyncio.wait_for(work(body), self._config.request_timeout_s)
 
     def _authorize(self, request: Request) -> None:
         check_bearer(request.headers.get("authorization"), self._tokens)

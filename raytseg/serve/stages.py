@@ -34,7 +34,9 @@ from raytseg.pipeline.export import (
     write_segmentation,
 )
 from raytseg.pipeline.load import LoadLimits, load_volume
+from raytseg.pipeline.modality import ModalityGuess, modality_of, roi_modality
 from raytseg.pipeline.passes import after_pass, finish, prepare
+from raytseg.pipeline.phase import PhaseGuess, Stats, phase_from
 from raytseg.pipeline.plan import Pass
 from raytseg.pipeline.preprocess import PlansCache, model_key
 from raytseg.pipeline.records import NetworkOutput, OutputOptions, Prepared, Segmentation, Volume
@@ -84,6 +86,18 @@ class CpuStage:
     def modality(self, volume: Volume) -> str | None:
         """The loaded image's DICOM Modality, for the MR rule (``admit``)."""
         return volume.modality
+
+    def classify_modality(self, volume: Volume) -> ModalityGuess:
+        """``get-modality``'s intensity classifier on the loaded image."""
+        return modality_of(volume, None)
+
+    def roi_modality(self, statistics: Stats) -> ModalityGuess:
+        """``get-modality -n``: the ROI classifier on a ``ROI_SEGMENTATION``'s statistics."""
+        return roi_modality(statistics)
+
+    def phase(self, body: Stats, neck: Stats | None) -> PhaseGuess:
+        """``get-phase``'s regressors on the statistics of its segmentations."""
+        return phase_from(body, neck)
 
     def prepare(self, spec: PassSpec, volume: Volume, before: AfterPass | None) -> Prepared | None:
         """Crop, resample and normalise for every model of the pass."""
@@ -149,6 +163,8 @@ SINGLE_FILE_TYPES = {MULTILABEL_NAME: "application/gzip"} | dict.fromkeys(
 
 
 def _deliver(seg: Segmentation, volume: Volume, delivery: Delivery) -> Delivered:
+    if delivery.statistics_only:
+        return Delivered(None, "application/json", "", (), seg.statistics, seg.task)
     if delivery.output is not None:
         written = write_segmentation(seg, volume, delivery.output, delivery.files)
         done = Delivered(None, "application/json", "", tuple(written), seg.statistics)

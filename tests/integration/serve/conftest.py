@@ -9,7 +9,8 @@ run hit on its second of seven starts.
 
 The app serves ``total`` (default and fast) with dedicated model deployments, and the
 multiplexed pool for the 6 mm crop model that ``roi_subset`` needs and for ``total_mr``
-fast (MR DICOM uploads with task ``total`` run it). Its limits are small
+fast (MR DICOM uploads with task ``total`` run it; so does ``/v1/modality`` with
+``normalized_intensities``) and ``headneck_bones_vessels`` (``/v1/phase``). Its limits are small
 so the 413/429 paths are cheap to reach. The reference for every comparison is the
 in-process pipeline (``raytseg.pipeline.run.Segmenter``) on the same weights.
 """
@@ -88,7 +89,9 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("weights")
     synthesize_task("total", root, tiny=True)
     synthesize_task("total", root, fast=True, tiny=True)
-    synthesize_task("total_mr", root, fast=True, tiny=True)  # served by the pool (the MR rule)
+    # Served by the pool: total_mr for the MR rule and get-modality -n, the neck for get-phase.
+    synthesize_task("total_mr", root, fast=True, tiny=True)
+    synthesize_task("headneck_bones_vessels", root, tiny=True)
     return root
 
 
@@ -115,6 +118,7 @@ def service(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "tasks": {
                 "total": {"modes": ["default", "fast"]},
                 "total_mr": {"modes": ["fast"], "dedicated": False},
+                "headneck_bones_vessels": {"modes": ["default"], "dedicated": False},
             },
             "models": {**small, "num_gpus": 0, "health_check_period_s": 2},
             "pool": {**small, "num_gpus": 0},

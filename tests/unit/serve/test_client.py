@@ -152,3 +152,21 @@ def test_every_error_of_the_tree_comes_back_as_itself() -> None:
         assert (error.message, error.status_code) == ("m", cls.status_code)
     unknown = _error_from({"type": "NoSuchError", "message": "m", "status": 418}, 500)
     assert (type(unknown), unknown.status_code) == (ServiceError, 418)
+
+
+def test_the_tools_send_the_image_and_decode_the_json() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"modality": "mr", "probability": 0.8})
+
+    assert client(handler).modality(b"image", normalized_intensities=True) == {
+        "modality": "mr",
+        "probability": 0.8,
+    }
+    assert client(handler).phase(b"ct")["modality"] == "mr"
+    assert [(r.url.path, r.url.params.multi_items(), r.content) for r in seen] == [
+        ("/v1/modality", [("normalized_intensities", "true")], b"image"),
+        ("/v1/phase", [], b"ct"),
+    ]

@@ -1,0 +1,92 @@
+"""``POST /v1/modality`` and ``POST /v1/phase``: the classifier tools through the deployments.
+
+Each answer must be the JSON ``raytseg get-modality`` / ``get-phase`` write for the same
+image and weights (the in-process pipeline, itself byte-identical to TotalSegmentator's
+tools: tests/reference), byte for byte. The classifiers are TotalSegmentator's files from
+its installed package.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from raytseg.client import Client
+from raytseg.config import Settings
+from raytseg.pipeline.load import LoadLimits, load_volume
+from raytseg.pipeline.modality import ROI_SEGMENTATION, modality_of
+from raytseg.pipeline.phase import BODY_SEGMENTATION, neck_needed, phase_of
+from raytseg.pipeline.records import Segmentation, SegmentOptions, Volume
+from tests.integration.serve.conftest import TOKEN, Service
+
+Segment = Callable[[Volume, SegmentOptions], Segmentation]
+
+
+@pytest.fixture(scope="module")
+def segment(weights: Path) -> Segment:
+    """The in-process segmenter on the service's weights."""
+    import torch
+
+    from raytseg.pipeline.run import Segmenter
+    from raytseg.weights.store import WeightsStore
+
+    settings = Settings.from_env().model_copy(update={"weights_dir": weights, "weights_uri": None})
+    return Segmenter(WeightsStore(settings), torch.device("cpu")).segment
+
+
+def _volume(data: bytes) -> Volume:
+    return load_volume(data, LoadLimits.from_settings(Settings.from_env()))
+
+
+def test_modality_answers_as_get_modality(api: httpx.Client, ct: bytes) -> None:
+    answer = api.post("/v1/modality", content=ct)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.content == modality_of(_volume(ct), None).to_json()
+    assert json.loads(answer.content) == {"modality": "ct", "probability": 1.0}
+
+
+def test_roi_modality_segments_with_total_mr(api: httpx.Client, ct: bytes, segment: Segment) -> None:
+    answer = api.post("/v1/modality", params={"normalized_intensities": "true"}, content=ct)
+    assert answer.status_code == 200, answer.text
+    assert answer.content == modality_of(_volume(ct), segment).to_json()
+    assert ROI_SEGMENTATION.task == "total_mr"
+
+
+def test_the_python_client_asks_for_both(service: Service, ct: bytes, segment: Segment) -> None:
+    volume = _volume(ct)
+    with Client(service.url, token=TOKEN) as client:
+        assert client.modality(ct) == json.loads(modality_of(volume, None).to_json())
+        assert client.modality(ct, normalized_intensities=True) == json.loads(
+            modality_of(volume, segment).to_json()
+        )
+        assert client.phase(ct) == json.loads(phase_of(volume, segment).to_json())
+
+
+def test_phase_answers_as_get_phase(api: httpx.Client, ct: bytes, segment: Segment) -> None:
+    volume = _volume(ct)
+    # The tiny weights find no brain here, so the neck model is not asked for (that path:
+    # tests/unit/serve/test_flow_tools.py; with TotalSegmentator: tests/reference).
+    assert not neck_needed(segment(volume, BODY_SEGMENTATION).statistics or {})
+    answer = api.post("/v1/phase", content=ct)
+    assert answer.status_code == 200, answer.text
+    assert answer.content == phase_of(volume, segment).to_json()
+    assert set(json.loads(answer.content)) == {
+        "pi_time", "phase", "probability", "pi_time_min", "pi_time_max", "stddev"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("route", ["/v1/modality", "/v1/phase"])
+def test_the_tools_refuse_like_segment(route: str, service: Service, ct: bytes) -> None:
+    with service.client(token=None) as anonymous:
+        assert anonymous.post(route, content=ct).status_code == 401
+    with service.client() as api:
+        empty = api.post(route, content=b"")
+        assert empty.status_code == 400, empty.text
+        assert "empty" in empty.json()["error"]["message"]
+        garbage = api.post(route, content=b"not an image" * 100)
+        assert garbage.status_code in (400, 422), garbage.text
