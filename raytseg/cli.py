@@ -103,6 +103,11 @@ def _add_segment(sub: Any) -> None:
     )
     p.add_argument("-t", "--nora_tag", default="None", help="TotalSegmentator's NORA tag: not supported.")
     p.add_argument(
+        "-cp",
+        "--crop_path",
+        help="Accepted, no effect (as in TotalSegmentator 2.18): crop masks come from the crop model.",
+    )
+    p.add_argument(
         "--test", type=int, choices=[0, 1, 3], default=0, help="TotalSegmentator's test hook: not supported."
     )
     p.add_argument("-lt", "--list-tasks", action=_ListAndExit, nargs=0, help="List the tasks and exit.")
@@ -228,8 +233,12 @@ def _add_weights(sub: Any) -> None:
     dl.add_argument("-t", "--task", required=True)
     _mode_flags(dl)
     dl.set_defaults(handler=_cmd_weights_download)
-    imp = wsub.add_parser("import", help="Import a weights zip (totalseg_import_weights).")
-    imp.add_argument("zip", type=Path)
+    imp = wsub.add_parser(
+        "import",
+        help="Import a weights zip (totalseg_import_weights), or the classifier and SNOMED files "
+        "of a TotalSegmentator wheel (.whl) or of a folder holding its package.",
+    )
+    imp.add_argument("zip", type=Path, metavar="ZIP|WHEEL|FOLDER")
     imp.set_defaults(handler=_cmd_weights_import)
     syn = wsub.add_parser("synth", help="Write random-weight model folders (tests, benchmarks only).")
     syn.add_argument("-t", "--task", required=True)
@@ -400,10 +409,15 @@ def _cmd_weights_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights_import(args: argparse.Namespace) -> int:
+    from raytseg.resources import import_resources, is_package_source
     from raytseg.weights.fetch import import_zip
 
     settings = _settings()
-    for path in import_zip(args.zip, settings.weights_dir, settings):
+    if is_package_source(args.zip):
+        written = import_resources(args.zip, settings.weights_dir)
+    else:
+        written = import_zip(args.zip, settings.weights_dir, settings)
+    for path in written:
         print(path)
     return 0
 

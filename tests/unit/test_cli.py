@@ -240,10 +240,13 @@ def test_get_modality_from_rois_segments_with_total_mr(
 
 
 @pytest.mark.usefixtures("env")
-def test_thread_counts_change_nothing_in_the_outputs(tmp_path: Path) -> None:
+def test_thread_counts_and_crop_path_change_nothing_in_the_outputs(tmp_path: Path) -> None:
+    # -rs crops with a first model: the pass whose masks TotalSegmentator's -cp once pointed to.
     flags = ["-i", str(CT), "--fast", "-d", "cpu", "-q", "-rs", "liver", "spleen", "kidney_left"]
     assert main(["segment", *flags, "-o", str(tmp_path / "a")]) == 0
-    assert main(["segment", *flags, "-o", str(tmp_path / "b"), "-nr", "4", "-ns", "1"]) == 0
+    others = ["-nr", "4", "-ns", "1", "-cp", str(tmp_path / "nowhere")]
+    assert main(["segment", *flags, "-o", str(tmp_path / "b"), *others]) == 0
+    assert not (tmp_path / "nowhere").exists()
     for path in (tmp_path / "a").iterdir():
         assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes()
 
