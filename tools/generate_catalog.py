@@ -29,6 +29,8 @@ from totalsegmentator.registry import TASKS, task_modality
 EXCLUDED_TASKS = {"test"}
 # nnunet.py: step 0.8 "for every resolution variant of the total CT and MR models".
 TOTAL_TASKS = {"total", "total_v3", "total_mr"}
+# nnunet.py: ``v1_order and task_name == "total"`` renumbers as class_map["total_v1"].
+V1_ORDER_TASKS = {"total"}
 PART_TABLES = {
     "total": (maps.class_map_5_parts, maps.map_taskid_to_partname_ct),
     "total_v3": (maps.class_map_5_parts_total_v3, maps.map_taskid_to_partname_ct_v3),
@@ -100,6 +102,7 @@ def _task(task: str) -> dict[str, Any]:
         "step_size": 0.8 if task in TOTAL_TASKS else 0.5,
         "classes": _labels(maps.class_map[task]),
         "auxiliary": _labels(maps.class_map.get(f"{task}_auxiliary", {})),
+        "v1_classes": _labels(maps.class_map[f"{task}_v1"]) if task in V1_ORDER_TASKS else None,
         "modes": modes,
         "crop": crop,
         "body_crop_addon_mm": [float(v) for v in base["crop_addon"]],

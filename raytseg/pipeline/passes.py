@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raytseg.pipeline.plan import CropPass, Pass
-from raytseg.pipeline.postprocess import FinalOps, postprocess
+from raytseg.pipeline.postprocess import FinalOps, postprocess, renumber
 from raytseg.pipeline.preprocess import ModelPlans, Resampling, crop_box_from_mask, preprocess
 from raytseg.pipeline.records import (
     Box,
@@ -86,7 +86,7 @@ def finish(  # noqa: PLR0913 - the records of one pass, plus where to resample
     aux = list(get_task(plan.main.task).auxiliary)
     seg, model_labels = postprocess(outputs, prepared.inverse, plan.main, ops, auxiliary=aux, device=device)
     model_grid = (model_labels, prepared.model_image, prepared.inverse.model_zooms)
-    return Segmentation(
+    answer = Segmentation(
         labels=seg.labels,
         affine=seg.affine,
         header=seg.header,
@@ -94,6 +94,7 @@ def finish(  # noqa: PLR0913 - the records of one pass, plus where to resample
         task=plan.main.task,
         statistics=_statistics(volume, seg, step, model_grid),
     )
+    return renumber(answer, plan.renumbering)
 
 
 def after_pass(
@@ -136,7 +137,8 @@ def empty_segmentation(volume: Volume, main: Pass) -> Segmentation:
     stats = None
     if options.statistics:
         stats = _measure(labels, volume.data, volume.zooms, main)
-    return Segmentation(labels, volume.affine, header, dict(plan.output_classes), plan.main.task, stats)
+    empty = Segmentation(labels, volume.affine, header, dict(plan.output_classes), plan.main.task, stats)
+    return renumber(empty, plan.renumbering)
 
 
 ModelGrid = tuple[np.ndarray, np.ndarray | None, tuple[float, float, float]]

@@ -61,6 +61,14 @@ class CropPass:
 
 
 @dataclass(frozen=True)
+class Renumbering:
+    """``-v1o``: the output's labels numbered as TotalSegmentator 1 numbered its classes."""
+
+    ids: dict[int, int]  # the task's id -> its v1 id (classes v1 lacks are not here: they become 0)
+    classes: dict[int, str]  # the output's classes in v1 numbering (roi_subset applied)
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """Everything the pipeline will run for one request, decided before any pixel is read."""
 
@@ -69,6 +77,7 @@ class RunPlan:
     output_classes: dict[int, str]  # classes reported (roi_subset applied)
     roi_ids: tuple[int, ...] | None
     fast_statistics: bool  # statistics on the model grid, as TotalSegmentator does with --fast
+    renumbering: Renumbering | None = None  # -v1o, applied last (statistics keep the task's names)
 
     @property
     def all_models(self) -> tuple[ModelSpec, ...]:
@@ -162,7 +171,18 @@ def plan_run(options: SegmentOptions) -> RunPlan:
         output_classes=output,
         roi_ids=None if rois is None else tuple(output),
         fast_statistics=options.statistics and options.fast,
+        renumbering=_v1_order(task, options, rois),
     )
+
+
+def _v1_order(task: TaskSpec, options: SegmentOptions, rois: tuple[str, ...] | None) -> Renumbering | None:
+    """``-v1o``'s numbering; None for tasks without a v1 numbering (TotalSegmentator ignores it there)."""
+    if not options.v1_order or task.v1_classes is None:
+        return None
+    current = {name: idx for idx, name in task.classes.items()}
+    ids = {current[name]: v1 for v1, name in task.v1_classes.items() if name in current}
+    classes = {v1: name for v1, name in task.v1_classes.items() if rois is None or name in rois}
+    return Renumbering(ids, classes)
 
 
 def _small_models(task: TaskSpec, models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:

@@ -8,7 +8,8 @@ Order as in TotalSegmentator's ``nnUNet_predict_image``:
    ``vertebrae_pp`` relabelling, ``--remove_small_blobs``);
 3. nearest-neighbour resampling back to the pre-resampling shape with the exact
    pre-resampling affine, undo the RAS reorientation, paste into the uncropped image;
-4. final label operations (binarise, roi_subset filter, remove outside a mask).
+4. final label operations (binarise, roi_subset filter, remove outside a mask);
+5. ``-v1o``: TotalSegmentator 1's numbering (``renumber``), once the statistics are taken.
 
 The blob functions are ported from TotalSegmentator ``postprocessing.py`` (Apache-2.0).
 """
@@ -16,14 +17,14 @@ The blob functions are ported from TotalSegmentator ``postprocessing.py`` (Apach
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
 from raytseg.errors import ModelError
-from raytseg.pipeline.plan import ModelRun
+from raytseg.pipeline.plan import ModelRun, Renumbering
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import ChunkSplit, InverseRecord, NetworkOutput, Segmentation
 from raytseg.pipeline.zoom import resample
@@ -163,6 +164,20 @@ def postprocess(
     data = final_labels(img, run, ops, inverse.original_header.get_zooms()[:3])
     seg = Segmentation(labels=data, affine=img.affine, header=header, label_map={}, task=run.task)
     return seg, labels
+
+
+def renumber(seg: Segmentation, renumbering: Renumbering | None) -> Segmentation:
+    """``seg`` in ``renumbering``'s numbering (classes it lacks become 0); as is for None.
+
+    TotalSegmentator renumbers before its roi_subset filter and remove-outside step; both
+    only zero whole classes, so renumbering after them gives the same voxels.
+    """
+    if renumbering is None:
+        return seg
+    table = np.zeros(256, dtype=np.uint8)
+    for current, v1 in renumbering.ids.items():
+        table[current] = v1
+    return replace(seg, labels=table[seg.labels], label_map=dict(renumbering.classes))
 
 
 def keep_largest_blob(labels: np.ndarray, label: int) -> None:

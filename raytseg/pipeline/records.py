@@ -109,6 +109,11 @@ class SegmentOptions(BaseModel):
         default="big",
         description="small: task total_v3's ResEnc-L models (nnUNetResEncUNetLPlans_8), as TotalSegmentator.",
     )
+    v1_order: Annotated[bool, Flag("-v1o")] = Field(
+        default=False,
+        description="Task total: number the output's classes as TotalSegmentator 1 did (its 104 "
+        "classes; classes it lacked are dropped). Other tasks ignore it, as TotalSegmentator does.",
+    )
     nr_thr_resamp: Annotated[int, Flag("-nr")] = Field(
         default=1,
         ge=1,

@@ -73,6 +73,7 @@ class TaskSpec(_Frozen):
     step_size: float
     classes: dict[int, str]
     auxiliary: dict[int, str]  # predicted but removed before output
+    v1_classes: dict[int, str] | None  # TotalSegmentator 1's numbering (-v1o), where it has one
     modes: dict[str, ModeSpec]
     crop: CropSpec | None
     body_crop_addon_mm: tuple[float, float, float]

@@ -101,6 +101,13 @@ ML_CASES = {
     "dicom_fast": ("example_ct_dicom", ("--fast",)),
     "fast_force_split": ("example_ct.nii.gz", ("--fast", "-fs")),
     "fast_body_seg": ("example_ct_sm.nii.gz", ("--fast", "-bs")),
+    # TotalSegmentator 1's numbering: the label table and the renumbered voxels (classes v1
+    # lacked dropped); with a subset, kidney_cyst_right (no v1 class) leaves the table.
+    "v1_order_fast": ("example_ct_sm.nii.gz", ("--fast", "-v1o", "--statistics")),
+    "v1_order_roi_subset": (
+        "example_ct_sm.nii.gz",
+        ("-v1o", "-rs", "spinal_cord", "kidney_cyst_right", "sacrum"),
+    ),
 }
 
 
@@ -136,7 +143,9 @@ def test_per_class_output_matches_totalsegmentator(
 
 
 @pytest.mark.usefixtures("raytseg_env")
-@pytest.mark.parametrize("case", ["total", "total_fast", "roi_subset"])
+# v1_order_fast: statistics keep TotalSegmentator 2's class names (its --fast statistics are
+# taken before the renumbering, as raytseg's always are).
+@pytest.mark.parametrize("case", ["total", "total_fast", "roi_subset", "v1_order_fast"])
 def test_statistics_match_totalsegmentator(
     case: str, totalsegmentator: object, reference_data: Path, tmp_path: Path
 ) -> None:

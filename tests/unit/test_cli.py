@@ -274,3 +274,25 @@ def test_debug_shows_where_an_error_happened(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err
     assert f"Failed on input {missing}, task total" in err
     assert "Traceback" in err
+
+
+@pytest.mark.usefixtures("env")
+def test_v1_order_per_class_files_are_totalsegmentator_1s_classes(tmp_path: Path) -> None:
+    from raytseg.tasks import get_task
+
+    v1 = get_task("total").v1_classes
+    assert v1 is not None
+    flags = ["-i", str(CT), "--fast", "-d", "cpu", "-q", "-v1o"]
+    assert main(["segment", *flags, "-o", str(tmp_path / "ml.nii.gz"), "--ml"]) == 0
+    assert main(["segment", *flags, "-o", str(tmp_path / "classes")]) == 0
+    multilabel = nib.load(tmp_path / "ml.nii.gz")
+    assert read_label_table(multilabel) == v1
+    data = np.asarray(multilabel.dataobj)
+    # Unlike TotalSegmentator 2.18, whose per-class files keep version 2's names and read
+    # them from the renumbered labels (mislabelled), each file is its v1 class's voxels.
+    assert {p.name for p in (tmp_path / "classes").iterdir()} >= {f"{name}.nii.gz" for name in v1.values()}
+    assert not (tmp_path / "classes" / "skull.nii.gz").exists()
+    for idx, name in v1.items():
+        mask = np.asarray(nib.load(tmp_path / "classes" / f"{name}.nii.gz").dataobj)
+        assert np.array_equal(mask > 0, data == idx), name
+    assert len(np.unique(data)) > 2

@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from raytseg.pipeline.plan import ModelRun
+from raytseg.pipeline.plan import ModelRun, plan_run
 from raytseg.pipeline.postprocess import (
     FinalOps,
     final_labels,
     keep_largest_blob,
     remove_small_blobs,
+    renumber,
     stitch_chunks,
 )
-from raytseg.pipeline.records import ChunkSplit
+from raytseg.pipeline.records import ChunkSplit, Segmentation, SegmentOptions
 from raytseg.pipeline.zoom import resample
+from raytseg.tasks import get_task
 
 
 def test_remove_small_blobs_removes_components_up_to_the_threshold() -> None:
@@ -92,3 +94,29 @@ def test_images_resample_in_float64_then_truncate_to_int32(device: str | None, o
     ours = resample(image, zoom, order, None if device is None else torch.device(device), dtype=np.int32)
     assert ours.dtype == np.int32
     np.testing.assert_array_equal(ours, reference)
+
+
+def test_v1_order_renumbers_as_totalsegmentator_1_and_drops_what_it_lacked() -> None:
+    task = get_task("total")
+    assert task.v1_classes is not None
+    plan = plan_run(SegmentOptions(task="total", v1_order=True))
+    assert plan.renumbering is not None
+    assert plan.renumbering.classes == task.v1_classes
+    ids = {name: idx for idx, name in task.classes.items()}
+    v1_ids = {name: idx for idx, name in task.v1_classes.items()}
+    labels = np.array([ids["spleen"], ids["heart"], ids["urinary_bladder"], ids["skull"], 0], dtype=np.uint8)
+    seg = Segmentation(labels, np.eye(4), nib.Nifti1Header(), dict(task.classes), "total")
+    renumbered = renumber(seg, plan.renumbering)
+    # heart and skull are TotalSegmentator 2 classes: v1 had heart chambers and no skull.
+    assert renumbered.labels.tolist() == [v1_ids["spleen"], 0, v1_ids["urinary_bladder"], 0, 0]
+    assert v1_ids["urinary_bladder"] != ids["urinary_bladder"]
+    assert renumbered.label_map == task.v1_classes
+    assert renumber(seg, None) is seg
+
+
+def test_v1_order_keeps_the_roi_subset_and_is_ignored_by_other_tasks() -> None:
+    plan = plan_run(SegmentOptions(task="total", v1_order=True, roi_subset=("liver", "skull")))
+    assert plan.renumbering is not None
+    assert list(plan.renumbering.classes.values()) == ["liver"]  # skull is no v1 class
+    assert plan_run(SegmentOptions(task="body", v1_order=True)).renumbering is None
+    assert plan_run(SegmentOptions(task="total")).renumbering is None
