@@ -21,7 +21,7 @@ class ProgressPrinter:
         self.stream = stream
         self.tty = stream.isatty() if tty is None else tty
         self.interval_s = interval_s
-        self._last_line = 0.0
+        self._last_line: float | None = None  # not 0: the monotonic clock starts at boot
         self._drawn = False
 
     def update(self, progress: JobProgress, result: ItemResult) -> None:
@@ -33,7 +33,8 @@ class ProgressPrinter:
             self._drawn = True
             return
         now = time.monotonic()
-        if now - self._last_line >= self.interval_s or progress.done == progress.total:
+        due = self._last_line is None or now - self._last_line >= self.interval_s
+        if due or progress.done == progress.total:
             self._last_line = now
             self._write_line(status_line(progress, bar=False))
 
