@@ -136,7 +136,13 @@ def _add_stats(sub: Any) -> None:
     p = sub.add_parser("stats", help="TotalSegmentator statistics for an existing segmentation.")
     p.add_argument("-i", dest="input", required=True, help="The image the masks belong to.")
     p.add_argument("--seg", required=True, help="Multilabel NIfTI (or a folder of per-class masks).")
-    p.add_argument("-o", dest="output", required=True, help="statistics.json to write.")
+    p.add_argument("-o", dest="output", help="statistics.json to write.")
+    p.add_argument(
+        "-r",
+        "--radiomics",
+        metavar="FILE",
+        help="Write TotalSegmentator's radiomics features of each class (statistics_radiomics.json) to FILE.",
+    )
     p.add_argument("-ta", "--task", default="total", help="Class map when the file has no label table.")
     p.add_argument("-sii", "--stats_include_incomplete", action="store_true")
     p.add_argument("-sa", "--stats_aggregation", choices=["mean", "median"], default="mean")
@@ -334,19 +340,27 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from raytseg.pipeline.load import LoadLimits, load_volume
     from raytseg.pipeline.stats import basic_statistics, read_segmentation_labels, statistics_json
 
+    if args.output is None and args.radiomics is None:
+        raise InvalidOptionError("Give -o statistics.json, --radiomics statistics_radiomics.json, or both.")
     settings = _settings()
     image = load_volume(args.input, LoadLimits.from_settings(settings))
     labels, classes = read_segmentation_labels(args.seg, args.task, image.shape)
-    stats = basic_statistics(
-        labels,
-        image.data,
-        image.zooms,
-        classes,
-        include_incomplete=args.stats_include_incomplete,
-        aggregation=args.stats_aggregation,
-        extra=args.statistics_extra,
-    )
-    storage.write_bytes(args.output, statistics_json(stats))
+    if args.output is not None:
+        stats = basic_statistics(
+            labels,
+            image.data,
+            image.zooms,
+            classes,
+            include_incomplete=args.stats_include_incomplete,
+            aggregation=args.stats_aggregation,
+            extra=args.statistics_extra,
+        )
+        storage.write_bytes(args.output, statistics_json(stats))
+    if args.radiomics is not None:
+        from raytseg.pipeline.export import label_mask_files
+        from raytseg.pipeline.radiomics import radiomics_json
+
+        storage.write_bytes(args.radiomics, radiomics_json(image, label_mask_files(labels, classes, image)))
     return 0
 
 

@@ -5,6 +5,7 @@
 #                             (pinned, tarball checked against its sha512)
 #   /usr/bin/dciodvfy         Debian's dicom3tools: validates the DICOM outputs
 #   /usr/bin/Orthanc          Debian's orthanc + orthanc-dicomweb: the DICOMweb server of the tests
+#   libOSMesa.so              Debian's libosmesa6: VTK renders the 3D previews off-screen with it
 #   /usr/bin/prometheus       Debian's prometheus package (the tests start their own instance
 #                             on 127.0.0.1; the package's service is kept from starting)
 #   .cache/runtime-venv       scripts/install-runtime.sh run into an empty venv: the runtime-only
@@ -77,6 +78,13 @@ install_orthanc() {
   Orthanc --version 2>&1 | sed -n 1p
 }
 
+# OSMesa: the 3D preview's off-screen OpenGL (no display, no GPU).
+install_osmesa() {
+  ldconfig -p | grep "libOSMesa.so" >/dev/null && return
+  apt_install_quiet libosmesa6
+  ldconfig -p | grep "libOSMesa.so" >/dev/null
+}
+
 install_runtime_venv() {
   [[ ${RAYTSEG_SKIP_RUNTIME_VENV:-0} == 1 ]] && return
   local venv="$PWD/.cache/runtime-venv"
@@ -96,4 +104,5 @@ install_helm
 install_prometheus
 install_dicom3tools
 install_orthanc
+install_osmesa
 install_runtime_venv

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV="$PWD/.venv-ref"
-stamp=ts-2.18.0-torch-2.14.1-v3
+stamp=ts-2.18.0-torch-2.14.1-v4
 if [[ -f $VENV/.stamp && $(cat $VENV/.stamp) == "$stamp" ]]; then
   exit 0
 fi
@@ -24,6 +24,6 @@ pip install -q "acvl-utils>=0.2.6,<0.3" "dynamic-network-architectures>=0.4.4,<0
   nibabel pandas blosc2 tqdm threadpoolctl requests dicom2nifti pyarrow xmltodict einops \
   matplotlib seaborn scikit-learn tifffile imagecodecs yacs graphviz \
   highdicom rt_utils \
-  xgboost-cpu  # -ot dicom_seg / dicom_rtstruct; totalseg_get_modality (CPU build: no CUDA wheels)
+  xgboost-cpu pyradiomics-bhklab==3.1.4  # -ot dicom_seg / dicom_rtstruct; get_modality/phase; -r
 (cd / && "$VENV/bin/python" -c "import totalsegmentator.nnunet, totalsegmentator.python_api")
 echo "$stamp" > "$VENV/.stamp"

@@ -16,9 +16,12 @@ fails if the committed file differs.
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
+import importlib.util
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from totalsegmentator import map_tasks_config as tasks_cfg
@@ -74,6 +77,26 @@ def _mode(task: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return {"models": [_model(task, i, cfg) for i in ids], "resample_mm": _xyz(cfg["resample"])}
 
 
+def _preview_groups() -> dict[str, list[list[str]]]:
+    """``roi_groups`` of TotalSegmentator's preview.py: the classes of each 3D preview column.
+
+    Read from the source (importing preview.py needs fury, which the reference env lacks),
+    plus the two tasks it derives after the literal: total_v3 and vertebrae_pp_refined.
+    """
+    spec = importlib.util.find_spec("totalsegmentator.preview")
+    assert spec is not None and spec.origin is not None
+    tree = ast.parse(Path(spec.origin).read_text())
+    literal = next(
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "roi_groups"
+    )
+    groups: dict[str, list[list[str]]] = ast.literal_eval(literal)
+    groups["total_v3"] = [["vertebrae_L6" if r == "vertebrae_S1" else r for r in g] for g in groups["total"]]
+    groups["vertebrae_pp_refined"] = groups["vertebrae_pp"]
+    return groups
+
+
 def _task(task: str) -> dict[str, Any]:
     raw = tasks_cfg.TASK_CONFIGS[task]
     base = {**tasks_cfg.DEFAULT_CONFIG, **{k: v for k, v in raw.items() if k != "sub_modes"}}
@@ -103,6 +126,7 @@ def _task(task: str) -> dict[str, Any]:
         "classes": _labels(maps.class_map[task]),
         "auxiliary": _labels(maps.class_map.get(f"{task}_auxiliary", {})),
         "v1_classes": _labels(maps.class_map[f"{task}_v1"]) if task in V1_ORDER_TASKS else None,
+        "preview_groups": _preview_groups().get(task),
         "modes": modes,
         "crop": crop,
         "body_crop_addon_mm": [float(v) for v in base["crop_addon"]],

@@ -3,7 +3,7 @@
     Segmentation ──▶ output_files ──▶ segmentation.nii.gz (multilabel, with the XML label table)
                                        or <class>.nii.gz per class (+ body/skin for task body)
                                   ──▶ segmentation_seg.dcm, segmentation_rtstruct.dcm (DICOM input)
-                                  ──▶ preview_<task>.png, statistics.json
+                                  ──▶ preview_<task>.png, statistics.json, statistics_radiomics.json
     write_segmentation: output_files to a folder (or the one file it names), path or fsspec URI.
 
 Files are byte-for-byte what TotalSegmentator 2.18 writes through ``nib.save``:
@@ -92,6 +92,15 @@ def class_mask_files(seg: Segmentation, threads: int = 6) -> Iterator[tuple[str,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def label_mask_files(
+    labels: np.ndarray, classes: dict[int, str], image: Volume
+) -> Iterator[tuple[str, bytes]]:
+    """``class_mask_files`` of a label map on ``image``'s grid (an existing segmentation)."""
+    header = image.header.copy()
+    header.set_data_dtype(np.uint8)
+    yield from class_mask_files(Segmentation(labels, image.affine, header, classes, "existing"))
+
+
 def _usable_cpus() -> int:
     """CPUs this process may run on (affinity-aware where the OS tells)."""
     if hasattr(os, "sched_getaffinity"):
@@ -175,27 +184,43 @@ def output_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> It
     zips it, jobs and batch items commit it), for each output type in the order asked:
     nifti, the multilabel ``MULTILABEL_NAME`` or one ``<class>.nii.gz`` per class, for task
     ``body`` per class also body.nii.gz and skin.nii.gz; dicom_seg and dicom_rtstruct,
-    ``DICOM_NAMES`` (none of them with ``skip_saving``); then ``preview_<task>.png`` and
-    statistics.json.
+    ``DICOM_NAMES`` (none of them with ``skip_saving``); then ``preview_<task>.png``,
+    statistics.json and statistics_radiomics.json (of the NIfTI files written before).
     """
+    masks: list[tuple[str, bytes]] = []  # the NIfTI files, for radiomics
     if not output.skip_saving:
         dicom = _DicomSources(seg, volume)
         for kind in output.output_type:
-            yield from (
+            for name, data in (
                 _nifti_files(seg, volume, output) if kind == "nifti" else _dicom_file(dicom, output, kind)
-            )
+            ):
+                if output.radiomics and name.endswith(".nii.gz"):
+                    masks.append((name, data))
+                yield name, data
     if output.preview:
-        from raytseg.pipeline.preview import preview_png
-
-        yield f"preview_{seg.task}.png", preview_png(seg, volume)
+        yield f"preview_{seg.task}.png", _preview(seg, volume, output)
     if seg.statistics is not None:
         yield "statistics.json", statistics_json(seg.statistics)
+    if output.radiomics:
+        from raytseg.pipeline.radiomics import FILE_NAME, radiomics_json
+
+        yield FILE_NAME, radiomics_json(volume, masks)
+
+
+def _preview(seg: Segmentation, volume: Volume, output: OutputOptions) -> bytes:
+    if output.preview_kind == "2d":
+        from raytseg.pipeline.preview import preview_png
+
+        return preview_png(seg, volume)
+    from raytseg.pipeline.preview3d import preview3d_png
+
+    return preview3d_png(seg, volume)
 
 
 def reads_image(output: OutputOptions, task: str) -> bool:
-    """Whether ``output_files`` reads the input image's voxels: the preview does, and so
-    does task ``body``'s skin mask."""
-    return output.preview or _writes_body_masks(output, task)
+    """Whether ``output_files`` reads the input image's voxels: the preview and radiomics
+    do, and so does task ``body``'s skin mask."""
+    return output.preview or output.radiomics or _writes_body_masks(output, task)
 
 
 def _writes_body_masks(output: OutputOptions, task: str) -> bool:

@@ -1,10 +1,9 @@
-"""``-p/--preview``: a PNG overview of a segmentation for a quick visual check.
+"""``-p --preview_kind 2d``: a PNG overview of a segmentation for a quick visual check.
 
-TotalSegmentator renders 3D surfaces with fury/VTK (and an X server). raytseg draws a
-lighter 2D overview instead — coronal and sagittal projections of the image in a soft
-tissue window with the frontmost label of each ray painted over it — so the option works
-on headless servers without a graphics stack. Same file name as TotalSegmentator:
-``preview_<task>.png``.
+The default preview is TotalSegmentator's 3D rendering (``preview3d``, VTK). This lighter
+2D overview — coronal and sagittal projections of the image in a soft tissue window with
+the frontmost label of each ray painted over it — needs no graphics library, for hosts
+without VTK. Same file name: ``preview_<task>.png``.
 """
 
 from __future__ import annotations

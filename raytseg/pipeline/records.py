@@ -161,11 +161,21 @@ class OutputOptions(BaseModel):
         default=True, description="body.nii.gz and skin.nii.gz beside task body's per-class masks."
     )
     preview: Annotated[bool, Flag("-p")] = Field(
-        default=False, description="Also write preview_<task>.png (a 2D projection)."
+        default=False, description="Also write preview_<task>.png: TotalSegmentator's 3D rendering."
+    )
+    preview_kind: Annotated[Literal["3d", "2d"], Flag(None)] = Field(
+        default="3d",
+        description="3d: TotalSegmentator's surface rendering (VTK, off-screen); 2d: raytseg's "
+        "coronal and sagittal overview, which needs no graphics library.",
     )
     skip_saving: Annotated[bool, Flag("-ss")] = Field(
         default=False,
         description="Write no masks (statistics.json and the preview still), as TotalSegmentator.",
+    )
+    radiomics: Annotated[bool, Flag("-r")] = Field(
+        default=False,
+        description="Also write statistics_radiomics.json: TotalSegmentator's pyradiomics features "
+        "(shape and first order, at 3 mm) of each class mask file.",
     )
     output_type: Annotated[tuple[OutputType, ...], Flag("-ot")] = Field(
         default=("nifti",),
@@ -210,6 +220,15 @@ class OutputOptions(BaseModel):
         ):
             return {**values, "ml": True}
         return values
+
+    @model_validator(mode="after")
+    def _radiomics_reads_class_masks(self) -> OutputOptions:
+        if self.radiomics and (self.ml or self.skip_saving or "nifti" not in self.output_type):
+            raise ValueError(
+                "radiomics is computed on the per-class mask files, as TotalSegmentator does: use it "
+                "without --ml (which DICOM outputs imply) and without --skip_saving."
+            )
+        return self
 
     @model_validator(mode="after")
     def _stores_dicom(self) -> OutputOptions:

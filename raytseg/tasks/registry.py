@@ -74,6 +74,7 @@ class TaskSpec(_Frozen):
     classes: dict[int, str]
     auxiliary: dict[int, str]  # predicted but removed before output
     v1_classes: dict[int, str] | None  # TotalSegmentator 1's numbering (-v1o), where it has one
+    preview_groups: tuple[tuple[str, ...], ...] | None  # the 3D preview's columns of classes
     modes: dict[str, ModeSpec]
     crop: CropSpec | None
     body_crop_addon_mm: tuple[float, float, float]

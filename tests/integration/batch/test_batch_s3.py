@@ -150,17 +150,27 @@ def test_parquet_manifest_with_per_row_task_and_output(
     pq.write_table(table, sink)
     s3.pipe_file(f"{s3_prefix}/manifest.parquet", sink.getvalue())
     output = f"s3://{s3_prefix}/out"
-    report = run_batch(BatchConfig(input=f"{base}/manifest.parquet", output=output, fast=True, device="cpu"))
+    config = BatchConfig(
+        input=f"{base}/manifest.parquet", output=output, fast=True, radiomics=True, device="cpu"
+    )
+    report = run_batch(config)
 
     assert [(r.id, r.task, r.status, r.output) for r in report.results] == [
         ("ct_small", "body", "ok", f"{output}/bodies/ct"),
         ("mr_small", "total", "ok", f"{output}/mr_small"),
     ]
     written = s3_files(output)
-    body = local_files(reference_outputs("ct_small.nii.gz", "--fast", "-ta", "body"))
-    assert {"body.nii.gz", "skin.nii.gz"} <= set(body)  # the derived masks need the voxels
+    body = local_files(reference_outputs("ct_small.nii.gz", "--fast", "-ta", "body", "-r"))
+    # The derived masks and radiomics need the voxels after the model stage.
+    assert {"body.nii.gz", "skin.nii.gz", "statistics_radiomics.json"} <= set(body)
+    assert sorted(json.loads(body["statistics_radiomics.json"])) == [
+        "body",
+        "body_extremities",
+        "body_trunc",
+        "skin",
+    ]
     assert_same_files(item_files(written, "bodies/ct"), body, "ct_small (body)")
-    total = local_files(reference_outputs("mr_small.nii.gz", "--fast"))
+    total = local_files(reference_outputs("mr_small.nii.gz", "--fast", "-r"))
     assert_same_files(item_files(written, "mr_small"), total, "mr_small")
 
 

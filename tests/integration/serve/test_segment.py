@@ -14,7 +14,11 @@ from typing import Any
 import httpx
 import numpy as np
 
+from raytseg.config import Settings
 from raytseg.pipeline.labeltable import read_label_table
+from raytseg.pipeline.load import LoadLimits, load_volume
+from raytseg.pipeline.radiomics import FILE_NAME as RADIOMICS_FILE
+from raytseg.pipeline.radiomics import radiomics_json
 from raytseg.pipeline.records import SegmentOptions
 
 Reference = Callable[[bytes, SegmentOptions], bytes]
@@ -151,20 +155,26 @@ def test_concurrent_requests(service: Any, ct: bytes, tiny_ct: bytes, reference:
     assert answers[1].content == answers[3].content == reference(tiny_ct, options)
 
 
-def test_per_class_zip_with_statistics(api: httpx.Client, tiny_ct: bytes, read_image: Any) -> None:
-    answer = api.post(
-        "/v1/segment", params={"fast": "true", "ml": "false", "statistics": "true"}, content=tiny_ct
-    )
+def test_per_class_zip_with_statistics_and_radiomics(
+    api: httpx.Client, tiny_ct: bytes, read_image: Any
+) -> None:
+    params = {"fast": "true", "ml": "false", "statistics": "true", "radiomics": "true"}
+    answer = api.post("/v1/segment", params=params, content=tiny_ct)
     assert answer.status_code == 200, answer.text
     assert answer.headers["content-type"] == "application/zip"
     with zipfile.ZipFile(io.BytesIO(answer.content)) as archive:
         names = archive.namelist()
         stats = json.loads(archive.read("statistics.json"))
         liver = read_image(archive.read("liver.nii.gz"))
-    assert len(names) == 117 + 1
+        masks = [(name, archive.read(name)) for name in names if name.endswith(".nii.gz")]
+        features = archive.read(RADIOMICS_FILE)
+    assert len(names) == 117 + 2
     assert "spleen.nii.gz" in names
     assert set(stats["liver"]) == {"volume", "intensity"}
     assert liver.shape == (24, 24, 10)
+    volume = load_volume(tiny_ct, LoadLimits.from_settings(Settings.from_env()))
+    assert features == radiomics_json(volume, masks)  # of the very files in the zip
+    assert len(json.loads(features)) == 117
 
 
 def test_tasks_docs_and_readiness(api: httpx.Client, service: Any) -> None:

@@ -195,6 +195,7 @@ def test_skip_saving_writes_statistics_and_the_preview_only() -> None:
 
 def test_reads_image_names_the_files_that_read_the_input_voxels() -> None:
     assert reads_image(OutputOptions(preview=True), "total")
+    assert reads_image(OutputOptions(radiomics=True), "total")  # statistics_radiomics.json
     assert reads_image(OutputOptions(), "body")  # skin.nii.gz
     assert not reads_image(OutputOptions(), "total")
     assert not reads_image(OutputOptions(ml=True), "body")
