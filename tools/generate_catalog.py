@@ -84,7 +84,8 @@ def _preview_groups() -> dict[str, list[list[str]]]:
     plus the two tasks it derives after the literal: total_v3 and vertebrae_pp_refined.
     """
     spec = importlib.util.find_spec("totalsegmentator.preview")
-    assert spec is not None and spec.origin is not None
+    assert spec is not None
+    assert spec.origin is not None
     tree = ast.parse(Path(spec.origin).read_text())
     literal = next(
         node.value
