@@ -59,9 +59,11 @@ def preview3d_png(seg: Segmentation, image: Volume) -> bytes:
 
 
 def _groups(seg: Segmentation) -> Sequence[Sequence[str]]:
-    from raytseg.tasks import get_task
+    """The task's groups; one group of every class where it has none (or is no catalogue task)."""
+    from raytseg.tasks import load_catalog
 
-    groups = get_task(seg.task).preview_groups
+    task = load_catalog().tasks.get(seg.task)
+    groups = None if task is None else task.preview_groups
     return groups if groups is not None else (tuple(seg.label_map.values()),)
 
 

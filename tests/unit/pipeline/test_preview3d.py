@@ -74,3 +74,10 @@ def test_the_2d_overview_stays_available() -> None:
     assert three_d == preview3d.preview3d_png(seg, volume)
     assert two_d["preview_total.png"] != three_d
     assert _pixels(two_d["preview_total.png"]).shape[1] < _pixels(three_d).shape[1]
+
+
+def test_a_task_without_groups_gets_one_column_of_every_class() -> None:
+    seg, volume = _case()
+    seg = Segmentation(seg.labels, seg.affine, seg.header, seg.label_map, "not_a_catalogue_task")
+    width = _pixels(preview3d.preview3d_png(seg, volume)).shape[1]
+    assert width == 2 * round(SHAPE[0] * 2.0 * preview3d.PIXELS_PER_MM)  # the slice and one group
