@@ -106,7 +106,7 @@ ML_CASES = {
     "v1_order_fast": ("example_ct_sm.nii.gz", ("--fast", "-v1o", "--statistics")),
     "v1_order_roi_subset": (
         "example_ct_sm.nii.gz",
-        ("-v1o", "-rs", "spinal_cord", "kidney_cyst_right", "sacrum"),
+        ("--fast", "-v1o", "-rs", "urinary_bladder", "colon", "kidney_cyst_right"),
     ),
 }
 
