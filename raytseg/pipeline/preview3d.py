@@ -47,11 +47,11 @@ def preview3d_png(seg: Segmentation, image: Volume) -> bytes:
     groups = _groups(seg)
     renderer = vtk.vtkRenderer()
     renderer.AddViewProp(_slice_actor(vtk, np.asarray(ct.dataobj), zooms))
-    ids = {name: idx for idx, name in seg.label_map.items()}
+    boxes = _label_boxes(lab, seg.label_map)
     for column, group in enumerate(groups, start=1):
         for place, name in enumerate(group):
-            if name in ids and np.any(lab == ids[name]):
-                actor = _surface(vtk, lab == ids[name], zooms, PALETTE[place % len(PALETTE)])
+            if name in boxes:
+                actor = _surface(vtk, lab, boxes[name], zooms, PALETTE[place % len(PALETTE)])
                 actor.AddPosition(-column * column_mm, 0.0, 0.0)  # screen right is -x
                 renderer.AddActor(actor)
     size = (round(column_mm * (len(groups) + 1)), round(lab.shape[2] * zooms[2] * PIXELS_PER_MM))
@@ -67,13 +67,29 @@ def _groups(seg: Segmentation) -> Sequence[Sequence[str]]:
     return groups if groups is not None else (tuple(seg.label_map.values()),)
 
 
-def _surface(vtk: Any, mask: np.ndarray, zooms: tuple[float, ...], colour: np.ndarray) -> Any:
-    """A smoothed surface of ``mask`` (RAS voxels) in mm, from its bounding box only."""
+def _label_boxes(labels: np.ndarray, classes: dict[int, str]) -> dict[str, tuple[int, tuple[slice, ...]]]:
+    """``{class: (label, bounding box)}`` of the classes present, from one pass over the labels."""
     from scipy import ndimage
 
-    box = ndimage.find_objects(mask.astype(np.uint8))[0]
-    start = [max(s.start - 1, 0) for s in box]
-    crop = mask[tuple(slice(a, s.stop + 1) for a, s in zip(start, box, strict=True))]
+    boxes = ndimage.find_objects(labels)
+    return {
+        name: (idx, boxes[idx - 1])
+        for idx, name in classes.items()
+        if 0 < idx <= len(boxes) and boxes[idx - 1] is not None
+    }
+
+
+def _surface(
+    vtk: Any,
+    labels: np.ndarray,
+    box: tuple[int, tuple[slice, ...]],
+    zooms: tuple[float, ...],
+    colour: np.ndarray,
+) -> Any:
+    """A smoothed surface of one label (RAS voxels) in mm, from its bounding box (+1 voxel) only."""
+    label, extent = box
+    start = [max(s.start - 1, 0) for s in extent]
+    crop = labels[tuple(slice(a, s.stop + 1) for a, s in zip(start, extent, strict=True))] == label
     grid = _image_data(
         vtk, crop.astype(np.uint8) * 255, zooms, [a * z for a, z in zip(start, zooms, strict=True)]
     )
