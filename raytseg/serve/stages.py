@@ -14,7 +14,6 @@ time) and return their results; large ones stay in the object store for the next
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import time
@@ -167,8 +166,9 @@ def _deliver(seg: Segmentation, volume: Volume, delivery: Delivery) -> Delivered
         return Delivered(None, "application/json", "", (), seg.statistics, seg.task)
     if delivery.output is not None:
         written = write_segmentation(seg, volume, delivery.output, delivery.files)
-        done = Delivered(None, "application/json", "", tuple(written), seg.statistics)
-        return dataclasses.replace(done, task=seg.task, classes=dict(seg.label_map))
+        return Delivered(
+            None, "application/json", "", tuple(written), seg.statistics, seg.task, dict(seg.label_map)
+        )
     files = list(output_files(seg, volume, delivery.files))
     if len(files) == 1 and files[0][0] in SINGLE_FILE_TYPES:
         name, data = files[0]
