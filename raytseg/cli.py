@@ -24,13 +24,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raytseg.batch import cli as batch_cli
 from raytseg.config import DEVICES
 from raytseg.errors import InvalidOptionError, RaytsegError
 from raytseg.options import add_flags, from_args
 from raytseg.serve import cli as serve_cli
+
+if TYPE_CHECKING:
+    from raytseg.pipeline.run import LocalRequest
 
 log = logging.getLogger("raytseg")
 
@@ -273,52 +276,37 @@ def _settings() -> Any:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from raytseg.pipeline.export import check_output, write_segmentation
     from raytseg.pipeline.load import LoadLimits, load_volume
     from raytseg.pipeline.model import configure_torch
-    from raytseg.pipeline.run import default_segmenter
+    from raytseg.pipeline.run import default_segmenter, run_local
 
     started = time.perf_counter()
     settings = _settings()
-    options, output = _segment_options(args, settings)
+    request = _segment_request(args, settings)
     volume = load_volume(args.input, LoadLimits.from_settings(settings))
     log.info("Loaded %s: shape %s, voxel size %s mm", volume.source, volume.shape, volume.zooms)
-    check_output(output, volume)
     segmenter = default_segmenter(args.device, settings)
     configure_torch(segmenter.device, cudnn_autotune=settings.cudnn_autotune)
-    seg = segmenter.segment(volume, options)
-    written = write_segmentation(seg, volume, args.output, output)
-    where = args.output or output.dicomweb_store
+    seg, written = run_local(segmenter, volume, request, started)
+    where = args.output or request.output.dicomweb_store
     log.info("Wrote %d output(s) to %s in %.1f s", len(written), where, seg.timings.get("total", 0.0))
-    if args.report:
-        from raytseg import storage
-        from raytseg.pipeline.report import ReportedRun, device_name, report_json
-
-        run = ReportedRun.of(
-            seg,
-            (args.input, args.output),
-            options,
-            files=output,
-            device=device_name(segmenter.device),
-            written=written,
-            runtime_s=time.perf_counter() - started,
-        )
-        storage.write_bytes(args.report, report_json(run))
     return 0
 
 
-def _segment_options(args: argparse.Namespace, settings: Any) -> tuple[Any, Any]:
-    """The request's options, after the license key is stored and before anything is read."""
+def _segment_request(args: argparse.Namespace, settings: Any) -> LocalRequest:
+    """The request, after the license key is stored and before anything is read."""
     from raytseg.pipeline.export import check_target
+    from raytseg.pipeline.records import STATISTICS_NAME
+    from raytseg.pipeline.run import LocalRequest
 
     if args.license_number:
         from raytseg.weights.license import set_license
 
         set_license(args.license_number, settings)
     _refuse_unsupported(args)
-    options, output = from_args(args)
-    check_target(args.output, output, options.statistics)
-    return options, output
+    options, output, places = from_args(args)
+    check_target(args.output, output, options.statistics and STATISTICS_NAME not in places)
+    return LocalRequest(args.input, args.output, options, output, places, args.report or None)
 
 
 def _refuse_unsupported(args: argparse.Namespace) -> None:

@@ -10,11 +10,12 @@ the whole change; ``tests/unit/test_options.py`` adds one and finds it everywher
 from __future__ import annotations
 
 import argparse
+import os
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from raytseg.configfile import validated
@@ -69,20 +70,69 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def from_args(args: argparse.Namespace) -> tuple[SegmentOptions, OutputOptions]:
-    """The records of ``raytseg segment``'s arguments; invalid values raise ``InvalidOptionError``."""
-    return split_options(given_options(args))
+def from_args(args: argparse.Namespace) -> tuple[SegmentOptions, OutputOptions, dict[str, str]]:
+    """The records of ``raytseg segment``'s arguments and the files placed elsewhere than the
+    output folder (``placed_files``); invalid values raise ``InvalidOptionError``."""
+    values, places = placed_files(given_options(args))
+    options, output = split_options(values)
+    return options, output, places
 
 
-def split_options(values: dict[str, Any]) -> tuple[SegmentOptions, OutputOptions]:
+def split_options(values: Mapping[str, Any]) -> tuple[SegmentOptions, OutputOptions]:
     """Both records from one mapping of option names (the Python API's keyword arguments)."""
     unknown = sorted(set(values) - option_names())
     if unknown:
         raise InvalidOptionError(f"Unknown option(s) {', '.join(unknown)}: see raytseg segment --help.")
+    refuse_placed(values)
     return record_of(SegmentOptions, values), record_of(OutputOptions, values)
 
 
-def record_of(record: type[Record], values: dict[str, Any]) -> Record:
+def placed_files(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """TotalSegmentator's ``-s PATH``: an option whose flag writes a file, given a path instead
+    of true, is on and writes its file at that path instead of into the output folder.
+
+    Returns ``values`` with ``True`` for each such path, and ``{file name: path}``.
+    """
+    given, places = dict(values), dict[str, str]()
+    for name, file in _file_flags():
+        value = given.get(name)
+        if isinstance(value, (str, os.PathLike)):
+            given[name], places[file] = True, os.fspath(value)
+    return given, places
+
+
+def refuse_placed(values: Mapping[str, Any]) -> None:
+    """Refuse a path where only true or false can be honoured: the service and batch write
+    every file beside an image's other outputs, in locations of their own."""
+    for name, file in _file_flags():
+        if _is_path(values.get(name)):
+            raise InvalidOptionError(
+                f"{name} takes true or false here, not a path: a path (TotalSegmentator's -s PATH) "
+                f"places {file} for raytseg segment and the Python API only; the service and "
+                "batch write it beside each image's other outputs."
+            )
+
+
+def _is_path(value: Any) -> bool:
+    """A path, not one of pydantic's spellings of a bool ("true", "no", "1") in a config file."""
+    if not isinstance(value, (str, os.PathLike)):
+        return False
+    try:
+        TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        return True
+    return False
+
+
+def _file_flags() -> Iterator[tuple[str, str]]:
+    """``(option, file name)`` of the options whose flag writes a file a path may place."""
+    for record in RECORDS:
+        for name, _, flag in declared(record):
+            if flag.file is not None:
+                yield name, flag.file
+
+
+def record_of(record: type[Record], values: Mapping[str, Any]) -> Record:
     """``record`` from the matching entries of ``values``; errors name the option."""
     return validated(record, {k: v for k, v in values.items() if k in record.model_fields}, "options")
 
@@ -95,7 +145,10 @@ def _spelling(name: str, flag: Flag) -> tuple[str, ...]:
 def _argument(name: str, info: FieldInfo, flag: Flag) -> dict[str, Any]:
     kind = _base(info.annotation)
     argument: dict[str, Any] = {"dest": name, "help": info.description}
-    if kind is bool:
+    if kind is bool and flag.file is not None:  # -s, or -s PATH: the file at PATH
+        argument.update(nargs="?", const=True, metavar="PATH")
+        argument["help"] = f"{info.description} With PATH: write {flag.file} there instead."
+    elif kind is bool:
         argument["action"] = "store_false" if flag.negated else "store_true"
         if flag.negated:
             argument["help"] = f"No {info.description}"  # the option is on by default

@@ -27,6 +27,7 @@ from raytseg import configfile, storage
 from raytseg.config import Device
 from raytseg.configfile import Strict
 from raytseg.errors import InvalidOptionError
+from raytseg.options import refuse_placed
 from raytseg.pipeline.records import OutputOptions, SegmentOptions
 
 RESULTS_NAME = "_results.parquet"
@@ -154,8 +155,9 @@ class BatchConfig(SegmentOptions, OutputOptions):
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> BatchConfig:
         """The config in YAML file ``path`` (if any), with ``overrides`` (CLI flags) on top of it."""
-        data = configfile.read_yaml(path, "batch job config") if path else {}
-        return configfile.validated(cls, configfile.merged(data, overrides), "batch job options")
+        data = configfile.merged(configfile.read_yaml(path, "batch job config") if path else {}, overrides)
+        refuse_placed(data)  # each item's files go beside its masks, never to one path (-s PATH)
+        return configfile.validated(cls, data, "batch job options")
 
 
 def parse_max_failures(text: str) -> int | float:

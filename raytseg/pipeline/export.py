@@ -4,7 +4,8 @@
                                        or <class>.nii.gz per class (+ body/skin for task body)
                                   ──▶ segmentation_seg.dcm, segmentation_rtstruct.dcm (DICOM input)
                                   ──▶ preview_<task>.png, statistics.json, statistics_radiomics.json
-    write_segmentation: output_files to a folder (or the one file it names), path or fsspec URI.
+    write_segmentation: output_files to a folder (or the one file it names), path or fsspec URI;
+                        a placed file (-s PATH) to its own path.
 
 Files are byte-for-byte what TotalSegmentator 2.18 writes through ``nib.save``:
 nibabel's deterministic gzip (level 1, mtime 0, no file name), the input header with
@@ -19,7 +20,7 @@ import os
 import posixpath
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ import numpy as np
 from raytseg import storage
 from raytseg.errors import InvalidOptionError
 from raytseg.pipeline.labeltable import add_label_table
-from raytseg.pipeline.records import OutputOptions, Segmentation, Volume
+from raytseg.pipeline.records import STATISTICS_NAME, OutputOptions, Segmentation, Volume
 from raytseg.pipeline.stats import label_counts_and_sums, statistics_json
 
 if TYPE_CHECKING:
@@ -200,7 +201,7 @@ def output_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> It
     if output.preview:
         yield f"preview_{seg.task}.png", _preview(seg, volume, output)
     if seg.statistics is not None:
-        yield "statistics.json", statistics_json(seg.statistics)
+        yield STATISTICS_NAME, statistics_json(seg.statistics)
     if output.radiomics:
         from raytseg.pipeline.radiomics import FILE_NAME, radiomics_json
 
@@ -265,29 +266,35 @@ def _nifti_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> It
 
 
 def write_segmentation(
-    seg: Segmentation, volume: Volume, target: str | None, output: OutputOptions
+    seg: Segmentation,
+    volume: Volume,
+    target: str | None,
+    output: OutputOptions,
+    places: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Write ``output_files`` to a local path or fsspec URI; returns the locations, in order.
 
     ``target`` is a folder, or it names the first output type's one file, as TotalSegmentator's
     ``-o``: ``seg.nii.gz`` with ``ml``, ``seg.dcm`` for ``dicom_seg`` or ``dicom_rtstruct``;
-    the other files go beside it. Each file is written atomically; a failed write raises
-    ``StorageError``. With ``output.dicomweb_store`` the DICOM files are then stored on that
-    server too (their instance URIs end the list); ``target`` None writes no file at all.
+    the other files go beside it. ``places`` puts files elsewhere, ``{file name: location}``
+    (``-s PATH``: statistics.json at PATH), with a target or without. Each file is written
+    atomically; a failed write raises ``StorageError``. With ``output.dicomweb_store`` the
+    DICOM files are then stored on that server too (their instance URIs end the list);
+    ``target`` None writes only the placed files.
     """
     named = None if target is None else _named_file(output, target)
     folder = _parent(target) if named and target else target
     if folder is not None:
         storage.make_dirs(folder)
     written, dicom = [], []
-    files = output if folder is not None else _dicom_only(output)
+    files = output if folder is not None else _without_folder(output)
     for name, data in output_files(seg, volume, files):
         if name in DICOM_NAMES.values():
             dicom.append(data)
-        if target is None or folder is None:
+        location = _location(name, places or {}, target, named)
+        if location is None:
             continue
-        location = target if name == named else storage.join(folder, name)
-        if location.endswith(".nii"):  # uncompressed, as nib.save writes a .nii
+        if name.endswith(".nii.gz") and location.endswith(".nii"):  # uncompressed, as nib.save writes
             data = gzip.decompress(data)
         storage.write_bytes(location, data)
         written.append(location)
@@ -298,10 +305,21 @@ def write_segmentation(
     return written
 
 
-def _dicom_only(output: OutputOptions) -> OutputOptions:
-    """The options of a write without a target: nothing but the DICOM files is made."""
-    kinds = tuple(kind for kind in output.output_type if kind != "nifti")
-    return output.model_copy(update={"output_type": kinds, "preview": False})
+def _location(name: str, places: Mapping[str, str], target: str | None, named: str | None) -> str | None:
+    """Where file ``name`` goes: where it is placed, else to ``target`` when that names it, else
+    into the folder ``target`` is (or names a file in); None without a target."""
+    if name in places:
+        return places[name]
+    if target is None:
+        return None
+    return target if name == named else storage.join(_parent(target) if named else target, name)
+
+
+def _without_folder(output: OutputOptions) -> OutputOptions:
+    """The options of a write without a target: only the DICOM files (for a DICOMweb server)
+    and the statistics (to a placed path) are made."""
+    kinds = tuple(kind for kind in output.output_type if kind != "nifti" and output.dicomweb_store)
+    return output.model_copy(update={"output_type": kinds, "preview": False, "radiomics": False})
 
 
 def _named_file(output: OutputOptions, target: str) -> str | None:

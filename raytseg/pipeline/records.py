@@ -26,6 +26,7 @@ from raytseg.pipeline.labeltable import add_label_table
 OutputType = Literal["nifti", "dicom_seg", "dicom_rtstruct"]
 DICOM_OUTPUTS = frozenset({"dicom_seg", "dicom_rtstruct"})
 OUTPUT_TYPE_ALIASES = {"dicom": "dicom_rtstruct"}  # TotalSegmentator's name before 2.12
+STATISTICS_NAME = "statistics.json"  # the statistics file, in an output folder or where -s PATH puts it
 
 Spacing = tuple[float, float, float]
 Shape3 = tuple[int, int, int]
@@ -74,6 +75,9 @@ class Flag:
     short: str | None  # None: raytseg's own option, spelled ``--<name>`` only
     const: float | None = None  # the value of the flag given alone (``-rmb`` means 200 mm³)
     negated: str | None = None  # the flag switches a default-true option off (``--no_derived_masks``)
+    # The file a bool flag writes into the output folder, which ``-s PATH`` (TotalSegmentator's
+    # spelling) places at PATH instead: the CLI and the Python API only.
+    file: str | None = None
 
 
 class SegmentOptions(BaseModel):
@@ -126,7 +130,7 @@ class SegmentOptions(BaseModel):
         le=5,
         description="Spline order (0-5) of resampling the image to the model's spacing.",
     )
-    statistics: Annotated[bool, Flag("-s")] = Field(
+    statistics: Annotated[bool, Flag("-s", file=STATISTICS_NAME)] = Field(
         default=False, description="Write statistics.json: volume and mean intensity per class."
     )
     stats_include_incomplete: Annotated[bool, Flag("-sii")] = Field(

@@ -11,14 +11,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 
 from raytseg.config import Settings
-from raytseg.options import split_options
+from raytseg.options import placed_files, split_options
 from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.passes import Region, after_pass, finish, prepare
 from raytseg.pipeline.plan import Pass, admit
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from raytseg.pipeline.model import Network
+    from raytseg.pipeline.report import ReportedRun
     from raytseg.weights.store import WeightsStore
 
 log = logging.getLogger(__name__)
@@ -156,6 +158,50 @@ def default_segmenter(device: str = "gpu", settings: Settings | None = None) -> 
         return _SEGMENTERS[key]
 
 
+@dataclass(frozen=True)
+class LocalRequest:
+    """One image segmented in this process, as the CLI and the Python API ask for it."""
+
+    source: str  # the input as the run report names it ("Nifti1Image" for an in-memory image)
+    target: str | None  # the output folder or file (-o); None: no folder
+    options: SegmentOptions
+    output: OutputOptions
+    places: Mapping[str, str] = field(default_factory=dict)  # files placed elsewhere (-s PATH)
+    report: str | None = None  # where the run report goes (-rp)
+
+
+def run_local(
+    segmenter: Segmenter, volume: Volume, request: LocalRequest, started: float
+) -> tuple[Segmentation, list[str]]:
+    """Check the outputs, segment, write the files and the run report of ``request``; returns
+    the segmentation and the locations written. ``started``: ``time.perf_counter()`` when the
+    request arrived (the report's runtime)."""
+    from raytseg import storage
+    from raytseg.pipeline.export import check_output, write_segmentation
+    from raytseg.pipeline.report import report_json
+
+    check_output(request.output, volume)
+    seg = segmenter.segment(volume, request.options)
+    written = []
+    if request.target is not None or request.output.dicomweb_store is not None or request.places:
+        written = write_segmentation(seg, volume, request.target, request.output, request.places)
+    if request.report is not None:
+        run = _reported_run(segmenter, seg, request, written, time.perf_counter() - started)
+        storage.write_bytes(request.report, report_json(run))
+    return seg, written
+
+
+def _reported_run(
+    segmenter: Segmenter, seg: Segmentation, request: LocalRequest, written: list[str], runtime_s: float
+) -> ReportedRun:
+    from raytseg.pipeline.report import ReportedRun, device_name
+
+    where, device = (request.source, request.target), device_name(segmenter.device)
+    return ReportedRun.of(
+        seg, where, request.options, files=request.output, device=device, written=written, runtime_s=runtime_s
+    )
+
+
 def segment(
     input: str | os.PathLike[str] | nib.Nifti1Image,  # noqa: A002 - TotalSegmentator's name
     output: str | os.PathLike[str] | None = None,
@@ -169,38 +215,27 @@ def segment(
     ``input``: a NIfTI path, DICOM folder or zip, fsspec or DICOMweb URI, or a nibabel
     image. ``output``: a folder, or a ``.nii.gz`` file with ``ml=True``; None writes nothing
     (with ``dicomweb_store``, only the DICOM outputs are stored). ``options``: the fields of
-    ``SegmentOptions`` and ``OutputOptions``, ``no_derived_masks=True`` and ``report=PATH``
-    (the run report) as TotalSegmentator's. Returns the multilabel image (label table in its
-    header extension), with the statistics dict when ``statistics=True``.
+    ``SegmentOptions`` and ``OutputOptions``, ``no_derived_masks=True``, ``report=PATH``
+    (the run report) and ``statistics=PATH`` (statistics.json at PATH instead of in the
+    output folder, also with ``output`` None) as TotalSegmentator's. Returns the multilabel
+    image (label table in its header extension), with the statistics dict when statistics
+    are asked for.
     """
-    from raytseg import storage
-    from raytseg.pipeline.export import check_output, write_segmentation
-    from raytseg.pipeline.report import ReportedRun, device_name, report_json
-
     started, settings = time.perf_counter(), Settings.from_env()
-    opts, out, report = _api_options(task, options)
+    source = "Nifti1Image" if isinstance(input, nib.Nifti1Image) else str(input)
+    request = _api_request(source, None if output is None else str(output), task, options)
     volume = load_volume(input, LoadLimits.from_settings(settings))
-    check_output(out, volume)
-    segmenter = default_segmenter(device, settings)
-    seg = segmenter.segment(volume, opts)
-    target = None if output is None else str(output)
-    written = write_segmentation(seg, volume, target, out) if target or out.dicomweb_store else []
-    if report is not None:
-        source = "Nifti1Image" if isinstance(input, nib.Nifti1Image) else str(input)
-        runtime_s, device_used = time.perf_counter() - started, device_name(segmenter.device)
-        run = ReportedRun.of(
-            seg, (source, target), opts, files=out, device=device_used, written=written, runtime_s=runtime_s
-        )
-        storage.write_bytes(report, report_json(run))
+    seg, _ = run_local(default_segmenter(device, settings), volume, request, started)
     img = seg.to_nifti()
-    return (img, seg.statistics or {}) if opts.statistics else img
+    return (img, seg.statistics or {}) if request.options.statistics else img
 
 
-def _api_options(task: str, options: dict[str, Any]) -> tuple[SegmentOptions, OutputOptions, str | None]:
-    """The records of the Python API's keywords, TotalSegmentator's spellings included
-    (``no_derived_masks``), and the run report's path (``report``)."""
+def _api_request(source: str, target: str | None, task: str, options: dict[str, Any]) -> LocalRequest:
+    """The request of the Python API's keywords, TotalSegmentator's spellings included
+    (``no_derived_masks``, ``statistics=PATH``), and the run report's path (``report``)."""
     if "no_derived_masks" in options:
         options["derived_masks"] = not options.pop("no_derived_masks")
     report = options.pop("report", None)
-    opts, out = split_options({"task": task, **options})
-    return opts, out, None if report is None else str(report)
+    values, places = placed_files({"task": task, **options})
+    opts, out = split_options(values)
+    return LocalRequest(source, target, opts, out, places, None if report is None else str(report))

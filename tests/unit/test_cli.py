@@ -74,6 +74,27 @@ def test_python_api_returns_the_multilabel_image(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asanyarray(img.dataobj), np.asanyarray(img2.dataobj))
 
 
+@pytest.mark.usefixtures("env")
+def test_s_path_writes_statistics_there_and_not_into_the_output_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # -s some/path.json: relative to the working folder
+    out = tmp_path / "seg"
+    args = ["-i", str(CT), "-o", str(out), "--fast", "-rs", "liver", "spleen", "-s", "some/path.json"]
+    assert main(["segment", *args, "-d", "cpu", "-q"]) == 0
+    assert set(json.loads((tmp_path / "some" / "path.json").read_text())) == {"liver", "spleen"}
+    assert sorted(p.name for p in out.iterdir()) == ["liver.nii.gz", "spleen.nii.gz"]
+    placed = tmp_path / "api" / "placed.json"
+    _, stats = raytseg.segment(
+        str(CT), tmp_path / "ml" / "seg.nii.gz", fast=True, ml=True, statistics=placed, device="cpu"
+    )
+    assert json.loads(placed.read_text()).keys() == stats.keys()
+    assert [p.name for p in (tmp_path / "ml").iterdir()] == ["seg.nii.gz"]
+    placed.unlink()
+    raytseg.segment(nib.load(CT), fast=True, statistics=str(placed), device="cpu")  # no output
+    assert placed.exists()
+
+
 def test_missing_weights_is_one_line_with_the_fix_and_no_output(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 import raytseg
 from raytseg.errors import InvalidOptionError
-from raytseg.options import add_flags, from_args, given_options, http_model, split_options
+from raytseg.options import add_flags, from_args, given_options, http_model, placed_files, split_options
 from raytseg.pipeline.records import OutputOptions, SegmentOptions
 
 
@@ -25,7 +26,8 @@ def _parse(*argv: str, overrides_config: bool = False) -> argparse.Namespace:
 
 def test_totalsegmentator_short_flags_give_the_records() -> None:
     args = _parse("-ta", "body", "-f", "-rs", "liver", "spleen", "-s", "-sa", "median", "-ml", "-ndm", "-p")
-    options, output = from_args(args)
+    options, output, places = from_args(args)
+    assert places == {}
     assert options == SegmentOptions(
         task="body", fast=True, roi_subset=("liver", "spleen"), statistics=True, stats_aggregation="median"
     )
@@ -33,7 +35,7 @@ def test_totalsegmentator_short_flags_give_the_records() -> None:
 
 
 def test_flag_defaults_are_the_records_defaults() -> None:
-    assert from_args(_parse()) == (SegmentOptions(), OutputOptions())
+    assert from_args(_parse()) == (SegmentOptions(), OutputOptions(), {})
 
 
 def test_remove_small_blobs_alone_means_200_mm3() -> None:
@@ -42,8 +44,36 @@ def test_remove_small_blobs_alone_means_200_mm3() -> None:
 
 
 def test_roi_subset_robust_is_a_subset_with_robust_crop() -> None:
-    options, _ = from_args(_parse("-rsr", "liver"))
+    options, _, _ = from_args(_parse("-rsr", "liver"))
     assert (options.roi_subset, options.robust_crop) == (("liver",), True)
+
+
+def test_s_path_turns_statistics_on_and_places_the_file_there() -> None:
+    options, output, places = from_args(_parse("-s", "some/path.json", "-f"))
+    assert (options.statistics, options.fast, output) == (True, True, OutputOptions())
+    assert places == {"statistics.json": "some/path.json"}
+    options, _, places = from_args(_parse("--statistics", "-f"))  # alone: into the output folder
+    assert (options.statistics, places) == (True, {})
+    assert from_args(_parse("-f"))[0].statistics is False
+
+
+def test_placed_files_takes_a_path_for_true_and_leaves_bools_alone() -> None:
+    assert placed_files({"statistics": True, "fast": True}) == ({"statistics": True, "fast": True}, {})
+    assert placed_files({"statistics": False}) == ({"statistics": False}, {})
+    values, places = placed_files({"statistics": Path("a/b.json"), "ml": True})
+    assert (values, places) == ({"statistics": True, "ml": True}, {"statistics.json": "a/b.json"})
+
+
+def test_a_statistics_path_is_refused_where_each_image_has_its_own_folder() -> None:
+    from raytseg.batch.config import BatchConfig
+
+    with pytest.raises(InvalidOptionError, match="statistics takes true or false here, not a path"):
+        split_options({"statistics": "out/stats.json"})
+    assert split_options({"statistics": "true"})[0].statistics  # a config file's spelling of true
+    with pytest.raises(InvalidOptionError, match="not a path"):  # raytseg batch -s x.json
+        BatchConfig.load(None, {"input": "in", "output": "out", "statistics": "x.json"})
+    with pytest.raises(ValidationError, match="statistics"):  # the service's parameter is a bool
+        http_model("Query").model_validate({"statistics": "out/stats.json"})
 
 
 def test_over_a_config_only_given_flags_have_values() -> None:

@@ -158,6 +158,33 @@ def test_write_segmentation_ml_into_a_folder_names_the_file_segmentation(tmp_pat
     assert MULTILABEL_NAME == "segmentation.nii.gz"
 
 
+def test_a_placed_file_goes_to_its_path_and_not_into_the_folder(tmp_path: Path) -> None:
+    seg = _synthetic_seg()
+    seg = Segmentation(
+        seg.labels, seg.affine, seg.header, seg.label_map, seg.task, {"class_1": {"volume": 2.0}}
+    )
+    out, placed = tmp_path / "out", str(tmp_path / "elsewhere" / "stats.json")
+    written = write_segmentation(
+        seg, _volume(seg), str(out), OutputOptions(ml=True), {"statistics.json": placed}
+    )
+    assert written == [str(out / MULTILABEL_NAME), placed]
+    assert [p.name for p in out.iterdir()] == [MULTILABEL_NAME]
+    assert Path(placed).read_text() == json.dumps(seg.statistics, indent=4)
+    # -ss, and no target at all (the Python API's output=None; DICOM outputs without a DICOMweb
+    # server are not even made): the placed file alone
+    cases = (
+        (str(tmp_path / "skipped"), OutputOptions(skip_saving=True)),
+        (None, OutputOptions()),
+        (None, OutputOptions(output_type=("dicom_seg",))),
+    )
+    for i, (target, output) in enumerate(cases):
+        again = str(tmp_path / f"again_{i}.json")
+        written = write_segmentation(seg, _volume(seg), target, output, {"statistics.json": again})
+        assert written == [again]
+        assert Path(again).read_text() == json.dumps(seg.statistics, indent=4)
+    assert list((tmp_path / "skipped").iterdir()) == []
+
+
 def test_write_segmentation_to_fsspec_uri() -> None:
     import fsspec
 
