@@ -58,15 +58,19 @@ def _finish(ds: Any, source: DicomSource, seg: Segmentation) -> None:
     by_uid = {str(s.SOPInstanceUID): s for s in source.slices}
     for roi in ds.ROIContourSequence:
         for contour in roi.ContourSequence:
-            _fix_contour(contour, by_uid[str(contour.ContourImageSequence[0].ReferencedSOPInstanceUID)])
+            _fix_contour(contour, by_uid)
 
 
-def _fix_contour(contour: Any, image: Any) -> None:
-    points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
-    if len(points) < _MIN_POINTS:
-        points = _pixel_rectangle(points, image)
-    contour.ContourData = [float(v) for v in points.ravel()]
-    contour.NumberOfContourPoints = len(points)  # rt-utils writes a float
+def _fix_contour(contour: Any, slices: dict[str, Any]) -> None:
+    # Only degenerate contours are rewritten: every DS value set costs pydicom a parse and a
+    # validation, and a noisy mask has 10^5 contours (this was half the RTSTRUCT's time).
+    count = len(contour.ContourData) // 3
+    if count < _MIN_POINTS:
+        image = slices[str(contour.ContourImageSequence[0].ReferencedSOPInstanceUID)]
+        points = _pixel_rectangle(np.asarray(contour.ContourData, dtype=float).reshape(-1, 3), image)
+        contour.ContourData = [float(v) for v in points.ravel()]
+        count = len(points)
+    contour.NumberOfContourPoints = count  # rt-utils writes a float
 
 
 def _pixel_rectangle(points: np.ndarray, image: Any) -> np.ndarray:
