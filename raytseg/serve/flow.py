@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -101,15 +101,7 @@ class Flow:
             RaytsegError: any failure, translated; calls still pending are cancelled first.
         """
         admitted = self.check(options)
-        calls = _Calls()
-        try:
-            return await self._run(calls, source, admitted, delivery, entrypoint)
-        except asyncio.CancelledError:  # timeout or client gone: stop the work, keep cancelling
-            calls.cancel()
-            raise
-        except Exception as exc:
-            calls.cancel()
-            raise as_raytseg_error(exc) from exc
+        return await _guarded(lambda calls: self._run(calls, source, admitted, delivery, entrypoint))
 
     async def statistics(self, source: bytes | str, options: SegmentOptions, entrypoint: Entrypoint) -> Stats:
         """Segment ``source`` (``options.statistics`` set) and answer its statistics only."""
@@ -123,17 +115,15 @@ class Flow:
         if normalized:
             statistics = await self.statistics(source, ROI_SEGMENTATION, entrypoint)
             return cast(ModalityGuess, await preprocess.roi_modality.remote(statistics))
-        calls = _Calls()
-        try:
+
+        async def classify(calls: _Calls) -> ModalityGuess:
             volume = calls.add(
                 preprocess.load.remote(source, Tags(MODALITY_TOOL, entrypoint), OutputOptions())
             )
-            return cast(
-                ModalityGuess, await calls.watched(calls.add(preprocess.classify_modality.remote(volume)))
-            )
-        except Exception as exc:
-            calls.cancel()
-            raise as_raytseg_error(exc) from exc
+            guess = await calls.watched(calls.add(preprocess.classify_modality.remote(volume)))
+            return cast(ModalityGuess, guess)
+
+        return await _guarded(classify)
 
     async def phase(self, source: bytes | str, entrypoint: Entrypoint) -> PhaseGuess:
         """``get-phase``: the body's statistics, the neck's when the image holds a head, the regressors."""
@@ -188,6 +178,20 @@ class Flow:
         if self._stages.pool is None:
             raise NotDeployedError(f"Model {key} has no deployment here and the shared pool is disabled.")
         return self._stages.pool.options(multiplexed_model_id=key)
+
+
+async def _guarded(work: Callable[[_Calls], Awaitable[T]]) -> T:
+    """``work`` with a fresh call tracker; on any failure every call still pending is
+    cancelled, and errors leave as members of the error tree."""
+    calls = _Calls()
+    try:
+        return await work(calls)
+    except asyncio.CancelledError:  # timeout or client gone: stop the work, keep cancelling
+        calls.cancel()
+        raise
+    except Exception as exc:
+        calls.cancel()
+        raise as_raytseg_error(exc) from exc
 
 
 class _Calls:
