@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import torch
 
 BODY_EXTREMITIES_MIN_MM3 = 50_000
+_ONE_HOT_MARGIN = 2  # voxels around a class's box (TotalSegmentator: max(2, order + 1), order 1)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class FinalOps:
     keep_inside: np.ndarray | None = None  # boolean mask on the input grid
     keep_inside_dilation_mm: float = 0.0
     remove_small_blobs_mm3: float | None = None
+    # --higher_order_resampling_LEGACY: back to the input grid with ``upsample_one_hot``
+    one_hot_upsampling: bool = False
 
 
 def merge_outputs(outputs: Sequence[NetworkOutput], run: ModelRun, split: ChunkSplit | None) -> np.ndarray:
@@ -107,16 +110,20 @@ def model_grid_postprocess(
 
 
 def to_input_grid(
-    labels: np.ndarray, inverse: InverseRecord, device: torch.device | None = None
+    labels: np.ndarray, inverse: InverseRecord, device: torch.device | None = None, *, one_hot: bool = False
 ) -> nib.Nifti1Image:
-    """Resample back (order 0), undo reorientation and crop: TotalSegmentator's order.
+    """Resample back (order 0; with ``one_hot``, ``upsample_one_hot``), undo reorientation and
+    crop: TotalSegmentator's order.
 
     ``device``: where to resample (see ``preprocess``); None uses scipy on the CPU.
     """
     img = nib.Nifti1Image(labels, inverse.model_affine)
     if inverse.resampled and labels.shape != inverse.canonical_shape:
-        zoom = np.array(inverse.canonical_shape) / np.array(labels.shape)
-        back = resample(labels, zoom.tolist(), 0, device)
+        if one_hot:
+            back = upsample_one_hot(labels, inverse.canonical_shape)
+        else:
+            zoom = np.array(inverse.canonical_shape) / np.array(labels.shape)
+            back = resample(labels, zoom.tolist(), 0, device)
         img = nib.Nifti1Image(back, inverse.canonical_affine)
     from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
@@ -128,6 +135,35 @@ def to_input_grid(
         full[x0:x1, y0:y1, z0:z1] = np.asanyarray(img.dataobj)
         img = nib.Nifti1Image(full, inverse.original_affine)
     return img
+
+
+def upsample_one_hot(labels: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """TotalSegmentator's smooth upsampling (``--higher_order_resampling_LEGACY``, its
+    ``resample_one_hot_crop`` at order 1): each class's mask, cropped to its box plus a margin,
+    interpolated linearly on the coordinates a whole-volume resize would use, kept where it
+    is at least 0.5; a higher label wins where masks overlap. The boxes come from one
+    ``find_objects`` pass (TotalSegmentator scans the whole volume once per class)."""
+    from scipy import ndimage
+
+    old, new = np.array(labels.shape), np.array(shape)
+    scale = new / old
+    out = np.zeros(shape, dtype=np.uint8)
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        lo = np.maximum([s.start - _ONE_HOT_MARGIN for s in box], 0)
+        hi = np.minimum([s.stop + _ONE_HOT_MARGIN for s in box], old)
+        to_lo = np.maximum(np.floor(lo * scale).astype(int), 0)
+        to_hi = np.minimum(np.ceil(hi * scale).astype(int), new)
+        if np.any(to_hi <= to_lo):
+            continue
+        mask = (labels[tuple(map(slice, lo, hi))] == label).astype(np.float32)
+        axes = zip(to_lo, to_hi, old, new, lo, strict=True)  # target range, m -> n voxels, crop start
+        coords = [(np.arange(a, b) + 0.5) * m / n - 0.5 - start for a, b, m, n, start in axes]
+        grid = np.array(np.meshgrid(*coords, indexing="ij"))
+        inside = ndimage.map_coordinates(mask, grid, order=1, mode="nearest") >= 0.5
+        out[tuple(map(slice, to_lo, to_hi))][inside] = label
+    return out
 
 
 def final_labels(img: nib.Nifti1Image, run: ModelRun, ops: FinalOps, zooms: Sequence[float]) -> np.ndarray:
@@ -158,7 +194,10 @@ def postprocess(
     """Full postprocess; also returns the model-grid labels (for --fast statistics)."""
     labels = merge_outputs(outputs, run, inverse.split)
     labels = model_grid_postprocess(labels, run, auxiliary, inverse.model_zooms, ops.remove_small_blobs_mm3)
-    img = to_input_grid(labels, inverse, device)
+    upsampled = labels
+    if ops.one_hot_upsampling and ops.roi_ids is not None:  # as TotalSegmentator: other classes
+        upsampled = np.where(np.isin(labels, ops.roi_ids), labels, 0)  # go before, not after
+    img = to_input_grid(upsampled, inverse, device, one_hot=ops.one_hot_upsampling)
     header = inverse.original_header.copy()
     header.set_data_dtype(np.uint8)
     data = final_labels(img, run, ops, inverse.original_header.get_zooms()[:3])

@@ -130,6 +130,12 @@ class SegmentOptions(BaseModel):
         le=5,
         description="Spline order (0-5) of resampling the image to the model's spacing.",
     )
+    # TotalSegmentator's spelling, capitals included (its CLI flag and Python API keyword).
+    higher_order_resampling_LEGACY: Annotated[bool, Flag("--high_order_resampling_LEGACY")] = Field(  # noqa: N815
+        default=False,
+        description="LEGACY: upsample the final masks smoothly (each class's one-hot mask, "
+        "cropped to its box, at order 1), as TotalSegmentator's flag of that name.",
+    )
     statistics: Annotated[bool, Flag("-s", file=STATISTICS_NAME)] = Field(
         default=False, description="Write statistics.json: volume and mean intensity per class."
     )

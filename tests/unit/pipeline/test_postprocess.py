@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from raytseg.pipeline.postprocess import (
     remove_small_blobs,
     renumber,
     stitch_chunks,
+    upsample_one_hot,
 )
 from raytseg.pipeline.records import ChunkSplit, Segmentation, SegmentOptions
 from raytseg.pipeline.zoom import resample
@@ -120,3 +124,31 @@ def test_v1_order_keeps_the_roi_subset_and_is_ignored_by_other_tasks() -> None:
     assert list(plan.renumbering.classes.values()) == ["liver"]  # skull is no v1 class
     assert plan_run(SegmentOptions(task="body", v1_order=True)).renumbering is None
     assert plan_run(SegmentOptions(task="total")).renumbering is None
+
+
+@pytest.mark.reference
+def test_one_hot_upsampling_equals_totalsegmentator(tmp_path: Path, ts_python: Path) -> None:
+    """``upsample_one_hot`` against TotalSegmentator's ``resample_one_hot_crop`` (order 1), the
+    resampling of ``--higher_order_resampling_LEGACY``: overlapping boxes, a one-voxel class,
+    classes on the border, an absent label, upsampling by uneven factors on each axis."""
+    rng = np.random.default_rng(7)
+    labels = np.zeros((31, 24, 19), dtype=np.uint8)
+    labels[3:20, 4:15, 2:12] = 2
+    labels[10:28, 8:24, 5:19] = 5  # overlaps 2's box, touches two borders
+    labels[0:4, 0:3, 0:2] = 9
+    labels[15, 12, 9] = 11  # one voxel
+    labels[rng.random(labels.shape) < 0.03] = 3  # speckle
+    shape = (70, 61, 47)
+    np.save(tmp_path / "seg.npy", labels)
+    script = (
+        "import numpy as np\n"
+        "from totalsegmentator.resampling import resample_one_hot_crop\n"
+        "seg = np.load('seg.npy').astype(np.float64)\n"  # its get_fdata copy
+        f"np.save('out.npy', resample_one_hot_crop(seg, {shape}, order=1).astype(np.uint8))\n"
+    )
+    done = subprocess.run([str(ts_python), "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = np.load(tmp_path / "out.npy")
+    ours = upsample_one_hot(labels, shape)
+    assert set(np.unique(theirs)) == {0, 2, 3, 5, 9, 11}  # every class survives the upsampling
+    np.testing.assert_array_equal(ours, theirs)
