@@ -28,6 +28,7 @@ from raytseg.config import Device
 from raytseg.configfile import Strict
 from raytseg.errors import InvalidOptionError
 from raytseg.options import refuse_placed
+from raytseg.pipeline.export import check_model_grid
 from raytseg.pipeline.records import OutputOptions, SegmentOptions
 
 RESULTS_NAME = "_results.parquet"
@@ -157,7 +158,10 @@ class BatchConfig(SegmentOptions, OutputOptions):
         """The config in YAML file ``path`` (if any), with ``overrides`` (CLI flags) on top of it."""
         data = configfile.merged(configfile.read_yaml(path, "batch job config") if path else {}, overrides)
         refuse_placed(data)  # each item's files go beside its masks, never to one path (-s PATH)
-        return configfile.validated(cls, data, "batch job options")
+        config = configfile.validated(cls, data, "batch job options")
+        # Before any item: outputs -sl cannot give (items of another task are checked again).
+        check_model_grid(config.segment_options(), config.output_options)
+        return config
 
 
 def parse_max_failures(text: str) -> int | float:

@@ -41,7 +41,7 @@ from raytseg.batch.inputs import WorkItem
 from raytseg.batch.results import ItemResult
 from raytseg.config import Settings
 from raytseg.errors import InputError, LicenseError
-from raytseg.pipeline.export import check_output, reads_image, write_segmentation
+from raytseg.pipeline.export import check_model_grid, check_output, reads_image, write_segmentation
 from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.passes import Region, after_pass, finish, prepare
 from raytseg.pipeline.plan import Pass, admit
@@ -176,6 +176,7 @@ def _load_and_prepare(state: ItemState, job: JobSpec, plans: Plans) -> None:
         source = state.item.input
         volume = job.retry.call(lambda: load_volume(source, job.limits), f"Reading {source}")
     check_output(job.config.output_options, volume)
+    check_model_grid(state.options, job.config.output_options)
     admitted = admit(state.options, job.settings, modality=volume.modality)
     state.options, state.passes = admitted.options, admitted.passes
     state.volume, state.voxels = volume, math.prod(volume.shape)

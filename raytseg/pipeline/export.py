@@ -30,7 +30,7 @@ import numpy as np
 from raytseg import storage
 from raytseg.errors import InvalidOptionError
 from raytseg.pipeline.labeltable import add_label_table
-from raytseg.pipeline.records import STATISTICS_NAME, OutputOptions, Segmentation, Volume
+from raytseg.pipeline.records import STATISTICS_NAME, OutputOptions, Segmentation, SegmentOptions, Volume
 from raytseg.pipeline.stats import label_counts_and_sums, statistics_json
 
 if TYPE_CHECKING:
@@ -162,6 +162,26 @@ def check_target(target: str | None, output: OutputOptions, statistics: bool) ->
         raise InvalidOptionError(
             "Without -o only the DICOM outputs can be stored (on --dicomweb_store): give -o for NIfTI, "
             "the preview and statistics, or ask for -ot dicom_seg / dicom_rtstruct only."
+        )
+
+
+def check_model_grid(options: SegmentOptions, output: OutputOptions) -> None:
+    """``-sl`` leaves the masks on the model's grid: refuse, before any work, the outputs that
+    need them on the input's. TotalSegmentator refuses the DICOM outputs; its preview,
+    radiomics and skin mask would mix the two grids."""
+    if not options.save_lowres:
+        return
+    refused = {
+        "DICOM outputs": output.dicom and not output.skip_saving,
+        "the preview (-p)": output.preview,
+        "radiomics (-r)": output.radiomics,
+        "task body's body.nii.gz and skin.nii.gz (add -ndm)": _writes_body_masks(output, options.task),
+    }
+    if any(refused.values()):
+        needing = ", ".join(name for name, asked in refused.items() if asked)
+        raise InvalidOptionError(
+            f"save_lowres (-sl) keeps the masks on the model's grid, and {needing} need them on "
+            "the input's: leave out -sl, or these."
         )
 
 

@@ -83,6 +83,7 @@ def finish(  # noqa: PLR0913 - the records of one pass, plus where to resample
         keep_inside_dilation_mm=0.0 if region is None else region.keep_inside_dilation_mm,
         remove_small_blobs_mm3=step.options.remove_small_blobs,
         one_hot_upsampling=step.options.higher_order_resampling_LEGACY,
+        model_grid=step.options.save_lowres,
     )
     aux = list(get_task(plan.main.task).auxiliary)
     seg, model_labels = postprocess(outputs, prepared.inverse, plan.main, ops, auxiliary=aux, device=device)

@@ -165,14 +165,36 @@ def plan_run(options: SegmentOptions) -> RunPlan:
         force_split=options.force_split,
     )
     output = task.classes if rois is None else {k: v for k, v in task.classes.items() if v in rois}
+    crop = _crop_pass(task, options, rois)
+    if options.save_lowres:
+        _check_lowres(options, crop)
     return RunPlan(
         main=main,
-        crop=_crop_pass(task, options, rois),
+        crop=crop,
         output_classes=output,
         roi_ids=None if rois is None else tuple(output),
         fast_statistics=options.statistics and options.fast,
         renumbering=_v1_order(task, options, rois),
     )
+
+
+def _check_lowres(options: SegmentOptions, crop: CropPass | None) -> None:
+    """``-sl`` as TotalSegmentator allows it: a --fast or --fastest model, no crop pass (masks
+    pasted into the input grid), statistics only where they are taken on the model grid."""
+    if not (options.fast or options.fastest):
+        raise InvalidOptionError(
+            "save_lowres (-sl) works only with --fast or --fastest, as in TotalSegmentator: add one of them."
+        )
+    if crop is not None:
+        raise InvalidOptionError(
+            "save_lowres (-sl) cannot be combined with roi_subset, body_seg or a task that crops "
+            f"first ({options.task} with these options does), as in TotalSegmentator."
+        )
+    if options.statistics and not options.fast:
+        raise InvalidOptionError(
+            "With --fastest, statistics are taken on the input grid, which -sl does not give: "
+            "use --fast (statistics on its model grid) or leave out -sl."
+        )
 
 
 def _v1_order(task: TaskSpec, options: SegmentOptions, rois: tuple[str, ...] | None) -> Renumbering | None:

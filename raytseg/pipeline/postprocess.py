@@ -46,6 +46,11 @@ class FinalOps:
     remove_small_blobs_mm3: float | None = None
     # --higher_order_resampling_LEGACY: back to the input grid with ``upsample_one_hot``
     one_hot_upsampling: bool = False
+    # -sl: stay on the model's grid (only reoriented back), with that grid's header
+    model_grid: bool = False
+
+
+_NO_OPS = FinalOps()
 
 
 def merge_outputs(outputs: Sequence[NetworkOutput], run: ModelRun, split: ChunkSplit | None) -> np.ndarray:
@@ -110,16 +115,16 @@ def model_grid_postprocess(
 
 
 def to_input_grid(
-    labels: np.ndarray, inverse: InverseRecord, device: torch.device | None = None, *, one_hot: bool = False
+    labels: np.ndarray, inverse: InverseRecord, device: torch.device | None = None, *, ops: FinalOps = _NO_OPS
 ) -> nib.Nifti1Image:
-    """Resample back (order 0; with ``one_hot``, ``upsample_one_hot``), undo reorientation and
-    crop: TotalSegmentator's order.
+    """Resample back (order 0; ``ops.one_hot_upsampling``: ``upsample_one_hot``; not at all with
+    ``ops.model_grid``), undo reorientation and crop: TotalSegmentator's order.
 
     ``device``: where to resample (see ``preprocess``); None uses scipy on the CPU.
     """
     img = nib.Nifti1Image(labels, inverse.model_affine)
-    if inverse.resampled and labels.shape != inverse.canonical_shape:
-        if one_hot:
+    if inverse.resampled and labels.shape != inverse.canonical_shape and not ops.model_grid:
+        if ops.one_hot_upsampling:
             back = upsample_one_hot(labels, inverse.canonical_shape)
         else:
             zoom = np.array(inverse.canonical_shape) / np.array(labels.shape)
@@ -197,8 +202,9 @@ def postprocess(
     upsampled = labels
     if ops.one_hot_upsampling and ops.roi_ids is not None:  # as TotalSegmentator: other classes
         upsampled = np.where(np.isin(labels, ops.roi_ids), labels, 0)  # go before, not after
-    img = to_input_grid(upsampled, inverse, device, one_hot=ops.one_hot_upsampling)
-    header = inverse.original_header.copy()
+    img = to_input_grid(upsampled, inverse, device, ops=ops)
+    # -sl: the model grid's header, as TotalSegmentator copies its prediction's
+    header = (img.header if ops.model_grid else inverse.original_header).copy()
     header.set_data_dtype(np.uint8)
     data = final_labels(img, run, ops, inverse.original_header.get_zooms()[:3])
     seg = Segmentation(labels=data, affine=img.affine, header=header, label_map={}, task=run.task)

@@ -130,6 +130,11 @@ class SegmentOptions(BaseModel):
         le=5,
         description="Spline order (0-5) of resampling the image to the model's spacing.",
     )
+    save_lowres: Annotated[bool, Flag("-sl")] = Field(
+        default=False,
+        description="Keep the masks on the --fast/--fastest model's grid instead of resampling "
+        "them back to the input's (NIfTI outputs only).",
+    )
     # TotalSegmentator's spelling, capitals included (its CLI flag and Python API keyword).
     higher_order_resampling_LEGACY: Annotated[bool, Flag("--high_order_resampling_LEGACY")] = Field(  # noqa: N815
         default=False,

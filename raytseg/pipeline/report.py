@@ -4,7 +4,7 @@ TotalSegmentator's keys, in its order and meaning (``python_api.build_run_report
 ``raytseg_version``, ``timings`` (seconds per stage) and ``outputs`` (every location
 written, DICOMweb instances included). ``totalsegmentator_version`` is the installed
 TotalSegmentator package whose data files raytseg reads (None without one): raytseg does
-not run TotalSegmentator. ``save_lowres`` is always false (raytseg has no ``-sl``).
+not run TotalSegmentator.
 Written by ``raytseg segment --report``, returned in a job's record, stored per item in a
 batch's results table.
 """
@@ -62,7 +62,7 @@ def run_report(run: ReportedRun) -> dict[str, Any]:
         "device": run.device,
         "fast": run.options.fast,
         "fastest": run.options.fastest,
-        "save_lowres": False,
+        "save_lowres": run.options.save_lowres,
         "multilabel": run.files.ml,
         "output_type": kinds[0] if len(kinds) == 1 else kinds,
         "roi_subset": None if run.options.roi_subset is None else list(run.options.roi_subset),

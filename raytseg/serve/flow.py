@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from raytseg.errors import NotDeployedError, ReplicaUnavailableError
+from raytseg.pipeline.export import check_model_grid
 from raytseg.pipeline.modality import ROI_SEGMENTATION, ModalityGuess
 from raytseg.pipeline.phase import BODY_SEGMENTATION, NECK_SEGMENTATION, PhaseGuess, Stats, neck_needed
 from raytseg.pipeline.plan import Admitted, Pass, for_modality
@@ -84,9 +85,13 @@ class Flow:
         self._stages = _by_reference(stages)
         self._catalogue = catalogue
 
-    def check(self, options: SegmentOptions, modality: str | None = None) -> Admitted:
+    def check(
+        self, options: SegmentOptions, modality: str | None = None, output: OutputOptions | None = None
+    ) -> Admitted:
         """The admitted request, refused (4xx) before any image is read if it is invalid,
-        unlicensed or not served."""
+        unlicensed, not served, or asks for outputs its options cannot give."""
+        if output is not None:
+            check_model_grid(options, output)
         admitted = self._catalogue.admit(options, modality)
         for spec in admitted.plan.all_models:
             self._model(model_key(spec))
@@ -100,7 +105,7 @@ class Flow:
         Raises:
             RaytsegError: any failure, translated; calls still pending are cancelled first.
         """
-        admitted = self.check(options)
+        admitted = self.check(options, output=delivery.files)
         return await _guarded(lambda calls: self._run(calls, source, admitted, delivery, entrypoint))
 
     async def statistics(self, source: bytes | str, options: SegmentOptions, entrypoint: Entrypoint) -> Stats:

@@ -196,9 +196,8 @@ class Ingress:
         """
         with self._tracked(query.task_name, "http"):
             self._authorize(request)
-            options = query.segment()
-            self._flow.check(options)
-            delivery = Delivery(query.output())
+            options, delivery = query.segment(), Delivery(query.output())
+            self._flow.check(options, output=delivery.files)
             done = await self._on_upload(
                 request, lambda body: self._flow.segment(body, options, delivery, "http")
             )
@@ -235,7 +234,7 @@ class Ingress:
         """Queue a segmentation of ``input_uri``, written under ``output_uri``; poll ``/v1/jobs/{id}``."""
         self._authorize(request)
         options, output = job.options.segment(task=job.task), job.options.output()
-        self._flow.check(options)
+        self._flow.check(options, output=output)
         if output.dicomweb_store is not None:  # a server the job would send data to
             self._uris.check(output.dicomweb_store, "dicomweb_store")
         spec = JobSpec(

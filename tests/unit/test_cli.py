@@ -95,6 +95,24 @@ def test_s_path_writes_statistics_there_and_not_into_the_output_folder(
     assert placed.exists()
 
 
+@pytest.mark.usefixtures("env")
+def test_save_lowres_keeps_the_6mm_grid_and_refuses_what_needs_the_input_grid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, report = tmp_path / "seg.nii.gz", tmp_path / "report.json"
+    args = ["-i", str(CT), "-o", str(out), "--ml", "-ff", "-sl", "-d", "cpu", "-q", "-rp", str(report)]
+    assert main(["segment", *args]) == 0
+    img, ct = nib.load(out), nib.load(CT)
+    assert img.shape == tuple(round(n / 2) for n in ct.shape[:3]) != ct.shape  # 3 -> 6 mm, 50.5 -> 50
+    np.testing.assert_allclose(np.diag(img.affine)[:3], 2 * np.diag(ct.affine)[:3])
+    np.testing.assert_allclose(img.affine[:3, 3], ct.affine[:3, 3])
+    assert json.loads(report.read_text())["save_lowres"] is True
+    refused = tmp_path / "refused"
+    assert main(["segment", "-i", str(CT), "-o", str(refused), "-ff", "-sl", "-p", "-d", "cpu", "-q"]) == 1
+    assert "the preview (-p) need them on the input's" in capsys.readouterr().err
+    assert not refused.exists()
+
+
 def test_missing_weights_is_one_line_with_the_fix_and_no_output(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -53,6 +53,8 @@ def bad_inputs(
         "not-deployed": (good, {"task": "body"}, 422, "NotDeployedError"),
         "fast-and-fastest": (good, {"fast": "true", "fastest": "true"}, 422, "InvalidOptionError"),
         "unknown-parameter": (good, {"fsat": "true"}, 422, "InvalidOptionError"),
+        "sl-preview": (good, {"fast": "1", "save_lowres": "1", "preview": "1"}, 422, "InvalidOptionError"),
+        "sl-not-fast": (good, {"save_lowres": "true"}, 422, "InvalidOptionError"),
         "empty-body": (b"", {"fast": "true"}, 400, "UnreadableImageError"),
     }
     tmp = tmp_path_factory.mktemp("dicom")

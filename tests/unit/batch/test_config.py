@@ -105,3 +105,10 @@ def test_max_failures_rejects_words() -> None:
 )
 def test_failures_exceeded(failed: int, total: int, limit: float, exceeded: bool) -> None:
     assert failures_exceeded(failed, total, limit) is exceeded
+
+
+def test_save_lowres_outputs_are_checked_before_any_item() -> None:
+    lowres = {"input": "in/", "output": "out/", "fast": True, "save_lowres": True}
+    with pytest.raises(InvalidOptionError, match="the preview"):
+        BatchConfig.load(None, {**lowres, "preview": True})
+    assert BatchConfig.load(None, lowres).segment_options().save_lowres

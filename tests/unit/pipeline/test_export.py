@@ -12,8 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from raytseg.errors import InvalidOptionError
 from raytseg.pipeline.export import (
     MULTILABEL_NAME,
+    check_model_grid,
     class_mask_files,
     multilabel_nifti_bytes,
     nifti_gz_bytes,
@@ -22,7 +24,7 @@ from raytseg.pipeline.export import (
     write_segmentation,
 )
 from raytseg.pipeline.labeltable import read_label_table
-from raytseg.pipeline.records import OutputOptions, Segmentation, Volume
+from raytseg.pipeline.records import OutputOptions, Segmentation, SegmentOptions, Volume
 from raytseg.tasks import get_task
 
 
@@ -228,3 +230,30 @@ def test_reads_image_names_the_files_that_read_the_input_voxels() -> None:
     assert not reads_image(OutputOptions(ml=True), "body")
     assert not reads_image(OutputOptions(derived_masks=False), "body")
     assert not reads_image(OutputOptions(skip_saving=True), "body")
+
+
+@pytest.mark.parametrize(
+    ("output", "task", "phrase"),
+    [
+        (OutputOptions(output_type=("nifti", "dicom_seg")), "total", "DICOM outputs"),
+        (OutputOptions(preview=True), "total", "the preview"),
+        (OutputOptions(radiomics=True), "total", "radiomics"),
+        (OutputOptions(), "body", "add -ndm"),
+    ],
+)
+def test_save_lowres_refuses_outputs_on_the_input_grid(output: OutputOptions, task: str, phrase: str) -> None:
+    lowres = SegmentOptions(task=task, fast=True, save_lowres=True)
+    with pytest.raises(InvalidOptionError, match=phrase):
+        check_model_grid(lowres, output)
+    check_model_grid(lowres.model_copy(update={"save_lowres": False}), output)  # without -sl: fine
+
+
+def test_save_lowres_takes_nifti_statistics_and_skipped_outputs() -> None:
+    lowres = SegmentOptions(task="body", fast=True, save_lowres=True, statistics=True)
+    check_model_grid(lowres.model_copy(update={"task": "total"}), OutputOptions())
+    for output in (
+        OutputOptions(ml=True),  # no derived masks without per-class files
+        OutputOptions(derived_masks=False),
+        OutputOptions(output_type=("dicom_seg",), skip_saving=True),  # nothing written
+    ):
+        check_model_grid(lowres, output)

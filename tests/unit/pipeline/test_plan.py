@@ -104,11 +104,24 @@ def test_fast_statistics_only_with_fast() -> None:
         (SegmentOptions(task="cerebral_bleed", fast=True), InvalidOptionError, "without --fast"),
         (SegmentOptions(fast=True, fastest=True), InvalidOptionError, "not both"),
         (SegmentOptions(roi_subset=()), InvalidOptionError, "at least one"),
+        (SegmentOptions(save_lowres=True), InvalidOptionError, "only with --fast or --fastest"),
+        (SegmentOptions(save_lowres=True, fast=True, roi_subset=("liver",)), InvalidOptionError, "crops"),
+        (SegmentOptions(save_lowres=True, fast=True, body_seg=True), InvalidOptionError, "crops first"),
+        (SegmentOptions(save_lowres=True, fastest=True, statistics=True), InvalidOptionError, "use --fast"),
     ],
 )
 def test_bad_requests_raise_typed_errors(options: SegmentOptions, error: type, phrase: str) -> None:
     with pytest.raises(error, match=phrase):
         plan_run(options)
+
+
+def test_save_lowres_is_a_single_fast_pass() -> None:
+    for options in (
+        SegmentOptions(save_lowres=True, fast=True, statistics=True),  # statistics on the 3 mm grid
+        SegmentOptions(save_lowres=True, fastest=True),
+        SegmentOptions(task="total_mr", save_lowres=True, fast=True, body_seg=True),  # MR: no body pass
+    ):
+        assert plan_run(options).crop is None
 
 
 # --- the pass sequence and the gate before a run ------------------------------------
