@@ -197,10 +197,12 @@ def small_ct() -> bytes:
 
 
 def test_model_replicas_run_on_different_worker_nodes(
-    local_cluster: LocalCluster, small_ct: bytes, token: str
+    local_cluster: LocalCluster, small_ct: bytes, token: str, waiter: Callable[..., None]
 ) -> None:
     head = local_cluster.cluster.head_node.node_id
     workers = {w.node_id for w in local_cluster.workers}
+    # /readyz answers once each deployment has a replica; the second one may still be starting.
+    waiter(lambda: len(local_cluster.running_nodes("Model297")) == len(workers), 120, "both model replicas")
     model_nodes = local_cluster.running_nodes("Model297")
     assert sorted(model_nodes) == sorted(workers)  # one on each worker
     for name, deployment in local_cluster.applications()["raytseg"]["deployments"].items():
