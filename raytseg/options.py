@@ -79,12 +79,17 @@ def from_args(args: argparse.Namespace) -> tuple[SegmentOptions, OutputOptions, 
 
 
 def split_options(values: Mapping[str, Any]) -> tuple[SegmentOptions, OutputOptions]:
-    """Both records from one mapping of option names (the Python API's keyword arguments)."""
+    """Both records from one mapping of option names (the Python API's keyword arguments),
+    refused before any image is read when they ask for what they cannot give together."""
     unknown = sorted(set(values) - option_names())
     if unknown:
         raise InvalidOptionError(f"Unknown option(s) {', '.join(unknown)}: see raytseg segment --help.")
+    from raytseg.pipeline.export import check_model_grid
+
     refuse_placed(values)
-    return record_of(SegmentOptions, values), record_of(OutputOptions, values)
+    options, output = record_of(SegmentOptions, values), record_of(OutputOptions, values)
+    check_model_grid(options, output)
+    return options, output
 
 
 def placed_files(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:

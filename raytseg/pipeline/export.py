@@ -307,11 +307,12 @@ def write_segmentation(
     if folder is not None:
         storage.make_dirs(folder)
     written, dicom = [], []
+    where = {**({named: target} if named and target else {}), **(places or {})}
     files = output if folder is not None else _without_folder(output)
     for name, data in output_files(seg, volume, files):
         if name in DICOM_NAMES.values():
             dicom.append(data)
-        location = _location(name, places or {}, target, named)
+        location = _location(name, where, folder)
         if location is None:
             continue
         if name.endswith(".nii.gz") and location.endswith(".nii"):  # uncompressed, as nib.save writes
@@ -325,20 +326,19 @@ def write_segmentation(
     return written
 
 
-def _location(name: str, places: Mapping[str, str], target: str | None, named: str | None) -> str | None:
-    """Where file ``name`` goes: where it is placed, else to ``target`` when that names it, else
-    into the folder ``target`` is (or names a file in); None without a target."""
-    if name in places:
-        return places[name]
-    if target is None:
-        return None
-    return target if name == named else storage.join(_parent(target) if named else target, name)
+def _location(name: str, where: Mapping[str, str], folder: str | None) -> str | None:
+    """Where file ``name`` goes: where it is placed (``-s PATH``, or ``-o`` naming it), else
+    into ``folder``; None without either."""
+    if name in where:
+        return where[name]
+    return None if folder is None else storage.join(folder, name)
 
 
 def _without_folder(output: OutputOptions) -> OutputOptions:
     """The options of a write without a target: only the DICOM files (for a DICOMweb server)
     and the statistics (to a placed path) are made."""
-    kinds = tuple(kind for kind in output.output_type if kind != "nifti" and output.dicomweb_store)
+    dicom = tuple(kind for kind in output.output_type if kind != "nifti")
+    kinds = () if output.dicomweb_store is None else dicom
     return output.model_copy(update={"output_type": kinds, "preview": False, "radiomics": False})
 
 

@@ -177,11 +177,10 @@ def run_local(
     the segmentation and the locations written. ``started``: ``time.perf_counter()`` when the
     request arrived (the report's runtime)."""
     from raytseg import storage
-    from raytseg.pipeline.export import check_model_grid, check_output, write_segmentation
+    from raytseg.pipeline.export import check_output, write_segmentation
     from raytseg.pipeline.report import report_json
 
     check_output(request.output, volume)
-    check_model_grid(request.options, request.output)
     seg = segmenter.segment(volume, request.options)
     written = []
     if request.target is not None or request.output.dicomweb_store is not None or request.places:

@@ -64,9 +64,16 @@ def wait_for(condition: Callable[[], Any], what: str, process: subprocess.Popen[
             return found
         if process.poll() is not None:
             stderr = process.stderr.read().decode() if process.stderr else ""
-            pytest.fail(f"The job ended (exit {process.returncode}) before {what}:\n{stderr[-3000:]}")
+            pytest.fail(f"The job ended (exit {process.returncode}) before {what}:\n{crash_excerpt(stderr)}")
         time.sleep(0.05)
     pytest.fail(f"Timed out waiting for {what}")
+
+
+def crash_excerpt(stderr: str) -> str:
+    """The end of ``stderr``, from the faulthandler's report when there is one (a native
+    crash prints every thread's frames; the crashing one comes first)."""
+    start = stderr.find("Fatal Python error")
+    return stderr[start : start + 20_000] if start >= 0 else stderr[-3000:]
 
 
 def markers(s3: Any, output: str) -> dict[str, bytes]:
