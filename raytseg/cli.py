@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from raytseg.batch import cli as batch_cli
 from raytseg.config import DEVICES
 from raytseg.errors import InvalidOptionError, RaytsegError
-from raytseg.options import add_flags, from_args
+from raytseg.options import add_backend_flag, add_flags, from_args
 from raytseg.serve import cli as serve_cli
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def _add_segment(sub: Any) -> None:
         "-o", dest="output", help="Output folder (or .nii.gz file with --ml); optional with --dicomweb_store."
     )
     add_flags(p)
-    p.add_argument("-d", "--device", default="gpu", help=f"{DEVICES} (default: gpu, else cpu).")
+    _device_flags(p)
     p.add_argument("-l", "--license_number", help="Store this license key first (licensed tasks).")
     p.add_argument("-q", "--quiet", action="store_true", help="No progress output.")
     p.add_argument("-v", "--verbose", action="store_true", help="More progress output.")
@@ -174,11 +174,17 @@ def _add_get_phase(sub: Any) -> None:
     p.set_defaults(handler=_cmd_get_phase)
 
 
+def _device_flags(p: argparse.ArgumentParser) -> None:
+    """Where the networks run, and what runs them."""
+    p.add_argument("-d", "--device", default="gpu", help=f"{DEVICES} (default: gpu, else cpu).")
+    add_backend_flag(p)
+
+
 def _classifier_flags(p: argparse.ArgumentParser, input_help: str) -> None:
     """The flags TotalSegmentator's classifier tools share."""
     p.add_argument("-i", dest="input", required=True, help=input_help)
     p.add_argument("-o", dest="output", required=True, help="JSON file to write.")
-    p.add_argument("-d", "--device", default="gpu", help=f"{DEVICES} (default: gpu, else cpu).")
+    _device_flags(p)
     p.add_argument("-q", "--quiet", action="store_true", help="Print nothing.")
 
 
@@ -205,9 +211,8 @@ def _classifier_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
     from raytseg.pipeline.run import default_segmenter
 
     settings = _settings()
-    return load_volume(args.input, LoadLimits.from_settings(settings)), default_segmenter(
-        args.device, settings
-    )
+    segmenter = default_segmenter(args.device, settings, args.backend)
+    return load_volume(args.input, LoadLimits.from_settings(settings)), segmenter
 
 
 def _write_answer(args: argparse.Namespace, answer: bytes) -> int:
@@ -283,9 +288,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     settings = _settings()
     request = _segment_request(args, settings)
+    segmenter = default_segmenter(args.device, settings, args.backend)
     volume = load_volume(args.input, LoadLimits.from_settings(settings))
     log.info("Loaded %s: shape %s, voxel size %s mm", volume.source, volume.shape, volume.zooms)
-    segmenter = default_segmenter(args.device, settings)
     configure_torch(segmenter.device, cudnn_autotune=settings.cudnn_autotune)
     seg, written = run_local(segmenter, volume, request, started)
     where = args.output or request.output.dicomweb_store

@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -42,6 +42,10 @@ def check_device(name: str) -> str:
 
 
 Device = Annotated[str, AfterValidator(check_device)]
+# What runs the networks (pipeline/backends.py): auto picks the fastest one whose fidelity
+# bound holds on the device.
+Backend = Literal["auto", "torch", "openvino"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 class Settings(BaseModel):

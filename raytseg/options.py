@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
+from raytseg.config import BACKENDS
 from raytseg.configfile import validated
 from raytseg.errors import InvalidOptionError
 from raytseg.pipeline.records import Flag, OutputOptions, SegmentOptions
@@ -58,6 +59,17 @@ def add_flags(parser: argparse.ArgumentParser, *, overrides_config: bool = False
             parser.add_argument(*_spelling(name, flag), **_argument(name, info, flag), default=default)
     robust = "--roi_subset, cropping with the 3 mm model."
     parser.add_argument(*ROBUST_SUBSET, nargs="+", default=argparse.SUPPRESS, help=robust)
+
+
+def add_backend_flag(parser: argparse.ArgumentParser, default: Any = "auto") -> None:
+    """``--backend``: what runs the networks (``raytseg.pipeline.backends``)."""
+    parser.add_argument(
+        "--backend",
+        default=default,
+        choices=BACKENDS,
+        help="What runs the networks: torch, openvino (CPU only, faster, not bit-identical), or auto "
+        "(the fastest one that keeps TotalSegmentator's masks; today torch).",
+    )
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:

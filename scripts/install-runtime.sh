@@ -11,8 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RAY_VERSION=2.60.0
 constraint=(-c constraints/cpu.txt)
-[[ ${RAYTSEG_TORCH:-cpu} == cuda ]] && constraint=()
-python -m pip install --no-cache-dir -q "${constraint[@]}" ".[serve,batch,s3]" "ray[serve,data]==$RAY_VERSION" \
+extras=serve,batch,s3,openvino  # openvino: --backend openvino, the CPU image's faster networks
+[[ ${RAYTSEG_TORCH:-cpu} == cuda ]] && constraint=() && extras=serve,batch,s3
+python -m pip install --no-cache-dir -q "${constraint[@]}" ".[$extras]" "ray[serve,data]==$RAY_VERSION" \
   highdicom dicomweb-client opencv-python-headless xgboost-cpu
 # DICOM outputs: rt-utils without its opencv-python (which needs libGL; the headless build
 # above is the same library), and TotalSegmentator's package for its SNOMED-CT mapping only.

@@ -14,7 +14,7 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 constraint=(-c constraints/cpu.txt)
 [[ ${RAYTSEG_TORCH:-cpu} == cuda ]] && constraint=()
-"$VENV/bin/python" -m pip install -q "${constraint[@]}" -e ".[dev,serve,batch,dicom,tools]" 2>&1 | grep -v "is ignored" || true
+"$VENV/bin/python" -m pip install -q "${constraint[@]}" -e ".[dev,serve,batch,dicom,tools,openvino]" 2>&1 | grep -v "is ignored" || true
 # The DICOM outputs read TotalSegmentator's SNOMED-CT mapping from its installed package.
 "$VENV/bin/python" -m pip install -q --no-deps TotalSegmentator==2.18.0 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/python" -c "import raytseg, torch, nnunetv2" >/dev/null

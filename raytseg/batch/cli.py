@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from raytseg.config import DEVICES
 from raytseg.errors import InvalidOptionError
-from raytseg.options import add_flags, given_options
+from raytseg.options import add_backend_flag, add_flags, given_options
 
 if TYPE_CHECKING:
     from raytseg.batch.config import BatchConfig
@@ -42,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default=_SUPPRESS, help="Results table (default <output>/_results.parquet).")
     add_flags(p, overrides_config=True)
     p.add_argument("-d", "--device", default=_SUPPRESS, help=f"{DEVICES} (default: gpu, else cpu).")
+    add_backend_flag(p, _SUPPRESS)
     p.add_argument("--address", default=_SUPPRESS, help="Ray cluster to join (default: a local Ray).")
     p.add_argument("--num-cpus", dest="num_cpus", type=int, default=_SUPPRESS, help="CPUs of the local Ray.")
     p.add_argument(

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from raytseg import configfile, storage
-from raytseg.config import Device
+from raytseg.config import Backend, Device
 from raytseg.configfile import Strict
 from raytseg.errors import InvalidOptionError
 from raytseg.options import refuse_placed
@@ -105,6 +105,9 @@ class BatchConfig(SegmentOptions, OutputOptions):
     output: str = Field(description="Where <id>/ folders and the results table are written.")
     results: str | None = Field(default=None, description=f"Results table (default <output>/{RESULTS_NAME}).")
     device: Device = Field(default="gpu", description="cpu, gpu, gpu:N or mps (no GPU: CPU).")
+    backend: Backend = Field(
+        default="auto", description="What runs the networks: torch, openvino (device cpu only) or auto."
+    )
     overwrite: bool = Field(default=False, description="Recompute items that are already complete.")
     max_failures: MaxFailures = 0
     retries: int = Field(default=3, ge=0, description="Retries of an item whose worker process died.")
@@ -132,6 +135,8 @@ class BatchConfig(SegmentOptions, OutputOptions):
     def _check_device(self) -> BatchConfig:
         if self.model.num_gpus > 0 and self.device in ("cpu", "mps"):
             raise ValueError(f"model.num_gpus is {self.model.num_gpus} but device is {self.device!r}")
+        if self.backend == "openvino" and self.device != "cpu":
+            raise ValueError("backend openvino runs on the CPU: set device cpu, or backend torch/auto")
         return self
 
     @property

@@ -70,7 +70,7 @@ class ModelStage:
         device = select_device(job.config.device)
         threads = _torch_threads(job, device.type, cpus)
         configure_torch(device, threads=threads, cudnn_autotune=job.settings.cudnn_autotune)
-        self.segmenter = Segmenter(WeightsStore(job.settings), device)
+        self.segmenter = Segmenter(WeightsStore(job.settings), device, backend=job.config.backend)
         for spec in specs:  # later (auto-MR) models load on first use
             started = time.perf_counter()
             try:

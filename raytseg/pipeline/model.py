@@ -33,6 +33,8 @@ from raytseg.pipeline.records import NetworkInput, NetworkOutput
 if TYPE_CHECKING:
     import torch
 
+    from raytseg.pipeline.backends import Conversion, OpenVinoFeatures
+
 log = logging.getLogger(__name__)
 
 
@@ -108,13 +110,33 @@ class LoadedModel:
         self._lean_cpu_window = device.type == "cpu" and sliding_window.supports(predictor.network, patch)
         # Tiles per forward pass on a GPU; None runs nnU-Net's own loop (one tile at a time).
         self.tiles_per_pass: int | None = None
+        self._openvino: OpenVinoFeatures | None = None  # the network converted (backend openvino)
 
     @classmethod
-    def load(cls, files: ModelFiles, device: torch.device) -> LoadedModel:
-        """Build the network from plans.json and load its weights (once)."""
+    def load(
+        cls, files: ModelFiles, device: torch.device, conversion: Conversion | None = None
+    ) -> LoadedModel:
+        """Build the network from plans.json and load its weights (once); with a
+        ``conversion``, also the OpenVINO model that runs it (backend openvino)."""
         parameters, checkpoint = _read_checkpoints(files)
         predictor = _build_predictor(files.plans, parameters, checkpoint, device)
-        return cls(files.plans.model_key, predictor, device)
+        model = cls(files.plans.model_key, predictor, device)
+        if conversion is not None:
+            model._convert(conversion, files.checkpoints)
+        return model
+
+    @property
+    def backend(self) -> str:
+        """What runs the network: torch, or openvino."""
+        return "torch" if self._openvino is None else "openvino"
+
+    def _convert(self, conversion: Conversion, checkpoints: tuple[Path, ...]) -> None:
+        predictor = self._predictor
+        if not self._lean_cpu_window or len(predictor.list_of_parameters) > 1:
+            log.warning("Model %s is not a single-fold 3D U-Net: it runs with torch, not openvino.", self.key)
+            return
+        patch = predictor.configuration_manager.patch_size
+        self._openvino = conversion.compile(predictor.network, patch, checkpoints)
 
     @property
     def num_parameters(self) -> int:
@@ -147,7 +169,8 @@ class LoadedModel:
         if len(predictor.list_of_parameters) > 1:  # nnU-Net averages folds, reloading each one's weights
             logits = predictor.predict_logits_from_preprocessed_data(data)
         elif self._lean_cpu_window:
-            logits = sliding_window.predict_logits(predictor, data)
+            features = None if self._openvino is None else self._openvino.tiles()
+            logits = sliding_window.predict_logits(predictor, data, features)
         elif self.tiles_per_pass is not None and self.device.type == "cuda":
             logits = sliding_window.predict_logits_on_device(predictor, data, self.tiles_per_pass)
         else:

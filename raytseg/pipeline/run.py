@@ -46,7 +46,8 @@ class Segmenter:
     """Runs requests through plan -> preprocess -> model -> postprocess in this process.
 
     ``load_network`` builds a model's network; by default nnU-Net's from the store's
-    checkpoints on ``device`` (tests of what surrounds the network pass a fake).
+    checkpoints on ``device``, run by ``backend`` (tests of what surrounds the network pass
+    a fake).
     """
 
     def __init__(
@@ -54,11 +55,15 @@ class Segmenter:
         store: WeightsStore,
         device: torch.device,
         *,
+        backend: str = "auto",
         progress: Progress | None = None,
         load_network: NetworkLoader | None = None,
     ) -> None:
+        from raytseg.pipeline.backends import conversion_for
+
         self.store = store
         self.device = device
+        self._conversion = conversion_for(backend, device, store.settings.cache_dir)
         self._models: dict[str, Network] = {}
         self._plans = PlansCache(store)
         self._lock = threading.Lock()
@@ -89,7 +94,7 @@ class Segmenter:
         from raytseg.pipeline.model import LoadedModel, ModelFiles
 
         files = ModelFiles(plans, tuple(self.store.checkpoint_paths(spec)))
-        return LoadedModel.load(files, self.device)
+        return LoadedModel.load(files, self.device, self._conversion)
 
     def plans(self, spec: ModelSpec) -> ModelPlans:
         """The model's plans (read once)."""
@@ -140,21 +145,24 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
 
 
-_SEGMENTERS: dict[tuple[str, str], Segmenter] = {}
+_SEGMENTERS: dict[tuple[str, str, str], Segmenter] = {}
 _SEGMENTERS_LOCK = threading.Lock()
 
 
-def default_segmenter(device: str = "gpu", settings: Settings | None = None) -> Segmenter:
-    """A process-wide Segmenter per (weights folder, device): models stay loaded between calls."""
+def default_segmenter(
+    device: str = "gpu", settings: Settings | None = None, backend: str = "auto"
+) -> Segmenter:
+    """A process-wide Segmenter per (weights folder, device, backend): models stay loaded
+    between calls."""
     from raytseg.pipeline.model import select_device
     from raytseg.weights.store import WeightsStore
 
     settings = settings or Settings.from_env()
     torch_device = select_device(device)
-    key = (str(settings.weights_uri or settings.weights_dir), str(torch_device))
+    key = (str(settings.weights_uri or settings.weights_dir), str(torch_device), backend)
     with _SEGMENTERS_LOCK:
         if key not in _SEGMENTERS:
-            _SEGMENTERS[key] = Segmenter(WeightsStore(settings), torch_device)
+            _SEGMENTERS[key] = Segmenter(WeightsStore(settings), torch_device, backend=backend)
         return _SEGMENTERS[key]
 
 
@@ -208,6 +216,7 @@ def segment(
     task: str = "total",
     *,
     device: str = "gpu",
+    backend: str = "auto",
     **options: Any,
 ) -> nib.Nifti1Image | tuple[nib.Nifti1Image, dict[str, Any]]:
     """Segment an image like ``totalsegmentator.python_api.totalsegmentator``.
@@ -217,15 +226,17 @@ def segment(
     (with ``dicomweb_store``, only the DICOM outputs are stored). ``options``: the fields of
     ``SegmentOptions`` and ``OutputOptions``, ``no_derived_masks=True``, ``report=PATH``
     (the run report) and ``statistics=PATH`` (statistics.json at PATH instead of in the
-    output folder, also with ``output`` None) as TotalSegmentator's. Returns the multilabel
+    output folder, also with ``output`` None) as TotalSegmentator's. ``backend``: what runs
+    the networks (auto, torch, openvino; ``raytseg.pipeline.backends``). Returns the multilabel
     image (label table in its header extension), with the statistics dict when statistics
     are asked for.
     """
     started, settings = time.perf_counter(), Settings.from_env()
     source = "Nifti1Image" if isinstance(input, nib.Nifti1Image) else str(input)
     request = _api_request(source, None if output is None else str(output), task, options)
+    segmenter = default_segmenter(device, settings, backend)
     volume = load_volume(input, LoadLimits.from_settings(settings))
-    seg, _ = run_local(default_segmenter(device, settings), volume, request, started)
+    seg, _ = run_local(segmenter, volume, request, started)
     img = seg.to_nifti()
     return (img, seg.statistics or {}) if request.options.statistics else img
 

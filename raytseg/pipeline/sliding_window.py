@@ -26,7 +26,8 @@ of fp16: ``bench/gpu/run.py`` measures that against nnU-Net's loop before it is 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -63,8 +64,11 @@ def decoder_features(network: Any, tile: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_logits(predictor: Any, data: torch.Tensor) -> torch.Tensor:
-    """fp16 logits (classes, *spatial) of ``data`` (channels, *spatial), as nnU-Net computes them."""
+def predict_logits(
+    predictor: Any, data: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """fp16 logits (classes, *spatial) of ``data`` (channels, *spatial), as nnU-Net computes
+    them; ``features``: what computes a tile's ``decoder_features`` (default: the network)."""
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
@@ -76,9 +80,10 @@ def predict_logits(predictor: Any, data: torch.Tensor) -> torch.Tensor:
     counts = torch.zeros(padded.shape[1:], dtype=torch.half)
     cpu = torch.device("cpu")
     gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=cpu)
+    features = features or functools.partial(decoder_features, network)
     for sl in predictor._internal_get_sliding_window_slicers(padded.shape[1:]):
         tile = torch.clone(padded[sl][None], memory_format=torch.contiguous_format)
-        _accumulate(head, decoder_features(network, tile), gaussian, logits[sl])
+        _accumulate(head, features(tile), gaussian, logits[sl])
         counts[sl[1:]] += gaussian
     torch.div(logits, counts, out=logits)
     if torch.any(torch.isinf(logits)):

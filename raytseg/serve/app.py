@@ -75,7 +75,7 @@ def required_cpus(config: ServeConfig) -> float:
     """Logical CPUs the app reserves at its initial size (every deployment's first replicas)."""
     catalogue = Catalogue(config)
     specs: list[StageSpec] = [config.preprocess, config.postprocess]
-    specs += [_model_spec(key, config, catalogue) for key in catalogue.dedicated_models()]
+    specs += [catalogue.deployment(key) for key in catalogue.dedicated_models()]
     specs += [config.pool] if config.pool.enabled else []
     total = config.ingress.num_cpus * config.ingress.num_replicas
     for spec in specs:
@@ -115,13 +115,7 @@ def _model_spec_options(name: str, spec: ModelDeploymentSpec, config: ServeConfi
 
 
 def _model_options(key: str, config: ServeConfig, catalogue: Catalogue) -> dict[str, Any]:
-    return _model_spec_options(deployment_name(key), _model_spec(key, config, catalogue), config)
-
-
-def _model_spec(key: str, config: ServeConfig, catalogue: Catalogue) -> ModelDeploymentSpec:
-    owner = catalogue.owner(key)
-    override = config.tasks[owner].model if owner is not None else None
-    return override or config.models
+    return _model_spec_options(deployment_name(key), catalogue.deployment(key), config)
 
 
 def _ingress_options(config: ServeConfig) -> dict[str, Any]:

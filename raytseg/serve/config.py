@@ -38,7 +38,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from raytseg import configfile
-from raytseg.config import DEFAULT_MAX_VOXELS, Device
+from raytseg.config import DEFAULT_MAX_VOXELS, Backend, Device
 from raytseg.configfile import Strict
 from raytseg.errors import RaytsegError
 from raytseg.tasks import get_task
@@ -98,6 +98,9 @@ class ModelDeploymentSpec(StageSpec):
     max_ongoing_requests: int = Field(default=1, ge=1, le=8, description="Volumes one replica runs at once.")
     max_queued_requests: int = Field(default=32, ge=1, description="Volumes each caller queues.")
     autoscaling: AutoscalingSpec = AutoscalingSpec(max_replicas=2)
+    backend: Backend = Field(
+        default="auto", description="What runs the networks: torch, openvino (device cpu only) or auto."
+    )
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
 
@@ -230,6 +233,8 @@ class ServeConfig(Strict):
     def _consistent(self) -> ServeConfig:
         if self.device == "cpu" and any(spec.num_gpus > 0 for spec in self.model_specs()):
             raise ValueError("device cpu with num_gpus > 0 would reserve GPUs it never uses; set num_gpus: 0")
+        if self.device != "cpu" and any(spec.backend == "openvino" for spec in self.model_specs()):
+            raise ValueError("backend openvino runs on the CPU: set device cpu, or backend torch/auto")
         if self.ingress.max_ongoing_requests <= self.limits.max_queued_requests:
             raise ValueError(
                 "ingress.max_ongoing_requests must exceed limits.max_queued_requests, "

@@ -26,14 +26,16 @@ from ray import serve
 from raytseg.errors import ModelError
 from raytseg.metrics import recorder
 from raytseg.pipeline.records import NetworkOutput, Prepared
-from raytseg.serve.config import ServeConfig
+from raytseg.serve.config import ModelDeploymentSpec, ServeConfig
 from raytseg.serve.handoff import Tags, own_arrays
-from raytseg.serve.runtime import load_model, torch_device, weights_store
+from raytseg.serve.runtime import Catalogue, load_model, torch_device, weights_store
 
 if TYPE_CHECKING:
     import torch
 
+    from raytseg.pipeline.backends import Conversion
     from raytseg.pipeline.model import LoadedModel
+    from raytseg.weights.store import WeightsStore
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,9 @@ class ModelServer:
 
     def __init__(self, config: ServeConfig, key: str) -> None:
         self._guard = _DeviceGuard(torch_device(config))
-        self._model = load_model(weights_store(config), key, self._guard.device)
+        store = weights_store(config)
+        conversion = _conversion(Catalogue(config).deployment(key), self._guard.device, store)
+        self._model = load_model(store, key, self._guard.device, conversion)
 
     def predict(self, prepared: Prepared | None, tags: Tags) -> tuple[NetworkOutput, ...]:
         """Labels of this model's inputs in ``prepared`` (sliding window on the replica's device)."""
@@ -98,10 +102,11 @@ class ModelPoolBase:
     def __init__(self, config: ServeConfig) -> None:
         self._guard = _DeviceGuard(torch_device(config))
         self._store = weights_store(config)
+        self._conversion = _conversion(config.pool, self._guard.device, self._store)
 
     async def get_model(self, key: str) -> LoadedModel:
         # Loading reads checkpoints and builds the network: off the event loop.
-        return await asyncio.to_thread(load_model, self._store, key, self._guard.device)
+        return await asyncio.to_thread(load_model, self._store, key, self._guard.device, self._conversion)
 
     async def predict(self, prepared: Prepared | None, tags: Tags) -> tuple[NetworkOutput, ...]:
         """Labels of the inputs in ``prepared`` for the model named by the multiplexed model id."""
@@ -113,6 +118,12 @@ class ModelPoolBase:
 
     def check_health(self) -> None:
         self._guard.check()
+
+
+def _conversion(spec: ModelDeploymentSpec, device: torch.device, store: WeightsStore) -> Conversion | None:
+    from raytseg.pipeline.backends import conversion_for
+
+    return conversion_for(spec.backend, device, store.settings.cache_dir)
 
 
 def pool_class(max_models: int) -> type[ModelPoolBase]:

@@ -21,12 +21,13 @@ from raytseg.metrics import recorder
 from raytseg.pipeline.plan import Admitted, admit, plan_run
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import SegmentOptions
-from raytseg.serve.config import ServeConfig
+from raytseg.serve.config import ModelDeploymentSpec, ServeConfig
 from raytseg.tasks import ModelSpec, get_task, load_catalog
 
 if TYPE_CHECKING:
     import torch
 
+    from raytseg.pipeline.backends import Conversion
     from raytseg.pipeline.model import LoadedModel
     from raytseg.weights.store import WeightsStore
 
@@ -82,8 +83,11 @@ def torch_device(config: ServeConfig) -> torch.device:
     return device
 
 
-def load_model(store: WeightsStore, key: str, device: torch.device) -> LoadedModel:
-    """Build one network from the weights store, recording the load time."""
+def load_model(
+    store: WeightsStore, key: str, device: torch.device, conversion: Conversion | None = None
+) -> LoadedModel:
+    """Build one network from the weights store (converted for its backend with a
+    ``conversion``), recording the load time."""
     from raytseg.pipeline.model import LoadedModel, ModelFiles
     from raytseg.pipeline.preprocess import read_model_plans
     from raytseg.weights.synth import warn_if_synthetic
@@ -92,10 +96,10 @@ def load_model(store: WeightsStore, key: str, device: torch.device) -> LoadedMod
     warn_if_synthetic([spec], store)  # in the replica's log, as the CLI and batch say it
     started = time.perf_counter()
     files = ModelFiles(read_model_plans(store, spec), tuple(store.checkpoint_paths(spec)))
-    model = LoadedModel.load(files, device)
+    model = LoadedModel.load(files, device, conversion)
     seconds = time.perf_counter() - started
     recorder().model_load(key, seconds)
-    log.info("Loaded model %s on %s in %.1f s", key, device, seconds)
+    log.info("Loaded model %s on %s (%s) in %.1f s", key, device, model.backend, seconds)
     return model
 
 
@@ -146,6 +150,12 @@ class Catalogue:
         return next(
             (name for name, spec in self._models(dedicated_only=True) if model_key(spec) == key), None
         )
+
+    def deployment(self, key: str) -> ModelDeploymentSpec:
+        """The settings of model ``key``'s own deployment: its task's override, else ``models``."""
+        owner = self.owner(key)
+        override = self.config.tasks[owner].model if owner is not None else None
+        return override or self.config.models
 
     def _models(self, *, dedicated_only: bool) -> Iterator[tuple[str, ModelSpec]]:
         for name, entry in self.config.tasks.items():

@@ -13,6 +13,7 @@ import pytest
 
 import raytseg
 from raytseg.cli import main
+from raytseg.errors import InvalidOptionError
 from raytseg.pipeline.labeltable import read_label_table
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "totalseg-reference"
@@ -339,3 +340,19 @@ def test_v1_order_per_class_files_are_totalsegmentator_1s_classes(tmp_path: Path
         mask = np.asarray(nib.load(tmp_path / "classes" / f"{name}.nii.gz").dataobj)
         assert np.array_equal(mask > 0, data == idx), name
     assert len(np.unique(data)) > 2
+
+
+@pytest.mark.usefixtures("env")
+def test_backend_openvino_from_the_cli_and_the_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("RAYTSEG_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "ov.nii.gz"
+    args = ["-i", str(CT), "-o", str(out), "--fast", "--ml", "-d", "cpu", "-q", "--backend", "openvino"]
+    assert main(["segment", *args]) == 0
+    assert len(list((tmp_path / "cache" / "openvino").iterdir())) == 1  # converted once, cached
+    ours = np.asarray(nib.load(out).dataobj)
+    api = raytseg.segment(str(CT), fast=True, device="cpu", backend="openvino")
+    assert isinstance(api, nib.Nifti1Image)
+    np.testing.assert_array_equal(np.asarray(api.dataobj), ours)
+    with pytest.raises(InvalidOptionError, match="Unknown backend"):
+        raytseg.segment(str(CT), fast=True, device="cpu", backend="onnx")

@@ -114,3 +114,11 @@ def test_progress_bar_in_a_terminal() -> None:
     printer.update(progress, result("a", "ok"))
     assert stream.getvalue().startswith("\r[#####---------------]  1/4  ok 1")
     assert "/h  ETA " in stream.getvalue()
+
+
+def test_backend_flag_overrides_the_config_and_is_checked_against_the_device() -> None:
+    config = config_from_args(parse("--input", "in", "--output", "out", "-d", "cpu", "--backend", "openvino"))
+    assert (config.backend, config.device) == ("openvino", "cpu")
+    assert config_from_args(parse("--input", "in", "--output", "out")).backend == "auto"
+    with pytest.raises(InvalidOptionError, match="backend openvino runs on the CPU"):
+        config_from_args(parse("--input", "in", "--output", "out", "--backend", "openvino"))

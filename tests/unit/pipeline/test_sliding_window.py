@@ -10,6 +10,7 @@ import torch
 
 from raytseg.config import Settings
 from raytseg.pipeline import sliding_window
+from raytseg.pipeline.backends import Conversion
 from raytseg.pipeline.model import LoadedModel, ModelFiles
 from raytseg.pipeline.preprocess import ModelPlans, model_key
 from raytseg.tasks import get_task
@@ -17,16 +18,20 @@ from raytseg.weights.store import WeightsStore
 from raytseg.weights.synth import synthesize_task
 
 
-def load_fast_model(root: Path, *, tiny: bool) -> LoadedModel:
+def fast_model_files(root: Path, *, tiny: bool) -> ModelFiles:
+    """The seeded synthetic 3 mm model of ``total --fast`` under ``root``."""
     synthesize_task("total", root, fast=True, tiny=tiny, with_crop_models=False)
     spec = get_task("total").modes["fast"].models[0]
     store = WeightsStore(Settings.from_env({"RAYTSEG_WEIGHTS": str(root), "HOME": str(root)}))
     plans, dataset_json = store.read_plans(spec)
-    files = ModelFiles(
+    return ModelFiles(
         ModelPlans(model_key(spec), spec.configuration, plans, dataset_json),
         tuple(store.checkpoint_paths(spec)),
     )
-    return LoadedModel.load(files, torch.device("cpu"))
+
+
+def load_fast_model(root: Path, *, tiny: bool, conversion: Conversion | None = None) -> LoadedModel:
+    return LoadedModel.load(fast_model_files(root, tiny=tiny), torch.device("cpu"), conversion)
 
 
 @pytest.mark.parametrize(

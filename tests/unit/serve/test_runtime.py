@@ -57,3 +57,21 @@ def test_raytseg_serve_says_which_weights_are_missing_and_exits(
     config.write_text(f"weights: {fast_weights}\n{tasks}\nmodels: {{num_gpus: 0}}\npool: {{num_gpus: 0}}\n")
     assert main(["serve", "--config", str(config), "--device", "cpu"]) == 1
     assert "dataset 291 are missing" in capsys.readouterr().err
+
+
+def test_a_model_deployment_runs_the_backend_its_config_names(
+    fast_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("openvino")
+    from raytseg.serve.models import ModelServer
+
+    monkeypatch.setenv("RAYTSEG_CACHE_DIR", str(tmp_path / "cache"))
+    config = _config(fast_weights, ["fast"])
+    data = config.model_dump(mode="json")
+    data["tasks"]["total"]["model"] = {**data["models"], "backend": "openvino"}
+    config = ServeConfig.model_validate(data)
+    catalogue = Catalogue(config)
+    [key] = catalogue.dedicated_models()
+    assert (catalogue.deployment(key).backend, config.models.backend) == ("openvino", "auto")
+    assert ModelServer(config, key)._model.backend == "openvino"
+    assert ModelServer(_config(fast_weights, ["fast"]), key)._model.backend == "torch"
