@@ -87,7 +87,8 @@ def bare_window_seconds(ct: Path, weights: Path, fast: bool, backend: str) -> fl
             if backend == "torch":
                 predictor.predict_sliding_window_return_logits(data)
             else:
-                sliding_window.predict_logits(predictor, data, model._openvino.tiles())
+                with model._openvino.session() as features:
+                    sliding_window.predict_logits(predictor, data, features)
         total += time.perf_counter() - started
     return total
 

@@ -15,6 +15,7 @@ into place): conversion happens when a model loads (a replica's start), never in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,25 +110,39 @@ class Conversion:
 
 
 class OpenVinoFeatures:
-    """A compiled network; ``tiles()`` gives one predict call its own inference request."""
+    """A compiled network; ``session()`` gives one predict call its own inference request."""
 
     def __init__(self, compiled: Any) -> None:
         self._compiled = compiled
         self._lock = threading.Lock()
+        self._running = 0  # sessions open now
 
-    def tiles(self) -> Features:
-        """Features of one tile after another. The returned tensor shares OpenVINO's output
-        buffer (no copy of a 200 MB tile): it is valid until the next tile is computed."""
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Features]:
+        """Features of one tile after another. A returned tensor shares OpenVINO's output
+        buffer (no copy of a 200 MB tile): it is valid until the next tile is computed.
+
+        When the last open session ends, OpenVINO's intermediate buffers are released: it
+        keeps them between inferences (0.95 GB for the 3 mm model), where torch frees its
+        activations, and the masks are made after the network.
+        """
         import torch
 
-        with self._lock:  # creating requests on one compiled model from several threads
+        with self._lock:
             request = self._compiled.create_infer_request()
+            self._running += 1
 
         def features(tile: torch.Tensor) -> torch.Tensor:
             request.infer([tile.numpy()])
             return torch.from_numpy(request.get_output_tensor(0).data)
 
-        return features
+        try:
+            yield features
+        finally:
+            with self._lock:  # no session starts an inference while the buffers go
+                self._running -= 1
+                if self._running == 0:
+                    self._compiled.release_memory()
 
 
 def _digest(network: Any, patch: Sequence[int], checkpoints: Sequence[Path]) -> str:

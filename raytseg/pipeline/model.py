@@ -160,6 +160,14 @@ class LoadedModel:
             raise ModelError(f"Model {self.key} failed: {exc}") from exc
         return NetworkOutput(model_key=self.key, chunk=item.chunk, labels=labels)
 
+    def _lean_logits(self, data: torch.Tensor) -> torch.Tensor:
+        from raytseg.pipeline import sliding_window
+
+        if self._openvino is None:
+            return sliding_window.predict_logits(self._predictor, data)
+        with self._openvino.session() as features:
+            return sliding_window.predict_logits(self._predictor, data, features)
+
     def _labels(self, data: torch.Tensor, item: NetworkInput) -> np.ndarray:
         import torch
 
@@ -169,8 +177,7 @@ class LoadedModel:
         if len(predictor.list_of_parameters) > 1:  # nnU-Net averages folds, reloading each one's weights
             logits = predictor.predict_logits_from_preprocessed_data(data)
         elif self._lean_cpu_window:
-            features = None if self._openvino is None else self._openvino.tiles()
-            logits = sliding_window.predict_logits(predictor, data, features)
+            logits = self._lean_logits(data)
         elif self.tiles_per_pass is not None and self.device.type == "cuda":
             logits = sliding_window.predict_logits_on_device(predictor, data, self.tiles_per_pass)
         else:

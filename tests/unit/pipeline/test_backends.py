@@ -12,7 +12,7 @@ import torch
 from raytseg.batch.config import BatchConfig
 from raytseg.errors import InvalidOptionError, MissingResourceError
 from raytseg.pipeline import sliding_window
-from raytseg.pipeline.backends import Conversion, conversion_for, resolve
+from raytseg.pipeline.backends import Conversion, OpenVinoFeatures, conversion_for, resolve
 from raytseg.pipeline.model import LoadedModel
 from raytseg.serve.config import load_config
 from tests.unit.pipeline.test_sliding_window import fast_model_files, load_fast_model
@@ -29,7 +29,8 @@ def test_openvino_logits_are_torchs_within_float_rounding(tmp_path: Path) -> Non
     assert openvino is not None
     data = torch.randn((1, 45, 70, 33), generator=torch.Generator().manual_seed(0))
     theirs = sliding_window.predict_logits(predictor, data)
-    ours = sliding_window.predict_logits(predictor, data, openvino.tiles())
+    with openvino.session() as features:
+        ours = sliding_window.predict_logits(predictor, data, features)
     assert ours.dtype == theirs.dtype == torch.half
     difference = (ours.float() - theirs.float()).abs()
     # fp32 convolutions summed in another order; a few voxels of this tiny network's
@@ -106,3 +107,22 @@ def test_a_cpu_config_takes_openvino_per_deployment() -> None:
     assert (config.models.backend, config.pool.backend) == ("openvino", "auto")
     batch = BatchConfig.load(None, {"input": "/a", "output": "/b", "backend": "openvino", "device": "cpu"})
     assert batch.backend == "openvino"
+
+
+def test_openvinos_buffers_are_released_when_the_last_session_ends() -> None:
+    class Compiled:
+        released = 0
+
+        def create_infer_request(self) -> object:
+            return object()
+
+        def release_memory(self) -> None:
+            self.released += 1
+
+    compiled = Compiled()
+    network = OpenVinoFeatures(compiled)
+    with network.session():
+        with network.session():
+            pass
+        assert compiled.released == 0  # another predict is still running
+    assert compiled.released == 1
