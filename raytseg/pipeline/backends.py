@@ -80,7 +80,14 @@ class Conversion:
         ov = _openvino()
         started = time.perf_counter()
         path, converted = self._cached(network, patch, checkpoints)
-        compiled = ov.Core().compile_model(str(path), "CPU", self._cpu_config())
+        try:
+            compiled = ov.Core().compile_model(str(path), "CPU", self._cpu_config())
+        except RuntimeError as exc:  # a damaged cache entry (written whole, changed since)
+            if converted:
+                raise
+            log.warning("Converting model %s again: its cached copy does not load (%s)", path.parent, exc)
+            shutil.rmtree(path.parent)
+            return self.compile(network, patch, checkpoints)
         log.info(
             "OpenVINO model %s %s in %.1f s",
             path.parent.name[:12],

@@ -126,3 +126,15 @@ def test_openvinos_buffers_are_released_when_the_last_session_ends() -> None:
             pass
         assert compiled.released == 0  # another predict is still running
     assert compiled.released == 1
+
+
+def test_a_damaged_cached_model_is_converted_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = tmp_path / "cache"
+    load_fast_model(tmp_path / "weights", tiny=True, conversion=Conversion(cache))
+    [entry] = (cache / "openvino").iterdir()
+    (entry / "features.bin").write_bytes(b"truncated")
+    with caplog.at_level(logging.INFO, logger="raytseg.pipeline.backends"):
+        model = load_fast_model(tmp_path / "weights", tiny=True, conversion=Conversion(cache))
+    assert model.backend == "openvino"
+    assert "does not load" in caplog.text
+    assert (entry / "features.bin").stat().st_size > len(b"truncated")
