@@ -29,23 +29,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from core_bench import OUT, Run, dice_report, measure, ts_home, weights_dir  # noqa: E402
+from core_bench import (  # noqa: E402
+    CACHE,
+    OUT,
+    Run,
+    bare_network_seconds,
+    dice_report,
+    measure,
+    segmenter,
+    ts_home,
+    weights_dir,
+)
 from make_realistic_ct import make  # noqa: E402
 
 BACKENDS = ("torch", "openvino")
-CACHE = OUT / "backend-cache"
-
-
-def segmenter(weights: Path, backend: str) -> object:
-    from raytseg.config import Settings
-    from raytseg.pipeline.model import configure_torch, select_device
-    from raytseg.pipeline.run import Segmenter
-    from raytseg.weights.store import WeightsStore
-
-    env = {**os.environ, "RAYTSEG_WEIGHTS": str(weights), "RAYTSEG_CACHE_DIR": str(CACHE)}
-    device = select_device("cpu")
-    configure_torch(device)
-    return Segmenter(WeightsStore(Settings.from_env(env)), device, backend=backend)
 
 
 def load_seconds(weights: Path, fast: bool) -> float:
@@ -56,41 +53,8 @@ def load_seconds(weights: Path, fast: bool) -> float:
     loader = segmenter(weights, "openvino")
     started = time.perf_counter()
     for spec in plan_run(SegmentOptions(fast=fast)).main.models:
-        loader.model(spec)  # type: ignore[attr-defined]
+        loader.model(spec)
     return time.perf_counter() - started
-
-
-def bare_window_seconds(ct: Path, weights: Path, fast: bool, backend: str) -> float:
-    """The sliding windows of every model of the mode, on raytseg's preprocessed input."""
-    import torch
-
-    from raytseg.pipeline import sliding_window
-    from raytseg.pipeline.load import LoadLimits, load_volume
-    from raytseg.pipeline.passes import prepare
-    from raytseg.pipeline.plan import Pass, plan_run
-    from raytseg.pipeline.records import SegmentOptions
-
-    loader: object = segmenter(weights, backend)
-    options = SegmentOptions(fast=fast)
-    plan = plan_run(options)
-    plans = {f"{s.dataset_id}/{s.trainer_folder}": loader.plans(s) for s in plan.main.models}  # type: ignore[attr-defined]
-    volume = load_volume(ct, LoadLimits(max_voxels=1 << 31, max_archive_bytes=1 << 33))
-    prepared = prepare(volume, Pass(plan, options), plans, None)
-    total = 0.0
-    for spec, item in zip(plan.main.models, prepared.inputs, strict=True):
-        model = loader.model(spec)  # type: ignore[attr-defined]
-        predictor = model._predictor
-        predictor.tile_step_size = item.step_size
-        data = torch.from_numpy(item.data)
-        started = time.perf_counter()
-        with torch.inference_mode():
-            if backend == "torch":
-                predictor.predict_sliding_window_return_logits(data)
-            else:
-                with model._openvino.session() as features:
-                    sliding_window.predict_logits(predictor, data, features)
-        total += time.perf_counter() - started
-    return total
 
 
 def cli_runs(ct: Path, weights: Path, fast: bool) -> list[tuple[str, Run, str]]:
@@ -124,7 +88,7 @@ def report(ct: Path, weights: Path, fast: bool, runs: list[tuple[str, Run, str]]
     """The CLI runs of a mode, with its in-process load and sliding-window times."""
     mode = "total --fast" if fast else "total"
     cached = load_seconds(weights, fast)
-    windows = {backend: bare_window_seconds(ct, weights, fast, backend) for backend in BACKENDS}
+    windows = {backend: bare_network_seconds(ct, weights, fast, backend) for backend in BACKENDS}
     lines = [
         f"\n{mode}: loading every model with openvino from the cache: {cached:.1f} s",
         f"{mode}: bare sliding windows: "

@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -32,6 +33,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
+CACHE = OUT / "backend-cache"  # converted models (--backend openvino)
 sys.path.insert(0, str(REPO / "bench"))
 
 from make_realistic_ct import make  # noqa: E402
@@ -119,34 +121,50 @@ def ts_home(weights: Path) -> Path:
     return home
 
 
-def bare_network_seconds(ct: Path, weights: Path, fast: bool) -> float:
-    """Sliding window alone (every model of the mode), on raytseg's preprocessed input."""
-    import torch
-
+def segmenter(weights: Path, backend: str = "torch") -> Any:
+    """A CPU Segmenter on ``weights``; openvino's converted models are cached under OUT."""
     from raytseg.config import Settings
-    from raytseg.pipeline.load import LoadLimits, load_volume
     from raytseg.pipeline.model import configure_torch, select_device
-    from raytseg.pipeline.passes import prepare
-    from raytseg.pipeline.plan import Pass, plan_run
-    from raytseg.pipeline.records import SegmentOptions
     from raytseg.pipeline.run import Segmenter
     from raytseg.weights.store import WeightsStore
 
-    settings = Settings.from_env({**os.environ, "RAYTSEG_WEIGHTS": str(weights)})
-    segmenter = Segmenter(WeightsStore(settings), select_device("cpu"))
-    configure_torch(segmenter.device)
+    env = {**os.environ, "RAYTSEG_WEIGHTS": str(weights), "RAYTSEG_CACHE_DIR": str(CACHE)}
+    device = select_device("cpu")
+    configure_torch(device)
+    return Segmenter(WeightsStore(Settings.from_env(env)), device, backend=backend)
+
+
+def bare_network_seconds(ct: Path, weights: Path, fast: bool, backend: str = "torch") -> float:
+    """Sliding window alone (every model of the mode), on raytseg's preprocessed input:
+    nnU-Net's own loop with torch, the lean CPU window with the converted network with
+    openvino."""
+    import torch
+
+    from raytseg.pipeline import sliding_window
+    from raytseg.pipeline.load import LoadLimits, load_volume
+    from raytseg.pipeline.passes import prepare
+    from raytseg.pipeline.plan import Pass, plan_run
+    from raytseg.pipeline.records import SegmentOptions
+
+    loader = segmenter(weights, backend)
     options = SegmentOptions(fast=fast)
     plan = plan_run(options)
-    volume = load_volume(ct, LoadLimits.from_settings(settings))
-    plans = {f"{s.dataset_id}/{s.trainer_folder}": segmenter.plans(s) for s in plan.main.models}
+    volume = load_volume(ct, LoadLimits.from_settings(loader.store.settings))
+    plans = {f"{s.dataset_id}/{s.trainer_folder}": loader.plans(s) for s in plan.main.models}
     prepared = prepare(volume, Pass(plan, options), plans, None)
     total = 0.0
     for spec, item in zip(plan.main.models, prepared.inputs, strict=True):
-        predictor = segmenter.model(spec)._predictor
+        model = loader.model(spec)
+        predictor = model._predictor
         predictor.tile_step_size = item.step_size
+        data = torch.from_numpy(item.data)
         started = time.perf_counter()
         with torch.inference_mode():
-            predictor.predict_sliding_window_return_logits(torch.from_numpy(item.data))
+            if model._openvino is None:
+                predictor.predict_sliding_window_return_logits(data)
+            else:
+                with model._openvino.session() as features:
+                    sliding_window.predict_logits(predictor, data, features)
         total += time.perf_counter() - started
     return total
 

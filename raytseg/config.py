@@ -48,6 +48,13 @@ Backend = Literal["auto", "torch", "openvino"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
+def check_backend(backend: str, device: str) -> None:
+    """The one check of a config's backend against its device option (the service's and
+    batch's); ``pipeline.backends.resolve`` checks the device a model actually got."""
+    if backend == "openvino" and device != "cpu":
+        raise ValueError("backend openvino runs on the CPU: set device cpu, or backend torch/auto")
+
+
 class Settings(BaseModel):
     """Where raytseg finds weights and what it accepts; built once at the edge."""
 

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from raytseg import configfile, storage
-from raytseg.config import Backend, Device
+from raytseg.config import Backend, Device, check_backend
 from raytseg.configfile import Strict
 from raytseg.errors import InvalidOptionError
 from raytseg.options import refuse_placed
@@ -135,8 +135,7 @@ class BatchConfig(SegmentOptions, OutputOptions):
     def _check_device(self) -> BatchConfig:
         if self.model.num_gpus > 0 and self.device in ("cpu", "mps"):
             raise ValueError(f"model.num_gpus is {self.model.num_gpus} but device is {self.device!r}")
-        if self.backend == "openvino" and self.device != "cpu":
-            raise ValueError("backend openvino runs on the CPU: set device cpu, or backend torch/auto")
+        check_backend(self.backend, self.device)
         return self
 
     @property

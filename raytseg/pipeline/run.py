@@ -152,17 +152,19 @@ _SEGMENTERS_LOCK = threading.Lock()
 def default_segmenter(
     device: str = "gpu", settings: Settings | None = None, backend: str = "auto"
 ) -> Segmenter:
-    """A process-wide Segmenter per (weights folder, device, backend): models stay loaded
-    between calls."""
+    """A process-wide Segmenter per (weights folder, device, backend that runs): models stay
+    loaded between calls, also when ``auto`` and the backend it picks are both asked for."""
+    from raytseg.pipeline.backends import resolve
     from raytseg.pipeline.model import select_device
     from raytseg.weights.store import WeightsStore
 
     settings = settings or Settings.from_env()
     torch_device = select_device(device)
-    key = (str(settings.weights_uri or settings.weights_dir), str(torch_device), backend)
+    runs = resolve(backend, torch_device)
+    key = (str(settings.weights_uri or settings.weights_dir), str(torch_device), runs)
     with _SEGMENTERS_LOCK:
         if key not in _SEGMENTERS:
-            _SEGMENTERS[key] = Segmenter(WeightsStore(settings), torch_device, backend=backend)
+            _SEGMENTERS[key] = Segmenter(WeightsStore(settings), torch_device, backend=runs)
         return _SEGMENTERS[key]
 
 

@@ -38,7 +38,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from raytseg import configfile
-from raytseg.config import DEFAULT_MAX_VOXELS, Backend, Device
+from raytseg.config import DEFAULT_MAX_VOXELS, Backend, Device, check_backend
 from raytseg.configfile import Strict
 from raytseg.errors import RaytsegError
 from raytseg.tasks import get_task
@@ -233,8 +233,8 @@ class ServeConfig(Strict):
     def _consistent(self) -> ServeConfig:
         if self.device == "cpu" and any(spec.num_gpus > 0 for spec in self.model_specs()):
             raise ValueError("device cpu with num_gpus > 0 would reserve GPUs it never uses; set num_gpus: 0")
-        if self.device != "cpu" and any(spec.backend == "openvino" for spec in self.model_specs()):
-            raise ValueError("backend openvino runs on the CPU: set device cpu, or backend torch/auto")
+        for spec in self.model_specs():
+            check_backend(spec.backend, self.device)
         if self.ingress.max_ongoing_requests <= self.limits.max_queued_requests:
             raise ValueError(
                 "ingress.max_ongoing_requests must exceed limits.max_queued_requests, "
