@@ -8,7 +8,9 @@ therefore by s3fs) plus dummy credentials, with the AWS config files pointed at 
 from __future__ import annotations
 
 import json
+import random
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +21,29 @@ from typing import Any
 import pytest
 
 from tests.conftest import missing_deploy_tool
+
+# Ports handed to the servers the tests start (Serve's proxy, Orthanc, metrics...): from
+# below the kernel's ephemeral range and above Ray's worker ports (10002-19999). A port
+# the kernel hands out for bind(0) is free only until another process binds one, and Ray's
+# processes bind ephemeral ports all the time: a CI run lost Serve's proxy port that way.
+_PORTS = range(20_000, 32_768)
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A port nobody listens on, that the kernel gives no one by chance, not handed out
+    before in this session."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = [p for p in _PORTS if p < low and p not in _handed_out]
+    for port in random.sample(candidates, min(len(candidates), 200)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"No free port in {_PORTS} below the ephemeral range (from {low})")
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +131,7 @@ class Orthanc:
     folder and basic auth; ``stop()`` and ``start()`` keep its port and its studies."""
 
     def __init__(self, folder: Path, port: int | None = None) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", port or 0))
-            self.port = int(s.getsockname()[1])
+        self.port = port or free_port()
         self.config = folder / "orthanc.json"
         self.config.write_text(json.dumps(self._settings(folder)))
         self.log = folder / "orthanc.log"

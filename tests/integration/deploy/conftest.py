@@ -9,7 +9,6 @@ Helm and Prometheus (``chart``, ``prometheus_binary`` in ``tests/conftest.py``) 
 from __future__ import annotations
 
 import gzip
-import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +17,8 @@ from typing import Any
 import nibabel as nib
 import pytest
 import yaml
+
+from tests.integration.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE_CT = REPO / "examples" / "data" / "example_ct_sm.nii.gz"
@@ -75,12 +76,6 @@ def local_overrides(weights: Path, tokens: Path, jobs_dir: Path, http_port: int)
 @pytest.fixture(scope="session")
 def overrides() -> Callable[..., dict[str, Any]]:
     return local_overrides
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

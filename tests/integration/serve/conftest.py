@@ -21,7 +21,6 @@ import gzip
 import io
 import re
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -41,19 +40,13 @@ from raytseg.pipeline.export import multilabel_nifti_bytes  # noqa: E402
 from raytseg.pipeline.load import LoadLimits, load_volume  # noqa: E402
 from raytseg.pipeline.records import SegmentOptions  # noqa: E402
 from raytseg.serve.config import ServeConfig, load_config  # noqa: E402
-from tests.integration.conftest import ORTHANC_PASSWORD, ORTHANC_USER  # noqa: E402
+from tests.integration.conftest import ORTHANC_PASSWORD, ORTHANC_USER, free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE_CT = REPO / "examples" / "data" / "example_ct_sm.nii.gz"
 TOKEN = "integration-test-token-0123456789"
 MAX_BODY = 8 * 2**20
 MAX_QUEUED = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -109,7 +102,7 @@ def service(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     jobs_dir = base / "jobs"
     jobs_dir.mkdir()
     small = {"num_cpus": 0.25}
-    dicomweb_port = _free_port()
+    dicomweb_port = free_port()
     config = load_config(
         {
             "device": "cpu",
@@ -139,7 +132,7 @@ def service(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                     f"dicomweb+http://127.0.0.1:{dicomweb_port}/dicom-web/",
                 ]
             },
-            "http": {"port": _free_port(), "metrics_export_port": _free_port()},
+            "http": {"port": free_port(), "metrics_export_port": free_port()},
         },
         {},
     )

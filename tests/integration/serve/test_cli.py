@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from tests.integration.conftest import free_port
 
 # The subcommand as raytseg/cli.py wires it: a parser with register()'s subcommand.
 MAIN = (
@@ -20,21 +21,15 @@ MAIN = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_command_prints_url_serves_and_stops(weights: Path, tmp_path: Path, tiny_ct: bytes) -> None:
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "serve.yaml"
     config.write_text(
         f"weights: {weights}\ntorch_threads: 1\ntasks: {{total: {{modes: [fast]}}}}\n"
         "models: {num_cpus: 0.25}\npool: {enabled: false}\njobs: {enabled: false}\n"
         "preprocess: {num_cpus: 0.25}\npostprocess: {num_cpus: 0.25}\ningress: {num_cpus: 0.25}\n"
     )
-    env = {**os.environ, "RAYTSEG_SERVE__HTTP__METRICS_EXPORT_PORT": str(_free_port())}
+    env = {**os.environ, "RAYTSEG_SERVE__HTTP__METRICS_EXPORT_PORT": str(free_port())}
     env.pop("RAY_ADDRESS", None)
     args = [
         sys.executable,
