@@ -111,7 +111,8 @@ class InProcess:
             predictor.predict_sliding_window_return_logits(torch.from_numpy(self.item.data))
 
 
-def bench_config(weights: Path) -> Any:
+def bench_config(weights: Path, **changes: Any) -> Any:
+    """One replica per deployment, models on the CPU; ``changes`` replace top-level keys."""
     from raytseg.serve.config import load_config
 
     one = {"autoscaling": {"min_replicas": 1, "max_replicas": 1}}
@@ -126,6 +127,7 @@ def bench_config(weights: Path) -> Any:
             "postprocess": {**one, "num_cpus": 1},
             "jobs": {"enabled": False},
             "http": {"port": 8799},
+            **changes,
         },
         {},
     )

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import time
+import uuid
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -132,10 +133,24 @@ class Client:
         """A CT's contrast phase: ``pi_time``, ``phase``, ``probability``... as ``totalseg_get_phase``."""
         return dict(self._upload("/v1/phase", image, {}).json())
 
-    def submit_job(self, input_uri: str, output_uri: str, *, task: str = "total", **options: Any) -> str:
-        """Queue a job; returns its id."""
+    def submit_job(
+        self,
+        input_uri: str,
+        output_uri: str,
+        *,
+        task: str = "total",
+        idempotency_key: str | None = None,
+        **options: Any,
+    ) -> str:
+        """Queue a job; returns its id.
+
+        Sent with an ``Idempotency-Key`` (a new UUID unless given), so that this client's
+        own retries after 429/503 never queue the job twice. Pass your own key to make a
+        resubmission after a crash of your program answer the job it made.
+        """
         body = {"input_uri": input_uri, "output_uri": output_uri, "task": task, "options": options}
-        return str(self._send("POST", "/v1/jobs", json=body).json()["id"])
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        return str(self._send("POST", "/v1/jobs", json=body, headers=headers).json()["id"])
 
     def job(self, job_id: str) -> dict[str, Any]:
         """The job's record: ``state``, ``outputs``, ``error``..."""

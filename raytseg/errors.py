@@ -19,6 +19,7 @@ cleanly when Ray re-raises them in another process.
     │   ├── DicomOutputError (422)       DICOM-SEG/RTSTRUCT cannot describe this input
     │   ├── UriNotAllowedError (403)     job URI outside the allowed prefixes
     │   ├── JobNotFoundError (404)       no job with this id
+    │   ├── IdempotencyConflictError (409)  an Idempotency-Key reused for another request
     │   └── BatchInputError (400)        batch input: listing, manifest, item ids
     ├── UnauthorizedError (401)          missing or wrong API token
     ├── LicenseError (403)               licensed task without a license key
@@ -27,6 +28,7 @@ cleanly when Ray re-raises them in another process.
     │   └── WeightsIntegrityError (503)  checksum mismatch, bad archive, bad plans
     ├── MissingResourceError (503)       a data file of the TotalSegmentator package is absent
     ├── StorageError (502)               fsspec/S3 read or write failed
+    │   └── StorageUnavailableError (503)  the storage did not answer; retrying later works
     ├── StaleOutputError (409)           batch outputs made with other options
     ├── ModelError (500)                 the network failed at run time
     ├── WorkerCrashedError (500)         a batch item's worker died on every try
@@ -124,6 +126,10 @@ class StorageError(RaytsegError, status=502):
     """Reading from or writing to storage failed."""
 
 
+class StorageUnavailableError(StorageError, status=503):
+    """The storage did not answer (connection refused or reset, timeout): a later try may work."""
+
+
 class ModelError(RaytsegError, status=500):
     """The network failed while predicting."""
 
@@ -146,6 +152,10 @@ class UriNotAllowedError(InputError, status=403):
 
 class JobNotFoundError(InputError, status=404):
     """No job has this id (or it was forgotten after newer ones)."""
+
+
+class IdempotencyConflictError(InputError, status=409):
+    """An ``Idempotency-Key`` was sent before with a different job request."""
 
 
 class BatchInputError(InputError, status=400):

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import random
 import time
+import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from raytseg.errors import InputError, LicenseError, WeightsError
+from raytseg.errors import InputError, LicenseError, StorageUnavailableError, WeightsError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,6 +55,11 @@ class RetryPolicy:
                 time.sleep(delay)
 
 
+# For work that has nothing else to do meanwhile (a replica fetching its weights, the job
+# store): rides out about 30 s of storage that does not answer (0.5 + 1 + 2 + 4 + 8 + 16 s).
+OUTAGE_RETRY = RetryPolicy(retries=6, delay_s=0.5, max_delay_s=16.0)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether another try may succeed: I/O and network errors, unless they say otherwise.
 
@@ -62,9 +68,27 @@ def is_transient(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     transient = False
     while seen is not None:
-        if isinstance(seen, _PERMANENT_ERRORS):
+        if isinstance(seen, _PERMANENT_ERRORS) or _refused_by_http(seen):
             return False
-        if isinstance(seen, OSError | TimeoutError | ConnectionError):
+        if isinstance(seen, StorageUnavailableError | OSError | TimeoutError | ConnectionError):
             transient = True
+        transient = transient or _is_network_error(seen)
         seen = seen.__cause__
     return transient
+
+
+def _refused_by_http(exc: BaseException) -> bool:
+    """An HTTP answer that another try gets again (4xx but for timeouts and throttling)."""
+    return isinstance(exc, urllib.error.HTTPError) and 400 <= exc.code < 500 and exc.code not in (408, 429)
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """A client library's network failure that is no ``OSError``: botocore's connection and
+    timeout errors, which s3fs raises as they are. Looked up by module, so that botocore is
+    imported only where it raised something already."""
+    if not type(exc).__module__.startswith("botocore"):
+        return False
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    return isinstance(exc, BotoConnectionError | HTTPClientError)

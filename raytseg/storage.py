@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from raytseg.errors import StorageError
+from raytseg.errors import RaytsegError, StorageError, StorageUnavailableError
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:
@@ -56,8 +56,10 @@ def read_bytes(location: str | os.PathLike[str]) -> bytes:
         return local_path(location).read_bytes()
     except FileNotFoundError as exc:
         raise StorageError(f"{location} does not exist. Check the path or URI.") from exc
-    except OSError as exc:
-        raise StorageError(f"Could not read {location}: {exc}") from exc
+    except RaytsegError:
+        raise
+    except Exception as exc:  # fsspec backends raise their own client errors, not only OSError
+        raise storage_error(str(location), "read", exc) from exc
 
 
 def write_bytes(location: str | os.PathLike[str], data: bytes) -> None:
@@ -68,10 +70,22 @@ def write_bytes(location: str | os.PathLike[str], data: bytes) -> None:
             fs.pipe_file(path, data)
         else:
             _write_local_atomically(local_path(location), data)
-    except StorageError:
+    except RaytsegError:
         raise
-    except OSError as exc:
-        raise StorageError(f"Could not write {location}: {exc}") from exc
+    except Exception as exc:
+        raise storage_error(str(location), "write", exc) from exc
+
+
+def storage_error(location: str, action: str, exc: BaseException) -> StorageError:
+    """``exc``, raised while ``action``-ing ``location``, as a member of the error tree:
+    ``StorageUnavailableError`` (503, a later try may work) when the storage did not answer."""
+    from raytseg.retry import is_transient
+
+    if is_transient(exc):
+        return StorageUnavailableError(
+            f"Could not {action} {location}: the storage did not answer ({exc}). Retry later."
+        )
+    return StorageError(f"Could not {action} {location}: {exc}. Check the location and your credentials.")
 
 
 def make_dirs(location: str | os.PathLike[str]) -> None:

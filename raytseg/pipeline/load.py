@@ -30,7 +30,7 @@ import nibabel as nib
 
 from raytseg import dicomweb, storage
 from raytseg.archive import ArchiveLimits, ByteBudget
-from raytseg.errors import ImageTooLargeError, StorageError, UnreadableImageError
+from raytseg.errors import ImageTooLargeError, UnreadableImageError
 from raytseg.pipeline.dicom import (
     ARCHIVE_ADVICE,
     datasets_from_blobs,
@@ -138,7 +138,7 @@ def _load_uri(uri: str, limits: LoadLimits) -> Volume:
     try:
         is_folder = bool(fs.isdir(path))
     except Exception as exc:
-        raise StorageError(f"Could not read {uri}: {exc}. Check the URI and your credentials.") from exc
+        raise storage.storage_error(uri, "read", exc) from exc
     if is_folder:
         blobs = _read_remote_folder(fs, path, uri, limits)
         return dicom_volume(datasets_from_blobs(blobs), uri, limits.max_voxels)
@@ -155,7 +155,7 @@ def _read_remote_folder(fs: Any, path: str, uri: str, limits: LoadLimits) -> lis
             if info.get("type") != "directory"
         }
     except Exception as exc:
-        raise StorageError(f"Could not list {uri}: {exc}. Check the URI and your credentials.") from exc
+        raise storage.storage_error(uri, "list", exc) from exc
     total = sum(sizes.values())
     if total > limits.max_archive_bytes:
         raise ImageTooLargeError(
@@ -168,7 +168,7 @@ def _read_remote_folder(fs: Any, path: str, uri: str, limits: LoadLimits) -> lis
         try:
             blob = bytes(fs.cat_file(name))
         except Exception as exc:
-            raise StorageError(f"Could not read {name} under {uri}: {exc}") from exc
+            raise storage.storage_error(f"{name} under {uri}", "read", exc) from exc
         budget.take(len(blob))  # the listing's sizes may be stale
         blobs.append((name, blob))
     return blobs

@@ -139,7 +139,12 @@ class LimitsSpec(Strict):
     max_voxels: int = Field(default=DEFAULT_MAX_VOXELS, gt=0, description="Largest image (413 beyond).")
     max_archive_bytes: int = Field(default=4 * _GIB, gt=0, description="Largest unpacked DICOM zip.")
     max_queued_requests: int = Field(
-        default=16, ge=1, description="Segmentations one ingress replica holds; more get 503/429."
+        default=16,
+        ge=1,
+        description=(
+            "Segmentations the app holds at once; more get 503/429. Each of the ingress.num_replicas "
+            "replicas holds its share (the integer part of this divided by their number)."
+        ),
     )
     overload_status: Literal[503, 429] = Field(default=503, description="Status of refused requests.")
     retry_after_s: int = Field(default=30, ge=0, description="Retry-After sent with 503/429.")
@@ -164,14 +169,44 @@ class JobsSpec(Strict):
     max_pending: int = Field(default=256, ge=1, description="Jobs waiting; more get 503/429.")
     keep_finished: int = Field(default=10_000, ge=1, description="Finished jobs remembered (oldest go).")
     namespace: str = Field(default="raytseg", description="Ray namespace of the job actor.")
+    store: str | None = Field(
+        default=None,
+        description=(
+            "Folder or URI prefix (e.g. s3://bucket/raytseg-jobs) where job records are kept: "
+            "they survive the job actor, the ingress and the cluster, and unfinished jobs run "
+            "again after a restart. Empty: in the job actor's memory only."
+        ),
+    )
 
     @field_validator("allowed_prefixes")
     @classmethod
     def _prefixes_absolute(cls, prefixes: tuple[str, ...]) -> tuple[str, ...]:
         for prefix in prefixes:
-            if "://" not in prefix and not prefix.startswith("/"):
-                raise ValueError(f"allowed prefix {prefix!r} must be an absolute path or a URI")
+            _check_absolute(prefix, "allowed prefix")
         return prefixes
+
+    @field_validator("store")
+    @classmethod
+    def _store_absolute(cls, store: str | None) -> str | None:
+        if store:
+            _check_absolute(store, "jobs.store")
+        return store or None
+
+    @model_validator(mode="after")
+    def _store_apart(self) -> JobsSpec:
+        """Jobs must not write over the records: the store lies outside every allowed prefix."""
+        if self.store is not None:
+            store = self.store.rstrip("/") + "/"
+            for prefix in self.allowed_prefixes:
+                other = prefix.rstrip("/") + "/"
+                if store.startswith(other) or other.startswith(store):
+                    raise ValueError(f"jobs.store {self.store!r} overlaps the allowed prefix {prefix!r}")
+        return self
+
+
+def _check_absolute(location: str, what: str) -> None:
+    if "://" not in location and not location.startswith("/"):
+        raise ValueError(f"{what} {location!r} must be an absolute path or a URI")
 
 
 class HttpSpec(Strict):
@@ -235,6 +270,11 @@ class ServeConfig(Strict):
             raise ValueError("device cpu with num_gpus > 0 would reserve GPUs it never uses; set num_gpus: 0")
         for spec in self.model_specs():
             check_backend(spec.backend, self.device)
+        if self.limits.max_queued_requests < self.ingress.num_replicas:
+            raise ValueError(
+                f"limits.max_queued_requests ({self.limits.max_queued_requests}) must be at least "
+                f"ingress.num_replicas ({self.ingress.num_replicas}): each replica holds a share of it"
+            )
         if self.ingress.max_ongoing_requests <= self.limits.max_queued_requests:
             raise ValueError(
                 "ingress.max_ongoing_requests must exceed limits.max_queued_requests, "
@@ -247,6 +287,13 @@ class ServeConfig(Strict):
     @property
     def shutdown_timeout_s(self) -> float:
         return self.graceful_shutdown_timeout_s or self.request_timeout_s + 120.0
+
+    @property
+    def admitted_per_ingress(self) -> int:
+        """Segmentations one ingress replica holds: its share of ``limits.max_queued_requests``,
+        so the limit holds for the app whatever the number of replicas (Serve's proxy sends a
+        request to the less busy of two replicas, so the shares fill evenly)."""
+        return self.limits.max_queued_requests // self.ingress.num_replicas
 
     def model_specs(self) -> list[ModelDeploymentSpec]:
         return [self.models, self.pool, *(e.model for e in self.tasks.values() if e.model is not None)]

@@ -19,11 +19,12 @@ from raytseg.errors import (
     RaytsegError,
     ReplicaUnavailableError,
     RequestTimeoutError,
+    StorageUnavailableError,
     UnauthorizedError,
 )
 
 # Retrying later helps for these; the others will fail the same way again.
-_RETRYABLE = (OverloadedError, ReplicaUnavailableError)
+_RETRYABLE = (OverloadedError, ReplicaUnavailableError, StorageUnavailableError)
 
 
 @dataclass(frozen=True)

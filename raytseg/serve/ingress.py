@@ -4,6 +4,7 @@
     POST /v1/modality       image in the body -> {"modality": "ct" | "mr", "probability"} (get-modality)
     POST /v1/phase          CT in the body -> {"pi_time", "phase", ...} (get-phase)
     POST /v1/jobs           {input_uri, output_uri, task, options} -> 202 {id, state, ...}
+                            (Idempotency-Key: the same key answers the same job)
     GET  /v1/jobs/{id}      state, written locations, error
     GET  /v1/tasks          catalogue tasks, classes, what this deployment serves
     GET  /healthz           this replica answers
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Body, FastAPI, Query, Request
+from fastapi import Body, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -47,7 +48,7 @@ from raytseg.serve.config import LimitsSpec, ServeConfig
 from raytseg.serve.errors import as_raytseg_error, http_error
 from raytseg.serve.flow import MODALITY_TOOL, PHASE_TOOL, Flow, StageNames, Stages
 from raytseg.serve.handoff import Delivery, Entrypoint
-from raytseg.serve.jobs import JobSpec, Route, job_runner
+from raytseg.serve.jobs import JobSpec, Route, job_runner, key_digest
 from raytseg.serve.runtime import Catalogue
 from raytseg.serve.schemas import ErrorBody, JobRequest, JobStatus, SegmentQuery, TaskInfo
 from raytseg.serve.security import UriPolicy, check_bearer, load_tokens
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _READY_TTL_S = 2.0
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 422, 429, 500, 502, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 500, 502, 503, 504)
 }
 
 # The upload routes' body (read from the stream, so FastAPI cannot describe it itself).
@@ -170,11 +171,12 @@ class Ingress:
             log.warning("No API tokens configured: anyone who reaches the service can use it.")
         self._catalogue = Catalogue(config)
         self._flow = Flow(Stages(preprocess, postprocess, dict(models), pool), self._catalogue)
-        self._admission = Admission(config.limits.max_queued_requests)
+        self._admission = Admission(config.admitted_per_ingress)
         self._uris = UriPolicy(config.jobs.allowed_prefixes)
         self._app = serve.get_replica_context().app_name
         self._route = Route(StageNames(self._app, tuple(models), pool is not None), config)
         self._runner = job_runner(self._app, config.jobs) if config.jobs.enabled else None
+        self._attach()
         self._ready: tuple[float, dict[str, Any]] = (0.0, {})
         api.state.limits = config.limits
 
@@ -230,27 +232,41 @@ class Ingress:
         return Response(guess.to_json(), media_type="application/json")
 
     @api.post("/v1/jobs", status_code=202, response_model=JobStatus)
-    async def submit_job(self, request: Request, job: Annotated[JobRequest, Body()]) -> JSONResponse:
-        """Queue a segmentation of ``input_uri``, written under ``output_uri``; poll ``/v1/jobs/{id}``."""
+    async def submit_job(
+        self,
+        request: Request,
+        job: Annotated[JobRequest, Body()],
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    ) -> JSONResponse:
+        """Queue a segmentation of ``input_uri``, written under ``output_uri``; poll ``/v1/jobs/{id}``.
+
+        With an ``Idempotency-Key`` header, a request sent again with the same key (after a
+        lost answer, a timeout) gets the job the first one made, with ``Idempotent-Replayed:
+        true``; the same key with another request is refused (409).
+        """
         self._authorize(request)
+        key = key_digest(idempotency_key)
         options, output = job.options.segment(task=job.task), job.options.output()
         self._flow.check(options, output=output)
         if output.dicomweb_store is not None:  # a server the job would send data to
             self._uris.check(output.dicomweb_store, "dicomweb_store")
         spec = JobSpec(
-            self._uris.check(job.input_uri, "input_uri"),
-            self._uris.check(job.output_uri, "output_uri"),
-            options,
-            output,
+            input=self._uris.check(job.input_uri, "input_uri"),
+            output=self._uris.check(job.output_uri, "output_uri"),
+            options=options,
+            files=output,
         )
-        record = await self._call_runner("submit", spec, self._route)
-        return JSONResponse(record, status_code=202, headers={"Location": f"/v1/jobs/{record['id']}"})
+        record, replayed = await self._call_runner("submit", spec, self._route, key)
+        headers = {"Location": f"/v1/jobs/{record['id']}"}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(record, status_code=202, headers=headers)
 
     @api.get("/v1/jobs/{job_id}", response_model=JobStatus)
     async def job_status(self, request: Request, job_id: str) -> dict[str, Any]:
         """State of a job; ``outputs`` lists the written locations once it succeeded."""
         self._authorize(request)
-        record: dict[str, Any] | None = await self._call_runner("status", job_id)
+        record: dict[str, Any] | None = await self._call_runner("status", job_id, self._route)
         if record is None:
             raise JobNotFoundError(f"No job {job_id!r} (unknown, or forgotten after newer jobs).")
         return record
@@ -286,6 +302,15 @@ class Ingress:
             report = await asyncio.to_thread(_readiness, self._app)
             self._ready = (time.monotonic(), report)
         return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+    def check_health(self) -> None:
+        """Serve calls this every few seconds: it also wakes a job actor that Ray restarted,
+        which then runs again the jobs its store holds unfinished."""
+        self._attach()
+
+    def _attach(self) -> None:
+        if self._runner is not None:  # not awaited: an unreachable job actor is not this replica's fault
+            self._runner.attach.remote(self._route)
 
     async def _on_upload(self, request: Request, work: Callable[[bytes], Awaitable[T]]) -> T:
         """``work`` on the request's body: admitted, size-limited, under the request timeout."""

@@ -33,7 +33,14 @@ from typing import Any
 
 from raytseg import storage
 from raytseg.config import Settings
-from raytseg.errors import MissingWeightsError, StorageError, UnsafeArchiveError, WeightsIntegrityError
+from raytseg.errors import (
+    MissingWeightsError,
+    RaytsegError,
+    StorageError,
+    UnsafeArchiveError,
+    WeightsIntegrityError,
+)
+from raytseg.retry import OUTAGE_RETRY
 from raytseg.tasks.registry import ModelSpec, TaskSpec, get_task, load_catalog
 from raytseg.weights import _archive, _http
 from raytseg.weights.license import LICENSE_URL, SET_LICENSE_COMMAND
@@ -178,10 +185,12 @@ class WeightsStore:
             WeightsIntegrityError: several folders share the dataset id.
             StorageError: fetching from ``weights_uri`` failed.
         """
-        if self.uri is not None and _is_zip_uri(self.uri):
-            self._fetch_zip(self.uri)
-        elif self.uri is not None:
-            self._fetch_model(self.uri, spec)
+        uri = self.uri
+        if uri is not None and _is_zip_uri(uri):
+            OUTAGE_RETRY.call(lambda: self._fetch_zip(uri), f"Fetching {uri}")
+        elif uri is not None:
+            what = f"Fetching model {spec.dataset_id} from {uri}"
+            OUTAGE_RETRY.call(lambda: self._fetch_model(uri, spec), what)
         folder = self._dataset_folder(spec) / spec.trainer_folder
         self._check_complete(folder, spec)
         return folder
@@ -270,8 +279,8 @@ class WeightsStore:
         pattern = f"{base.rstrip('/')}/Dataset{spec.dataset_id:03d}_*"
         try:
             matches = sorted(m for m in fs.glob(pattern) if fs.isdir(m))
-        except (OSError, ValueError) as exc:
-            raise StorageError(f"Could not list {self.uri}: {exc}") from exc
+        except Exception as exc:  # fsspec backends raise their own client errors too
+            raise storage.storage_error(str(self.uri), "list", exc) from exc
         if len(matches) > 1:
             raise WeightsIntegrityError(
                 f"{self.uri} holds several folders for dataset {spec.dataset_id}: {', '.join(matches)}; "
@@ -337,8 +346,8 @@ def _remote_folds(fs: Any, remote_trainer: str, spec: ModelSpec) -> list[str]:
         return [f"fold_{k}" for k in spec.folds]
     try:
         found = fs.glob(f"{remote_trainer}/fold_*/{CHECKPOINT_FILE}")
-    except (OSError, ValueError) as exc:
-        raise StorageError(f"Could not list {remote_trainer}: {exc}") from exc
+    except Exception as exc:
+        raise storage.storage_error(remote_trainer, "list", exc) from exc
     folds = sorted({str(p).rstrip("/").split("/")[-2] for p in found})
     if not folds:
         raise MissingWeightsError(f"{remote_trainer} holds no fold_*/{CHECKPOINT_FILE}.")
@@ -350,8 +359,8 @@ def _get_file(fs: Any, remote: str, local: Path) -> None:
         fs.get_file(remote, str(local))
     except FileNotFoundError as exc:
         raise MissingWeightsError(f"{remote} does not exist; upload the complete model folder.") from exc
-    except (OSError, ValueError) as exc:
-        raise StorageError(f"Could not copy {remote}: {exc}") from exc
+    except Exception as exc:
+        raise storage.storage_error(remote, "copy", exc) from exc
 
 
 def _is_zip_uri(uri: str) -> bool:
@@ -374,8 +383,10 @@ def _download_uri(uri: str, dest: Path, max_bytes: int) -> None:
         fs.get_file(path, str(dest))
     except FileNotFoundError as exc:
         raise MissingWeightsError(f"The weights archive {uri} does not exist.") from exc
-    except OSError as exc:
-        raise StorageError(f"Could not download {uri}: {exc}") from exc
+    except RaytsegError:
+        raise
+    except Exception as exc:
+        raise storage.storage_error(uri, "download", exc) from exc
 
 
 def _read_json(path: Path) -> dict[str, Any]:

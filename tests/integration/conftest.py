@@ -12,11 +12,12 @@ import random
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -101,6 +102,23 @@ def s3_bucket() -> Callable[[str], AbstractContextManager[Any]]:
     return bucket
 
 
+@pytest.fixture
+def s3(
+    s3_client_env: Callable[[Path], dict[str, str]],
+    s3_bucket: Callable[[str], AbstractContextManager[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[Any]:
+    """An s3fs filesystem on the moto server with the test module's ``BUCKET`` made. The
+    environment sends this process's S3 clients there, and those of the processes it starts
+    (a local Ray's workers), with dummy credentials and no AWS config files."""
+    for name, value in s3_client_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    with s3_bucket(request.module.BUCKET) as fs:
+        yield fs
+
+
 @pytest.fixture(scope="session")
 def dicom_zip_bomb(tmp_path_factory: pytest.TempPathFactory, reference_data: Path) -> Path:
     """The reference DICOM series zipped with one more member that expands to 3 GiB of
@@ -118,6 +136,73 @@ def dicom_zip_bomb(tmp_path_factory: pytest.TempPathFactory, reference_data: Pat
             for _ in range(3 * (1 << 30) // len(chunk)):
                 member.write(chunk)
     return bomb
+
+
+# --- outages: a server stopped for a while, then started again --------------------------
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+    def start(self) -> None: ...
+
+
+class Outage:
+    """``server`` stopped for ``seconds`` once ``begins()`` is true (checked in a thread);
+    ``restarted_at`` is the wall-clock time it answered again (None: it never went down)."""
+
+    def __init__(self, server: Stoppable, begins: Callable[[], bool], seconds: float) -> None:
+        self.restarted_at: float | None = None
+        self._thread = threading.Thread(target=self._run, args=(server, begins, seconds), daemon=True)
+        self._thread.start()
+
+    def _run(self, server: Stoppable, begins: Callable[[], bool], seconds: float) -> None:
+        deadline = time.monotonic() + 300
+        while not begins() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()
+        time.sleep(seconds)
+        server.start()
+        self.restarted_at = time.time()
+
+    def join(self) -> float:
+        """When the server answered again; fails the test if the outage never happened."""
+        self._thread.join(timeout=60)
+        assert self.restarted_at is not None, "the outage never happened"
+        return self.restarted_at
+
+
+class StoppableS3:
+    """A moto S3 server on a port of its own. It shares the data of every moto server of
+    this process (moto keeps it in memory here), so stopping it is an outage of the
+    storage, and starting it again finds every object where it was."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._server: Any = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@pytest.fixture(scope="module")
+def stoppable_s3() -> Iterator[StoppableS3]:
+    pytest.importorskip("moto.server")
+    server = StoppableS3()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # --- Orthanc: a real DICOMweb server ---------------------------------------------------

@@ -6,9 +6,8 @@ botocore >= 1.31 and therefore by s3fs), so raytseg needs no S3-specific setting
 
 from __future__ import annotations
 
+import threading
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -19,26 +18,14 @@ from raytseg.errors import MissingWeightsError
 from raytseg.tasks.registry import get_task
 from raytseg.weights.store import WeightsStore, dataset_folder_name
 from raytseg.weights.synth import synthesize_task
+from tests.integration.conftest import StoppableS3
 
-pytest.importorskip("s3fs")
+s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 BUCKET = "raytseg-weights"
+OUTAGE_S = 10.0  # longer than botocore retries on its own (about 8 s)
 FAST = get_task("total").modes["fast"].models[0]  # 297
-
-
-@pytest.fixture
-def s3(
-    s3_client_env: Callable[[Path], dict[str, str]],
-    s3_bucket: Callable[[str], AbstractContextManager[Any]],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> Iterator[Any]:
-    """An s3fs filesystem on the moto server, with dummy credentials and no AWS config files."""
-    for name, value in s3_client_env(tmp_path).items():
-        monkeypatch.setenv(name, value)
-    with s3_bucket(BUCKET) as fs:
-        yield fs
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +74,23 @@ def test_store_extracts_a_weights_zip_on_s3(tmp_path: Path, s3: Any, tiny_models
     store = WeightsStore(settings(tmp_path, f"s3://{key}"))
     assert store.model_folder(FAST).is_dir()
     assert [p.name for p in store.root.parent.iterdir()] == [store.root.name]
+
+
+def test_a_replica_starting_during_a_storage_outage_gets_its_model_once_it_is_back(
+    tmp_path: Path, s3: Any, tiny_models: Path, stoppable_s3: StoppableS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = f"{BUCKET}/{tmp_path.name}/results"
+    s3.put(str(tiny_models) + "/", prefix, recursive=True)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", stoppable_s3.url)  # the same objects, a server we can stop
+    s3fs.S3FileSystem.clear_instance_cache()
+    stoppable_s3.stop()
+    back = threading.Timer(OUTAGE_S, stoppable_s3.start)
+    back.start()
+    try:
+        folder = WeightsStore(settings(tmp_path, f"s3://{prefix}")).model_folder(FAST)
+    finally:
+        back.join()
+        s3fs.S3FileSystem.clear_instance_cache()
+    trainer = tiny_models / dataset_folder_name(297) / FAST.trainer_folder
+    for name in ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth"):
+        assert (folder / name).read_bytes() == (trainer / name).read_bytes()

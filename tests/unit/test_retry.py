@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import socket
+from pathlib import Path
 
 import pytest
 
 from raytseg import retry as retry_module
-from raytseg.errors import StorageError, UnreadableImageError
+from raytseg import storage
+from raytseg.errors import StorageError, StorageUnavailableError, UnreadableImageError
 from raytseg.retry import RetryPolicy, is_transient
 
 
@@ -70,3 +73,45 @@ def test_permanent_errors_are_raised_at_once(error: BaseException, sleeps: list[
         RetryPolicy(retries=5).call(flaky, "Reading")
     assert (flaky.calls, sleeps) == (1, [])
     assert not is_transient(error)
+
+
+def test_an_object_store_that_does_not_answer_is_unavailable_and_transient(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """s3fs raises botocore's own connection errors (no OSError): they count as transient,
+    and raytseg's storage functions raise them as ``StorageUnavailableError`` (503)."""
+    s3fs = pytest.importorskip("s3fs")
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    settings = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_MAX_ATTEMPTS": "1",  # botocore's own retries would only make this slower
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(StorageUnavailableError, match="did not answer") as read:
+            storage.read_bytes("s3://bucket/ct.nii.gz")
+        with pytest.raises(StorageUnavailableError):
+            storage.write_bytes("s3://bucket/out.nii.gz", b"data")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert type(read.value.__cause__).__module__.startswith("botocore")
+    assert is_transient(read.value.__cause__)
+    assert is_transient(StorageUnavailableError("the storage did not answer"))
+    assert read.value.status_code == 503
+
+
+def test_a_refused_object_store_request_is_a_plain_storage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(StorageError) as info:
+        storage.write_bytes(str(blocker / "out.nii.gz"), b"data")
+    assert not isinstance(info.value, StorageUnavailableError)

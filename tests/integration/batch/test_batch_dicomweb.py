@@ -3,8 +3,6 @@ with the server stopped for 10 s in the middle: no item lost, none stored twice.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +15,7 @@ from tests.integration.conftest import (
     ORTHANC_PASSWORD,
     ORTHANC_USER,
     Orthanc,
+    Outage,
     assert_seg_is_the_nifti,
     series_with_uids,
 )
@@ -37,21 +36,6 @@ def dicomweb_credentials() -> Iterator[None]:
 pytestmark = pytest.mark.usefixtures("dicomweb_credentials", "local_ray")
 
 
-def _outage_after_first_commit(orthanc: Orthanc, output: Path, restarted: list[float]) -> threading.Thread:
-    def run() -> None:
-        deadline = time.monotonic() + 300
-        while not list(output.glob(f"*/{MARKER_NAME}")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        orthanc.stop()
-        time.sleep(OUTAGE_S)
-        orthanc.start()
-        restarted.append(time.time())
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_a_search_is_segmented_and_stored_once_through_an_outage(orthanc: Orthanc, tmp_path: Path) -> None:
     studies = {}
     for salt in ("patient-a", "patient-b", "patient-c"):
@@ -69,16 +53,14 @@ def test_a_search_is_segmented_and_stored_once_through_an_outage(orthanc: Orthan
         dicomweb_store=orthanc.dicomweb,
         retries=6,  # 0.5 s doubling: covers the 10 s outage
     )
-    restarted: list[float] = []
-    outage = _outage_after_first_commit(orthanc, output, restarted)
+    outage = Outage(orthanc, lambda: bool(list(output.glob(f"*/{MARKER_NAME}"))), OUTAGE_S)
     report = run_batch(config)
-    outage.join(timeout=60)
+    restarted = outage.join()
 
     assert [r.status for r in report.results] == ["ok"] * 3, [r.error_message for r in report.results]
     assert {r.id for r in report.results} == set(studies)
-    assert restarted, "the outage never happened"
     finished = [datetime.fromisoformat(r.finished_at).timestamp() for r in report.results]
-    assert max(finished) >= int(restarted[0]), "no item was in flight during the outage"
+    assert max(finished) >= int(restarted), "no item was in flight during the outage"
     for result in report.results:
         stored = [o for o in result.outputs if o.startswith("dicomweb+")]
         assert len(stored) == 1

@@ -137,3 +137,25 @@ def test_more_requests_than_the_queue_holds_get_429(service: Any, ct: bytes, tin
     assert refused[0].json()["error"]["type"] == "OverloadedError"
     with service.client() as client:
         assert client.post("/v1/segment", params={"fast": "true"}, content=tiny_ct).status_code == 200
+
+
+def test_no_secret_reaches_an_answer_or_a_log(service: Any, api: httpx.Client) -> None:
+    """Tokens (right and wrong), credentials in a URI and the DICOMweb password the replicas
+    hold: in no answer, and in no log file of the app's Ray session (every test of this
+    package that ran before this one included)."""
+    from tests.integration.conftest import ORTHANC_PASSWORD
+    from tests.integration.serve.conftest import TOKEN
+
+    wrong_token, uri_secret = "wrong-token-0f9e8d7c6b5a4", "uri-password-5b4a3c2d1e"
+    body = {"input_uri": f"s3://AKIAEXAMPLE:{uri_secret}@bucket/ct.nii.gz", "output_uri": "s3://bucket/out/"}
+    with service.client(token=wrong_token) as outsider:
+        answers = [outsider.get("/v1/tasks"), outsider.post("/v1/jobs", json=body)]
+    answers.append(api.post("/v1/jobs", json=body))
+    assert [a.status_code for a in answers] == [401, 401, 403]
+    secrets = (TOKEN, wrong_token, uri_secret, ORTHANC_PASSWORD)
+    for answer in answers:
+        assert not [s for s in secrets if s in answer.text or s in str(answer.headers)], answer.text
+    logs = [p for p in service.ray_dir.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err")]
+    assert any("serve" in p.parts for p in logs)  # the replicas' logs are there to read
+    leaked = {p.name: s for p in logs for s in secrets if s.encode() in p.read_bytes()}
+    assert not leaked, leaked

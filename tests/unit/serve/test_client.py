@@ -105,26 +105,33 @@ def test_submit_and_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("raytseg.client.time.sleep", lambda s: None)
     states = iter(["queued", "running", "succeeded"])
     bodies: list[dict[str, object]] = []
+    keys: list[str | None] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.method == "POST":
             bodies.append(json.loads(request.content))
+            keys.append(request.headers.get("Idempotency-Key"))
+            if len(keys) == 1:
+                return httpx.Response(503, headers={"Retry-After": "1"}, json={})
             return httpx.Response(202, json={"id": "j1", "state": "queued"})
         return httpx.Response(
             200, json={"id": "j1", "state": next(states), "outputs": ["memory://o/seg.nii.gz"]}
         )
 
-    c = client(handler)
+    c = client(handler, retries=1)
     job = c.submit_job("memory://i/ct.nii.gz", "memory://o/", fast=True)
-    assert bodies == [
-        {
-            "input_uri": "memory://i/ct.nii.gz",
-            "output_uri": "memory://o/",
-            "task": "total",
-            "options": {"fast": True},
-        }
-    ]
+    assert bodies[-1] == {
+        "input_uri": "memory://i/ct.nii.gz",
+        "output_uri": "memory://o/",
+        "task": "total",
+        "options": {"fast": True},
+    }
+    assert len(keys) == 2
+    assert keys[0] == keys[1]  # the retry after 503 is the same submission
+    assert keys[0]
     assert c.wait(job)["outputs"] == ["memory://o/seg.nii.gz"]
+    c.submit_job("memory://i/ct.nii.gz", "memory://o/", idempotency_key="mine-0001")
+    assert keys[-1] == "mine-0001"
 
 
 def test_wait_raises_the_jobs_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -81,6 +81,13 @@ def test_a_config_object_still_takes_env_overrides() -> None:
         ({"ingress": {"max_ongoing_requests": 4}, "limits": {"max_queued_requests": 8}}, "must exceed"),
         ({"request_timeout_s": 100, "graceful_shutdown_timeout_s": 50}, "kills running requests"),
         ({"jobs": {"allowed_prefixes": ["relative/dir"]}}, "absolute path or a URI"),
+        ({"jobs": {"store": "records"}}, "jobs.store 'records' must be an absolute path"),
+        ({"ingress": {"num_replicas": 3}, "limits": {"max_queued_requests": 2}}, "must be at least"),
+        (
+            {"jobs": {"allowed_prefixes": ["s3://b/data/"], "store": "s3://b/data/jobs"}},
+            "overlaps the allowed prefix 's3://b/data/'",
+        ),
+        ({"jobs": {"allowed_prefixes": ["s3://b/data/out"], "store": "s3://b/data"}}, "overlaps"),
         ({"tasks": {}}, "tasks"),
     ],
 )
@@ -109,3 +116,11 @@ def test_for_cpu_only_drops_every_gpu_share() -> None:
     cpu = cfg.for_cpu_only()
     assert cpu.device == "cpu"
     assert all(spec.num_gpus == 0 for spec in cpu.model_specs())
+
+
+def test_each_ingress_replica_holds_its_share_of_the_queue_limit() -> None:
+    shares = {
+        n: load_config({"ingress": {"num_replicas": n}, "limits": {"max_queued_requests": 16}}, {})
+        for n in (1, 2, 3)
+    }
+    assert {n: c.admitted_per_ingress for n, c in shares.items()} == {1: 16, 2: 8, 3: 5}

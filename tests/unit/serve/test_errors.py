@@ -32,6 +32,8 @@ from raytseg.serve.errors import as_raytseg_error, http_error
         (errors.LicenseError("x"), 403),
         (errors.MissingWeightsError("x"), 503),
         (errors.StorageError("x"), 502),
+        (errors.StorageUnavailableError("x"), 503),
+        (errors.IdempotencyConflictError("x"), 409),
         (errors.ModelError("x"), 500),
         (errors.OverloadedError("x"), 503),
         (errors.RequestTimeoutError("x"), 504),
@@ -55,6 +57,8 @@ def test_overload_answers_as_configured_with_retry_after() -> None:
     assert answer.body["error"]["status"] == 429
     assert answer.headers == {"Retry-After": "7"}
     assert http_error(ReplicaUnavailableError("gone")).headers["Retry-After"] == "30"
+    assert http_error(errors.StorageUnavailableError("no answer")).headers["Retry-After"] == "30"
+    assert "Retry-After" not in http_error(errors.StorageError("denied")).headers
     assert "Retry-After" not in http_error(errors.MissingWeightsError("no")).headers
 
 

@@ -259,6 +259,30 @@ def test_prefix_uri_adds_a_missing_fold_to_a_cached_model(
     assert not [p for p in store.root.iterdir() if p.name.startswith(".")]
 
 
+def test_a_store_that_stops_answering_during_a_fetch_is_waited_for(
+    tmp_path: Path, tiny_root: Path, settings_for: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica starting while the bucket does not answer: its fetch is tried again."""
+    from raytseg import retry
+    from raytseg.weights import store as store_module
+
+    uri = f"memory://raytseg-tests/{tmp_path.name}/weights"
+    _upload(tiny_root, uri, [TOTAL_3MM])
+    real_get, failures = store_module._get_file, [ConnectionResetError("reset"), TimeoutError("timed out")]
+
+    def flaky_get(fs: Any, remote: str, local: Path) -> None:
+        if failures:
+            raise failures.pop(0)
+        real_get(fs, remote, local)
+
+    monkeypatch.setattr(store_module, "_get_file", flaky_get)
+    monkeypatch.setattr(retry.time, "sleep", lambda s: None)
+    store = WeightsStore(settings_for(tmp_path, RAYTSEG_WEIGHTS=uri))
+    assert store.model_folder(FAST).is_dir()
+    assert not failures
+    assert not [p for p in store.root.iterdir() if p.name.startswith(".")]  # no half-fetched folder
+
+
 def test_zip_uri_is_downloaded_once_and_extracted(
     tmp_path: Path, tiny_root: Path, http_server: Any, settings_for: MakeSettings, zipper: Any
 ) -> None:
