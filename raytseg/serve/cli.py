@@ -36,7 +36,7 @@ def register(subparsers: Any) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from raytseg.config import environment
     from raytseg.serve.config import load_config
-    from raytseg.serve.local import start_local, stop_local
+    from raytseg.serve.local import drain_local, start_local, stop_local
     from raytseg.serve.runtime import check_weights
 
     source: dict[str, Any] = {}
@@ -49,7 +49,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         source["device"] = args.device
     config = load_config(source, environment())
     check_weights(config)  # at once, not after Serve has restarted the failing replicas for ever
-    stop = threading.Event()
+    stop, service = threading.Event(), None
     try:
         options = {} if args.num_cpus is None else {"num_cpus": args.num_cpus}
         service = start_local(config, **options)
@@ -63,12 +63,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if service is not None:  # requests and jobs in flight finish first
+            drain_local(service.config)
         stop_local()
     return 0
 
 
 def _stop_on_sigterm(stop: threading.Event) -> None:
-    """Treat SIGTERM (container stop) like Ctrl-C: shut Serve and Ray down cleanly."""
+    """Treat SIGTERM (container stop) like Ctrl-C: refuse new requests, let those in flight
+    finish (``graceful_shutdown_timeout_s`` at most), then shut Serve and Ray down."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.set()

@@ -39,6 +39,7 @@ from raytseg.errors import (
     NotDeployedError,
     OverloadedError,
     RaytsegError,
+    ReplicaUnavailableError,
     UnreadableImageError,
 )
 from raytseg.metrics import recorder
@@ -96,15 +97,25 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 
 class Admission:
-    """Counts the segmentations this replica holds and refuses past the limit."""
+    """Counts the segmentations this replica holds and refuses past the limit, or all of
+    them once the service is shutting down (``draining``)."""
 
     def __init__(self, limit: int, entrypoint: Entrypoint = "http") -> None:
         self.limit = limit
         self.held = 0
+        self.draining = False
         self._entrypoint = entrypoint
+
+    def check_open(self) -> None:
+        if self.draining:
+            raise ReplicaUnavailableError(
+                "The service is shutting down. Retry after the Retry-After delay: another replica "
+                "or the restarted service will answer."
+            )
 
     @contextmanager
     def slot(self) -> Iterator[None]:
+        self.check_open()
         if self.held >= self.limit:
             raise OverloadedError(f"{self.held} segmentations in progress; retry after Retry-After seconds.")
         self.held += 1
@@ -245,6 +256,7 @@ class Ingress:
         true``; the same key with another request is refused (409).
         """
         self._authorize(request)
+        self._admission.check_open()
         key = key_digest(idempotency_key)
         options, output = job.options.segment(task=job.task), job.options.output()
         self._flow.check(options, output=output)
@@ -297,11 +309,20 @@ class Ingress:
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
         """Readiness: 200 once every deployment of the app has a running replica (models loaded)."""
+        if self._admission.draining:
+            return JSONResponse({"ready": False, "waiting_for": [], "draining": True}, status_code=503)
         checked, report = self._ready
         if time.monotonic() - checked > _READY_TTL_S:
             report = await asyncio.to_thread(_readiness, self._app)
             self._ready = (time.monotonic(), report)
         return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+    async def drain(self) -> tuple[str, int]:
+        """Refuse every new request from now on (503, ``/readyz`` too); answers (this
+        replica's id, segmentations it still holds). ``raytseg serve`` calls it through the
+        app's handle on SIGTERM, until every ingress replica holds none."""
+        self._admission.draining = True
+        return serve.get_replica_context().replica_id.unique_id, self._admission.held
 
     def check_health(self) -> None:
         """Serve calls this every few seconds: it also wakes a job actor that Ray restarted,

@@ -185,6 +185,7 @@ class JobRunner:
         self._store = JobStore(jobs.store, app) if jobs.store else None
         self._claim = 0  # this actor's owner number in the store
         self._fenced = False  # a newer actor owns the store's jobs
+        self._draining = False  # the service is shutting down: start no more jobs
         self._opened = False
         self._opening = asyncio.Lock()
         self._records: OrderedDict[str, JobRecord] = OrderedDict()
@@ -228,6 +229,16 @@ class JobRunner:
             return None if stored is None else JobRecord.model_validate_json(stored).public()
         record = self._records.get(job_id)
         return None if record is None else record.public()
+
+    async def drain(self) -> int:
+        """Start no more jobs (queued ones stay queued: in the store, the next start runs
+        them); answers how many are still running."""
+        if not self._draining and self._store is None:
+            queued = sum(r.state == "queued" for r in self._records.values())
+            if queued:
+                log.warning("%d queued jobs will not run: without jobs.store they end here.", queued)
+        self._draining = True
+        return sum(r.state == "running" for r in self._records.values())
 
     async def _open(self, route: Route) -> None:
         if self._opened:
@@ -278,8 +289,8 @@ class JobRunner:
 
     async def _run(self, record: JobRecord, flow: Flow, timeout_s: float) -> None:
         async with self._running:
-            if not await self._owned():
-                return  # the store's newer owner runs it
+            if self._draining or not await self._owned():
+                return  # left queued for the next start, or the store's newer owner runs it
             record.state, record.started_at = "running", time.time()
             await self._save(record)
             self._report_depth()

@@ -67,6 +67,48 @@ def start_local(config: ServeConfig, **ray_options: Any) -> LocalService:
     return LocalService(f"http://{http.host}:{http.port}", metrics_url(), config)
 
 
+def drain_local(config: ServeConfig) -> bool:
+    """Stop taking requests and jobs, then wait until none is in flight, at most
+    ``graceful_shutdown_timeout_s``; False if some were still running then.
+
+    Every ingress replica is told through the app's handle (a call reaches one replica,
+    so the calls go on until each has answered that it holds nothing); the job actor
+    starts no more jobs and is waited for until its running ones are done.
+    """
+    import time
+
+    import ray
+    from ray import serve
+
+    from raytseg.serve.jobs import job_runner
+    from raytseg.serve.runtime import INGRESS
+
+    ingress = serve.get_app_handle(config.app_name)
+    replicas, idle = _replica_ids(config.app_name, INGRESS), set[str]()
+    runner: Any = job_runner(config.app_name, config.jobs) if config.jobs.enabled else None
+    deadline = time.monotonic() + config.shutdown_timeout_s
+    while time.monotonic() < deadline:
+        replica, held = ingress.drain.remote().result()
+        if held == 0:  # for good: a draining replica admits nothing
+            idle.add(replica)
+        jobs = 0 if runner is None else ray.get(runner.drain.remote())
+        if replicas <= idle and jobs == 0:
+            time.sleep(1.0)  # the last answers leave the ingress after their slot is released
+            return True
+        time.sleep(0.2)
+    log.warning("Shutting down with requests or jobs still running (graceful_shutdown_timeout_s).")
+    return False
+
+
+def _replica_ids(app: str, deployment: str) -> set[str]:
+    """The unique ids of a deployment's running replicas (their actors' names end with them)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return {a["name"][len(prefix) :] for a in actors if a["name"].startswith(prefix)}
+
+
 def _local_cpus(required: float) -> int:
     """This machine's cores, or the app's reservation when it asks for more.
 

@@ -1,12 +1,16 @@
-"""``raytseg serve``: starts its own local Ray, prints the URL, serves, and stops on SIGTERM."""
+"""``raytseg serve``: starts its own local Ray, prints the URL, serves, and stops on SIGTERM
+after the requests in flight are answered (new ones get 503)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -21,7 +25,9 @@ MAIN = (
 )
 
 
-def test_serve_command_prints_url_serves_and_stops(weights: Path, tmp_path: Path, tiny_ct: bytes) -> None:
+def test_serve_command_prints_url_serves_and_stops(
+    weights: Path, tmp_path: Path, tiny_ct: bytes, ct: bytes
+) -> None:
     port = free_port()
     config = tmp_path / "serve.yaml"
     config.write_text(
@@ -52,7 +58,18 @@ def test_serve_command_prints_url_serves_and_stops(weights: Path, tmp_path: Path
             f"http://127.0.0.1:{port}/v1/segment", params={"fast": "true"}, content=tiny_ct, timeout=120
         )
         assert answer.status_code == 200, answer.text
-        proc.send_signal(signal.SIGTERM)
+        url = f"http://127.0.0.1:{port}/v1/segment"
+        post = partial(httpx.post, url, params={"fast": "true"}, timeout=120)
+        with ThreadPoolExecutor(3) as pool:  # in flight when SIGTERM arrives: they finish
+            in_flight = [pool.submit(post, content=ct) for _ in range(3)]
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with contextlib.suppress(httpx.TransportError):  # already stopped: refused too
+                late = post(content=tiny_ct)
+                assert (late.status_code, late.headers.get("Retry-After")) == (503, "30"), late.text
+            answers = [p.result() for p in in_flight]
+        assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
         assert proc.wait(timeout=90) == 0
     finally:
         if proc.poll() is None:

@@ -176,3 +176,28 @@ def test_without_a_store_records_live_in_memory(tmp_path: Path) -> None:
 def test_malformed_idempotency_keys_are_refused(key: str) -> None:
     with pytest.raises(InputError, match="Idempotency-Key"):
         key_digest(key)
+
+
+def test_a_draining_actor_finishes_running_jobs_and_leaves_queued_ones_to_the_next_start(
+    tmp_path: Path,
+) -> None:
+    async def run() -> None:
+        runner = Runner(JobsSpec(store=str(tmp_path), max_running=1), "draining")
+        running, _ = await runner.submit(spec("one"), ROUTE)
+        queued, _ = await runner.submit(spec("two"), ROUTE)
+        while runner.runs == 0:
+            await asyncio.sleep(0.01)
+        assert await runner.drain() == 1
+        runner.release.set()
+        await settle(runner)
+        assert await runner.drain() == 0
+        records = stored(tmp_path)
+        assert records[running["id"]]["state"] == "succeeded"
+        assert records[queued["id"]]["state"] == "queued"
+        successor = Runner(JobsSpec(store=str(tmp_path)), "next")
+        successor.release.set()
+        await successor.attach(ROUTE)
+        await settle(successor)
+        assert stored(tmp_path)[queued["id"]]["outputs"] == ["s3://out/two/by-next"]
+
+    asyncio.run(run())
