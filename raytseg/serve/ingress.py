@@ -20,6 +20,7 @@ they were uploaded and the answer comes back from the postprocess stage as bytes
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from raytseg import __version__
+from raytseg import __version__, errors
 from raytseg.config import environment
 from raytseg.errors import (
     ImageTooLargeError,
@@ -149,17 +150,35 @@ def _task_tag(task: str) -> str:
 
 
 def _readiness(app: str) -> dict[str, Any]:
-    status = serve.status().applications.get(app)
+    return readiness(serve.status().applications.get(app))
+
+
+def readiness(status: Any) -> dict[str, Any]:
+    """``/readyz``'s answer from Serve's status of the app (None: not deployed yet).
+
+    A deployment scaled to zero on purpose is HEALTHY without replicas; every other one
+    needs a running replica, and a model replica runs only once its network is loaded. A
+    deployment whose replicas fail to start is named in ``failed`` with the raytseg error
+    that stopped them (its class only: this route answers without a token, so no paths or
+    messages from the replicas).
+    """
     if status is None:
         return {"ready": False, "waiting_for": ["application"]}
-    # A deployment scaled to zero on purpose is HEALTHY without replicas; every other one
-    # needs a running replica, and a model replica runs only once its network is loaded.
-    waiting = [
-        name
-        for name, deployment in status.deployments.items()
-        if deployment.replica_states.get("RUNNING", 0) < 1 and deployment.status != "HEALTHY"  # type: ignore[call-overload]
-    ]
-    return {"ready": not waiting, "status": str(status.status.value), "waiting_for": sorted(waiting)}
+    waiting, failed = [], {}
+    for name, deployment in status.deployments.items():
+        if deployment.replica_states.get("RUNNING", 0) < 1 and deployment.status != "HEALTHY":
+            waiting.append(name)
+        if deployment.status in ("UNHEALTHY", "DEPLOY_FAILED"):
+            failed[name] = _error_class(deployment.message)
+    answer = {"ready": not waiting, "status": str(status.status.value), "waiting_for": sorted(waiting)}
+    return {**answer, "failed": failed} if failed else answer
+
+
+def _error_class(message: str) -> str:
+    """The last raytseg error named in a replica's failure message, else a generic word."""
+    named = re.findall(r"\b([A-Z][A-Za-z]+Error)\b", message or "")
+    ours = [name for name in named if isinstance(getattr(errors, name, None), type)]
+    return ours[-1] if ours else "the replicas fail to start (see their logs)"
 
 
 # ``serve.ingress`` pickles the FastAPI app (routes included) when the class is decorated,

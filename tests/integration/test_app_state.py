@@ -1,4 +1,4 @@
-"""What holds for the whole app, not one replica: job records, and the admission limits.
+"""What holds for the whole app, not one replica: job records, admission limits, outages.
 
 A local Ray runs a small Serve app (``total`` fast, tiny synthetic weights, two ingress
 replicas as the chart deploys) whose job store is ``s3://<bucket>/records`` on the moto
@@ -10,6 +10,8 @@ and are not run again, the others run and succeed, an ``Idempotency-Key`` still 
 job. Then the job actor alone is killed mid-job (Ray restarts it) and its jobs finish too.
 
 Storage outage: the S3 server stops for 10 s while jobs run; every job still succeeds.
+
+A model that cannot load: ``/readyz`` names it and its error; the other tasks are served.
 
 Admission: ``limits.max_queued_requests`` and ``jobs.max_pending`` bound the app, whichever
 ingress replica a request reaches.
@@ -66,7 +68,9 @@ def ray_dir() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def app_config(tmp_path: Path, max_pending: int) -> ServeConfig:
+def app_config(tmp_path: Path, max_pending: int, **changes: Any) -> ServeConfig:
+    """The app: ``total`` fast (tiny weights), S3 job store, two ingress replicas; ``changes``
+    replace top-level keys."""
     from raytseg.weights.synth import synthesize_task
 
     synthesize_task("total", tmp_path / "weights", fast=True, tiny=True)
@@ -90,6 +94,7 @@ def app_config(tmp_path: Path, max_pending: int) -> ServeConfig:
                 "max_pending": max_pending,
             },
             "http": {"port": free_port(), "metrics_export_port": free_port()},
+            **changes,
         },
         {},
     )
@@ -226,3 +231,30 @@ def test_jobs_ride_out_a_storage_outage(
     outputs = [data.cat_file(w.removeprefix("s3://")) for r in records.values() for w in r["outputs"]]
     assert len(outputs) == len(ids)
     assert len(set(outputs)) == 1  # the same segmentation of the same CT, whole
+
+
+def test_a_model_that_cannot_load_is_named_by_readyz(data: Any, tmp_path: Path, ray_dir: Path) -> None:
+    """``body`` fast is served but its weights are missing (Model300): the deployment fails,
+    ``/readyz`` names it with its error, and the tasks whose models load are served."""
+    from raytseg.serve.local import start_local, stop_local
+
+    tasks = {"total": {"modes": ["fast"]}, "body": {"modes": ["fast"]}}
+    config = app_config(tmp_path, max_pending=2, tasks=tasks)
+    url = f"http://127.0.0.1:{config.http.port}"
+    try:
+        with pytest.raises(RuntimeError, match="Model300"):
+            start_local(config, num_cpus=3, log_to_driver=False, _temp_dir=str(ray_dir))
+        ready = httpx.get(f"{url}/readyz", timeout=30)
+        assert ready.status_code == 503
+        assert ready.json() == {
+            "ready": False,
+            "status": "DEPLOY_FAILED",
+            "waiting_for": ["Model300"],
+            "failed": {"Model300": "MissingWeightsError"},
+        }
+        total = httpx.post(
+            f"{url}/v1/segment", params={"fast": "true"}, content=EXAMPLE_CT.read_bytes(), timeout=120
+        )
+        assert total.status_code == 200, total.text
+    finally:
+        stop_local()
