@@ -13,6 +13,8 @@ Storage outage: the S3 server stops for 10 s while jobs run; every job still suc
 
 A model that cannot load: ``/readyz`` names it and its error; the other tasks are served.
 
+A rolling update: the app redeployed with another config under load loses no request.
+
 Admission: ``limits.max_queued_requests`` and ``jobs.max_pending`` bound the app, whichever
 ingress replica a request reaches.
 """
@@ -23,6 +25,7 @@ import contextlib
 import json
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -151,6 +154,24 @@ def wait_until(check: Callable[[], T], timeout_s: float, what: str) -> T:
     return answer
 
 
+def tiny_ct() -> bytes:
+    """A corner of the example CT: many requests a second."""
+    import gzip
+
+    import nibabel as nib
+
+    img: Any = nib.load(EXAMPLE_CT)
+    return gzip.compress(img.slicer[40:64, 40:64, 10:20].to_bytes(), mtime=0)
+
+
+def replicas() -> set[str]:
+    """The names of the app's Serve replica actors."""
+    import ray
+
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return {a["name"] for a in actors if a["name"].startswith("SERVE_REPLICA::")}
+
+
 def kill_job_actor(restart: bool) -> None:
     import ray
 
@@ -258,3 +279,44 @@ def test_a_model_that_cannot_load_is_named_by_readyz(data: Any, tmp_path: Path, 
         assert total.status_code == 200, total.text
     finally:
         stop_local()
+
+
+def test_a_rolling_config_update_under_load_loses_no_request(
+    data: Any, tmp_path: Path, ray_dir: Path
+) -> None:
+    """The app is redeployed with another config while clients segment and jobs run: every
+    request is answered (200, or 429/503 with Retry-After) and every accepted job succeeds."""
+    from ray import serve
+
+    from raytseg.serve.app import build_app
+
+    config, ct = app_config(tmp_path, max_pending=8), tiny_ct()
+    updated = config.model_copy(update={"limits": config.limits.model_copy(update={"retry_after_s": 3})})
+    with cluster(config, ray_dir) as api:
+        ids = [submit(api, f"u{n}").json()["id"] for n in range(3)]
+        stop, answers = threading.Event(), []
+
+        def client() -> None:
+            while not stop.is_set():
+                try:
+                    answer = api.post("/v1/segment", params={"fast": "true"}, content=ct)
+                    answers.append((answer.status_code, answer.headers.get("Retry-After")))
+                except httpx.HTTPError as exc:
+                    answers.append((0, repr(exc)))
+
+        with ThreadPoolExecutor(2) as pool:
+            clients = [pool.submit(client) for _ in range(2)]
+            time.sleep(2.0)
+            before = replicas()
+            serve.run(build_app(updated), name=config.app_name, route_prefix="/")
+            during = len(answers)
+            time.sleep(2.0)
+            stop.set()
+            for done in clients:
+                done.result()
+        records = succeeded(api, ids, 300, "the jobs accepted before the update")
+        assert not before & replicas(), "the update replaced no replica"
+    assert during < len(answers)  # requests went on through the update and after it
+    lost = [a for a in answers if a[0] not in (200, 429, 503) or (a[0] != 200 and a[1] is None)]
+    assert not lost, lost
+    assert len(records) == len(ids)
