@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import os
 import posixpath
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,9 @@ def check_bearer(authorization: str | None, tokens: Sequence[bytes]) -> None:
         raise UnauthorizedError("The API token is not valid.")
 
 
+_ENCODED_SEPARATOR = re.compile(r"%(2e|2f|5c)", re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class UriPolicy:
     """Where jobs may read and write: normalised locations under one of ``prefixes``."""
@@ -90,6 +94,8 @@ def normalise_location(location: str, what: str) -> str:
     """A canonical spelling: ``scheme://path`` without dot segments, or a resolved local path."""
     if any(c in location for c in "\x00\\?#") or not location.strip():
         raise UriNotAllowedError(f"The {what} contains characters that are not allowed in a job URI.")
+    if _ENCODED_SEPARATOR.search(location):  # decoded by some servers into '..' or '/'
+        raise UriNotAllowedError(f"The {what} must not contain percent-encoded dots, slashes or backslashes.")
     if location.startswith("file://"):
         location = location[len("file://") :]
     if "://" not in location:

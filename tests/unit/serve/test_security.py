@@ -75,6 +75,10 @@ def test_allowed(policy: UriPolicy, uri: str, normal: str) -> None:
         "https://bucket/in/ct.nii.gz",
         "s3://bucket/in/ct.nii.gz?versionId=1",
         "s3://bucket/in/ct\\..\\x",
+        "s3://bucket/in/%2e%2e/secret/ct.nii.gz",  # a server that decodes it would go up
+        "s3://bucket/in/%2E%2E%2Fsecret",
+        "s3://bucket/in/..%2fsecret",
+        "s3://bucket/in/%5c..%5csecret",
         "relative/path.nii.gz",
         "",
     ],
