@@ -32,6 +32,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -275,11 +276,13 @@ class JobRunner:
         return record.public()
 
     def _start(self, record: JobRecord, route: Route) -> None:
-        run = self._run(record, self._flow(route), route.config.request_timeout_s)
-        task = asyncio.get_running_loop().create_task(run)
+        self._spawn(self._run(record, self._flow(route), route.config.request_timeout_s))
+        self._report_depth()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)  # keep a reference until done, or the loop may drop it
         task.add_done_callback(self._tasks.discard)
-        self._report_depth()
 
     def _flow(self, route: Route) -> Flow:
         key = route.fingerprint
@@ -334,12 +337,11 @@ class JobRunner:
         """Store a new job's record before it is acknowledged; errors reach the client."""
         if self._store is None:
             return
-        if not await asyncio.to_thread(self._store.is_owner, self._claim):
-            self._fenced = True
+        if not await self._check_owner(self._store):
             raise ReplicaUnavailableError(
                 "This job service is being replaced by a newer one. Retry after the Retry-After delay."
             )
-        await asyncio.to_thread(self._store.save, record.id, record.model_dump_json().encode())
+        await self._write(self._store, record)
 
     async def _owned(self) -> bool:
         """Whether this actor still owns the store's jobs (True without a store, or while
@@ -347,10 +349,14 @@ class JobRunner:
         if self._store is None:
             return True
         try:
-            owned = await asyncio.to_thread(self._store.is_owner, self._claim)
+            return await self._check_owner(self._store)
         except StorageError as exc:
             log.warning("%s", exc)
             return True
+
+    async def _check_owner(self, store: JobStore) -> bool:
+        """Whether no newer actor has claimed the store (``_fenced`` follows the answer)."""
+        owned = await asyncio.to_thread(store.is_owner, self._claim)
         if not owned and not self._fenced:
             log.warning("A newer job actor owns the job store: this one starts and commits no more jobs.")
         self._fenced = not owned
@@ -361,9 +367,13 @@ class JobRunner:
         if self._store is None:
             return
         try:
-            await asyncio.to_thread(self._store.save, record.id, record.model_dump_json().encode())
+            await self._write(self._store, record)
         except StorageError as exc:
             log.warning("Job %s: %s", record.id, exc)
+
+    @staticmethod
+    async def _write(store: JobStore, record: JobRecord) -> None:
+        await asyncio.to_thread(store.save, record.id, record.model_dump_json().encode())
 
     def _forget_old(self) -> None:
         finished = [k for k, r in self._records.items() if r.finished]
@@ -372,9 +382,7 @@ class JobRunner:
             record = self._records.pop(key)
             self._keys.pop(record.key or "", None)
         if old and self._store is not None:
-            task = asyncio.get_running_loop().create_task(self._delete(self._store, old))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._delete(self._store, old))
 
     async def _delete(self, store: JobStore, job_ids: list[str]) -> None:
         try:

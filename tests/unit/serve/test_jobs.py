@@ -61,6 +61,15 @@ def stored(folder: Path) -> dict[str, dict[str, Any]]:
     return {r["id"]: r for r in records}
 
 
+async def one_running_one_queued(runner: Runner) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two jobs on a runner with ``max_running`` 1, once the first one runs."""
+    running, _ = await runner.submit(spec("one"), ROUTE)
+    queued, _ = await runner.submit(spec("two"), ROUTE)
+    while runner.runs == 0:
+        await asyncio.sleep(0.01)
+    return running, queued
+
+
 async def settle(runner: JobRunner) -> None:
     while runner._tasks:
         await asyncio.sleep(0.01)
@@ -84,10 +93,7 @@ def test_a_job_is_recorded_before_it_is_acknowledged(tmp_path: Path) -> None:
 def test_a_successor_runs_unfinished_jobs_again_and_the_old_actor_commits_nothing(tmp_path: Path) -> None:
     async def run() -> None:
         old = Runner(JobsSpec(store=str(tmp_path), max_running=1), "old")
-        running, _ = await old.submit(spec("one"), ROUTE)
-        queued, _ = await old.submit(spec("two"), ROUTE)
-        while old.runs == 0:
-            await asyncio.sleep(0.01)
+        running, queued = await one_running_one_queued(old)
         new = Runner(JobsSpec(store=str(tmp_path), max_running=1), "new")
         new.release.set()
         await new.attach(ROUTE)
@@ -183,10 +189,7 @@ def test_a_draining_actor_finishes_running_jobs_and_leaves_queued_ones_to_the_ne
 ) -> None:
     async def run() -> None:
         runner = Runner(JobsSpec(store=str(tmp_path), max_running=1), "draining")
-        running, _ = await runner.submit(spec("one"), ROUTE)
-        queued, _ = await runner.submit(spec("two"), ROUTE)
-        while runner.runs == 0:
-            await asyncio.sleep(0.01)
+        running, queued = await one_running_one_queued(runner)
         assert await runner.drain() == 1
         runner.release.set()
         await settle(runner)
