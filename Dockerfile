@@ -11,18 +11,27 @@
 # serve at start from RAYTSEG_WEIGHTS (s3://..., or a mounted folder).
 # Its steps are the README's commands (scripts/install-runtime.sh), which CI runs too;
 # tests/unit/deploy/test_dockerfile.py keeps them equal.
+#
+# Without a registry or an index (CI, air-gapped builds): scripts/build-image.sh makes a Debian
+# bookworm base with debootstrap (BASE_IMAGE) and serves pip a folder of wheels.
 
 ARG PYTHON_VERSION=3.11
-FROM python:${PYTHON_VERSION}-slim-bookworm
+# Any Debian bookworm with Python 3.11 as `python` and its venv module.
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim-bookworm
+FROM ${BASE_IMAGE}
 
 ARG RAYTSEG_TORCH=cpu
 # The CPU variant takes torch from PyTorch's CPU wheel index (PyPI's Linux wheels are CUDA builds).
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+# Builds without an index (scripts/build-image.sh): PIP_NO_INDEX=1 and PIP_FIND_LINKS, the URL
+# of a wheel folder. Unset by default: pip reads only what is set.
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 
 # wget: KubeRay's probes and the health check; bash: KubeRay's container command.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends wget bash ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 
 # The user KubeRay's docs assume (uid 1000, like rayproject/ray's `ray`), group users (100).
 RUN useradd --uid 1000 --gid 100 --create-home --home-dir /home/ray --shell /bin/bash ray

@@ -9,7 +9,10 @@
 #   /usr/bin/prometheus       Debian's prometheus package (the tests start their own instance
 #                             on 127.0.0.1; the package's service is kept from starting)
 #   .cache/runtime-venv       scripts/install-runtime.sh run into an empty venv: the runtime-only
-#                             install of the container image; its import check is the smoke test
+#                             install of the container image; its import check is the smoke test,
+#                             and its packages are the image's lock (scripts/build-image.sh)
+#   /usr/sbin/dockerd         Debian's docker.io and debootstrap: the container tests build the
+#                             image from a local base and start their own engine (not a service)
 #
 # Set RAYTSEG_SKIP_RUNTIME_VENV=1 to skip the last one (it takes a minute and 2.5 GB).
 set -euo pipefail
@@ -85,6 +88,13 @@ install_osmesa() {
   ldconfig -p | grep "libOSMesa.so" >/dev/null
 }
 
+# Docker's engine and debootstrap (the image's base, made without a registry).
+install_docker() {
+  command -v dockerd >/dev/null && command -v debootstrap >/dev/null && return
+  apt_install_quiet docker.io debootstrap
+  dockerd --version
+}
+
 install_runtime_venv() {
   [[ ${RAYTSEG_SKIP_RUNTIME_VENV:-0} == 1 ]] && return
   local venv="$PWD/.cache/runtime-venv"
@@ -105,4 +115,5 @@ install_prometheus
 install_dicom3tools
 install_orthanc
 install_osmesa
+install_docker
 install_runtime_venv

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -357,3 +358,71 @@ def series_with_uids(folder: Path, salt: str) -> tuple[str, str, list[bytes]]:
         dataset.save_as(buffer)
         blobs.append(buffer.getvalue())
     return study, series, blobs
+
+
+@dataclass(frozen=True)
+class Prometheus:
+    """A Prometheus server's query API."""
+
+    url: str
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        import httpx
+
+        answer = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        body = answer.json()
+        assert answer.status_code == 200, f"{expr}: {body}"
+        assert body["status"] == "success", f"{expr}: {body}"
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def value(self, expr: str) -> float:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else 0.0
+
+
+@contextmanager
+def prometheus_server(binary: str, config: dict[str, Any], work: Path) -> Iterator[Prometheus]:
+    """Debian's Prometheus on 127.0.0.1 with ``config`` (prometheus.yml as a dict), its data
+    in ``work``; stopped afterwards."""
+    import httpx
+    import yaml
+
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{free_port()}"
+    log = (work / "prometheus.log").open("w")
+    args = [
+        binary,
+        f"--config.file={work / 'prometheus.yml'}",
+        f"--storage.tsdb.path={work / 'data'}",
+        f"--web.listen-address={url.removeprefix('http://')}",
+        "--log.level=warn",
+    ]
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
+        assert process.poll() is None, (work / "prometheus.log").read_text()
+        try:
+            return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        deadline = time.monotonic() + 60
+        while not ready():
+            assert time.monotonic() < deadline, "Prometheus did not start"
+            time.sleep(0.5)
+        yield Prometheus(url)
+    finally:
+        stop_process(process, timeout_s=20)
+        log.close()
+
+
+def stop_process(process: subprocess.Popen[Any], timeout_s: float) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within ``timeout_s``."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+
+from tests.integration.conftest import Prometheus, prometheus_server
 
 pytest.importorskip("ray.serve")
 
@@ -108,31 +109,12 @@ def service(
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 
-@dataclass(frozen=True)
-class Prometheus:
-    url: str
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        answer = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
-        body = answer.json()
-        assert answer.status_code == 200, f"{expr}: {body}"
-        assert body["status"] == "success", f"{expr}: {body}"
-        result: list[dict[str, Any]] = body["data"]["result"]
-        return result
-
-    def value(self, expr: str) -> float:
-        result = self.query(expr)
-        return float(result[0]["value"][1]) if result else 0.0
-
-
 @pytest.fixture(scope="module")
 def prometheus(
     prometheus_binary: str,
     service: Local,
     ci_render: list[dict[str, Any]],
     tmp_path_factory: pytest.TempPathFactory,
-    port: Callable[[], int],
-    waiter: Callable[..., None],
 ) -> Iterator[Prometheus]:
     work = tmp_path_factory.mktemp("prometheus")
     (rule,) = [o for o in ci_render if o["kind"] == "PrometheusRule"]
@@ -150,39 +132,8 @@ def prometheus(
             }
         ],
     }
-    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    url = f"http://127.0.0.1:{port()}"
-    log = (work / "prometheus.log").open("w")
-    process = subprocess.Popen(
-        [
-            prometheus_binary,
-            f"--config.file={work / 'prometheus.yml'}",
-            f"--storage.tsdb.path={work / 'data'}",
-            f"--web.listen-address={url.removeprefix('http://')}",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-    def ready() -> bool:
-        assert process.poll() is None, (work / "prometheus.log").read_text()
-        try:
-            return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        waiter(ready, 60, "Prometheus to start")
-        yield Prometheus(url)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    with prometheus_server(prometheus_binary, config, work) as prometheus:
+        yield prometheus
 
 
 @pytest.fixture(scope="module")
@@ -217,9 +168,10 @@ def test_request_counter_and_stage_histogram_reach_prometheus(
     waiter(lambda: prom.value(failed) >= 1, 30, "the refused upload's error count", 1)
 
 
-def _substitute(text: str) -> str:
-    for name in sorted(VARIABLES, key=len, reverse=True):  # $__range before $__rate_interval...
-        text = text.replace(name, VARIABLES[name])
+def substitute(text: str, variables: dict[str, str] = VARIABLES) -> str:
+    """A dashboard expression with its variables replaced by ``variables``' values."""
+    for name in sorted(variables, key=len, reverse=True):  # $__range before $__rate_interval...
+        text = text.replace(name, variables[name])
     return text
 
 
@@ -236,7 +188,7 @@ def test_every_dashboard_query_runs(
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     empty = []
     for panel in panels:
-        results = [after_requests.query(_substitute(t["expr"])) for t in panel["targets"]]
+        results = [after_requests.query(substitute(t["expr"])) for t in panel["targets"]]
         if panel["title"] in PANELS_WITH_DATA and not any(results):
             empty.append(panel["title"])
     assert not empty, f"panels without data: {empty}"
@@ -246,7 +198,7 @@ def test_every_dashboard_query_runs(
         metric, label = variable["definition"].removeprefix("label_values(").removesuffix(")").rsplit(", ", 1)
         answer = httpx.get(
             f"{after_requests.url}/api/v1/label/{label}/values",
-            params={"match[]": _substitute(metric)},
+            params={"match[]": substitute(metric)},
             timeout=10,
         ).json()
         assert answer["status"] == "success", variable["name"]

@@ -118,3 +118,14 @@ def test_health_check_and_ports(steps: list[tuple[str, str]]) -> None:
     assert set(exposed) == {"8000", "8080"}
     (cmd,) = [args for keyword, args in steps if keyword == "CMD"]
     assert cmd.startswith('["raytseg", "serve"')
+
+
+def test_the_base_and_pips_sources_are_build_arguments(steps: list[tuple[str, str]]) -> None:
+    """scripts/build-image.sh builds without a registry or an index; users get the defaults."""
+    assert ("ARG", "BASE_IMAGE=python:${PYTHON_VERSION}-slim-bookworm") in steps
+    assert [args for keyword, args in steps if keyword == "FROM"] == ["${BASE_IMAGE}"]
+    offline = [args for keyword, args in steps if keyword == "ARG" and args.startswith("PIP_")]
+    assert offline == ["PIP_NO_INDEX", "PIP_FIND_LINKS"]  # no defaults: unset unless given
+    script = (REPO / "scripts" / "build-image.sh").read_text()
+    assert "--build-arg PIP_NO_INDEX=1" in script
+    assert "--build-arg BASE_IMAGE=" in script
