@@ -118,6 +118,8 @@ class Identity:
 def _env(container: dict[str, Any], pod: Identity, secrets: Secrets) -> dict[str, str]:
     """The template's variables, with fieldRef and secretKeyRef resolved as the kubelet does."""
     env = {}
+    for source in container.get("envFrom", []):  # every key of a Secret, as variables
+        env.update(secrets[source["secretRef"]["name"]])
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = str(item["value"])
@@ -129,12 +131,12 @@ def _env(container: dict[str, Any], pod: Identity, secrets: Secrets) -> dict[str
     return env
 
 
-def _probes(head: bool, serve_port: int) -> tuple[Probe, Probe]:
+def _probes(head: bool, crd: str, serve_port: int) -> tuple[Probe, Probe]:
     """initLivenessAndReadinessProbe for Ray >= 2.53: GET /api/healthz on the agent; a
     RayService worker's readiness also asks its Serve proxy, with one failure allowed."""
     timeout = 5 if head else 2
     liveness = Probe(None, (AGENT_PORT, "/api/healthz"), 30, 5, timeout, 120)
-    if head:
+    if head or crd != "RayService":
         return liveness, Probe(None, (AGENT_PORT, "/api/healthz"), 10, 5, timeout, 10)
     checks = [
         WGET.format(timeout=2, port=AGENT_PORT, path="api/local_raylet_healthz"),
@@ -143,17 +145,17 @@ def _probes(head: bool, serve_port: int) -> tuple[Probe, Probe]:
     return liveness, Probe(["bash", "-c", " && ".join(checks)], None, 10, 5, timeout, 1)
 
 
-def ray_pod(identity: Identity, group: dict[str, Any], secrets: Secrets) -> RayPod:
-    """The pod KubeRay builds for the head group or a worker group."""
+def ray_pod(identity: Identity, group: dict[str, Any], secrets: Secrets, crd: str = "RayService") -> RayPod:
+    """The pod KubeRay builds for the head group or a worker group of a RayService or RayJob."""
     params = _start_params(group, identity.head, f"{identity.head_fqdn}:6379")
     start = ray_start_command(params, identity.head)
     spec = group["template"]["spec"]
     container = spec["containers"][0]
-    env = {**_env(container, identity, secrets), **_kuberay_env(identity, start, secrets)}
+    env = {**_env(container, identity, secrets), **_kuberay_env(identity, start, secrets, crd)}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     security = spec["securityContext"]
     limits = container["resources"]["limits"]
-    liveness, readiness = _probes(identity.head, ports.get("serve", 8000))
+    liveness, readiness = _probes(identity.head, crd, ports.get("serve", 8000))
     return RayPod(
         name=identity.name,
         head=identity.head,
@@ -182,8 +184,8 @@ def _labels(pod: Identity, group: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _kuberay_env(pod: Identity, start: str, secrets: Secrets) -> dict[str, str]:
-    """setContainerEnvVars (RayService), SetContainerTokenAuthEnvVars, autoscaler v2."""
+def _kuberay_env(pod: Identity, start: str, secrets: Secrets, crd: str) -> dict[str, str]:
+    """setContainerEnvVars, SetContainerTokenAuthEnvVars, autoscaler v2."""
     ip = "127.0.0.1" if pod.head else pod.head_fqdn
     env = {} if pod.head else {"FQ_RAY_IP": pod.head_fqdn, "RAY_IP": pod.head_fqdn.split(".")[0]}
     env.update(
@@ -193,16 +195,19 @@ def _kuberay_env(pod: Identity, start: str, secrets: Secrets) -> dict[str, str]:
         RAY_NODE_TYPE_NAME=pod.group,
         KUBERAY_GEN_RAY_START_CMD=start,
         RAY_PORT="6379",
-        RAY_timeout_ms_task_wait_for_death_info="0",
-        RAY_gcs_server_request_timeout_seconds="5",
-        RAY_SERVE_KV_TIMEOUT_S="5",
         RAY_ADDRESS=f"{ip}:6379",
         RAY_USAGE_STATS_KUBERAY_IN_USE="1",
         RAY_DASHBOARD_ENABLE_K8S_DISK_USAGE="1",
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets[pod.cluster]["auth_token"],  # the Secret KubeRay makes per cluster
     )
+    if crd == "RayService":  # "to improve service SLA"
+        env.update(
+            RAY_timeout_ms_task_wait_for_death_info="0",
+            RAY_gcs_server_request_timeout_seconds="5",
+            RAY_SERVE_KV_TIMEOUT_S="5",
+        )
     if pod.head:
-        env["RAY_USAGE_STATS_EXTRA_TAGS"] = "kuberay_version=nightly;kuberay_crd=RayService"
+        env["RAY_USAGE_STATS_EXTRA_TAGS"] = f"kuberay_version=nightly;kuberay_crd={crd}"
         env["RAY_ENABLE_AUTOSCALER_V2"] = "true"
     return env

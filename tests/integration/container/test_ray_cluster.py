@@ -23,6 +23,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -51,14 +52,16 @@ class Cluster:
     spec: dict[str, Any]  # rayClusterConfig
     serve_config: dict[str, Any]
     secrets: dict[str, dict[str, str]]
-    folders: dict[str, Path]  # Secret and claim names -> what this machine mounts for them
+    folders: dict[str, Path]  # Secret, ConfigMap and claim names -> what this machine mounts
+    crd: str = "RayService"  # what owns the cluster: a RayService or a RayJob
     pods: dict[str, RayPod] = field(default_factory=dict)  # the live ones
     lost: list[str] = field(default_factory=list)  # killed containers, removed at the end
 
     def start(self, group: dict[str, Any]) -> RayPod:
         kind = group.get("groupName", "headgroup")
         suffix = "head" if kind == "headgroup" else f"{kind}-worker-{uuid.uuid4().hex[:5]}"
-        pod = ray_pod(Identity(self.name, NAMESPACE, f"{self.name}-{suffix}", kind), group, self.secrets)
+        identity = Identity(self.name, NAMESPACE, f"{self.name}-{suffix}", kind)
+        pod = ray_pod(identity, group, self.secrets, self.crd)
         self.docker("run", "-d", *self._run_args(pod, group), pod.image, *pod.command[1:])
         self.pods[pod.name] = pod
         return pod
@@ -97,7 +100,8 @@ class Cluster:
         if "emptyDir" in volume:
             size = int(quantity(volume["emptyDir"].get("sizeLimit", "1Gi")))
             return f"--tmpfs={path}:rw,uid=1000,gid=100,mode=1770,size={size}"
-        source = volume.get("secret", {}).get("secretName") or volume["persistentVolumeClaim"]["claimName"]
+        names = (volume.get("secret", {}).get("secretName"), volume.get("configMap", {}).get("name"))
+        source = next((n for n in names if n), None) or volume["persistentVolumeClaim"]["claimName"]
         return f"--volume={self.folders[source]}:{path}:ro"
 
     def ip(self, pod: RayPod) -> str:
@@ -169,43 +173,60 @@ def wait_for(cluster: Cluster, check: Callable[[], bool], timeout_s: float, what
         raise AssertionError(f"{error}\n{diagnosis(cluster)}") from None
 
 
-def _folders(weights_root: Path) -> dict[str, Path]:
-    tokens = weights_root / "api-tokens"
-    tokens.mkdir()
-    (tokens / "tokens").write_text(f"{API_TOKEN}\n")
-    return {"raytseg-api-tokens": tokens, "raytseg-weights": weights_root / "weights"}
+@contextmanager
+def docker_network(docker: Docker) -> Iterator[tuple[str, str]]:
+    """A bridge network for one cluster: its name and this machine's address on it."""
+    name = f"raytseg-test-{uuid.uuid4().hex[:8]}"
+    docker("network", "create", name)
+    try:
+        yield name, docker("network", "inspect", "--format", "{{(index .IPAM.Config 0).Gateway}}", name)
+    finally:
+        subprocess.run(["docker", "network", "rm", name], env=docker.env, capture_output=True, timeout=60)
+
+
+@contextmanager
+def mounted_folders() -> Iterator[dict[str, Path]]:
+    """The folders mounted for the chart's volumes: the API tokens Secret and the weights
+    claim (the fast total model, random weights). Others may be added; all readable by uid
+    1000 once ``readable`` ran."""
+    from raytseg.weights.synth import synthesize_task
+
+    root = Path(tempfile.mkdtemp(prefix="raytseg-cluster-", dir="/tmp"))
+    try:
+        synthesize_task("total", root / "weights", fast=True, tiny=True)
+        (root / "api-tokens").mkdir()
+        (root / "api-tokens" / "tokens").write_text(f"{API_TOKEN}\n")
+        yield {"raytseg-api-tokens": root / "api-tokens", "raytseg-weights": root / "weights"}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def readable(folders: dict[str, Path]) -> None:
+    for folder in folders.values():
+        for path in [folder.parent, folder, *folder.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def remove(cluster: Cluster) -> None:
+    for name in [*cluster.pods, *cluster.lost]:
+        subprocess.run(["docker", "rm", "-f", name], env=cluster.docker.env, capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def cluster(docker: Docker, image: Image, chart: ModuleType) -> Iterator[Cluster]:
-    from raytseg.weights.synth import synthesize_task
-
     (service,) = [o for o in chart.template([VALUES], namespace=NAMESPACE) if o["kind"] == "RayService"]
     spec = service["spec"]["rayClusterConfig"]
     assert spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == image.tag
-    root = Path(tempfile.mkdtemp(prefix="raytseg-cluster-", dir="/tmp"))
-    synthesize_task("total", root / "weights", fast=True, tiny=True)
-    network = f"raytseg-test-{uuid.uuid4().hex[:8]}"
     name = f"{service['metadata']['name']}-{uuid.uuid4().hex[:5]}"
-    docker("network", "create", network)
-    state = Cluster(
-        docker,
-        network,
-        name,
-        spec,
-        yaml.safe_load(service["spec"]["serveConfigV2"]),
-        {name: {"auth_token": secrets.token_hex(24)}},
-        _folders(root),
-    )
-    for path in [root, *root.rglob("*")]:  # readable by the containers' uid 1000
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    try:
-        yield state
-    finally:
-        for name in [*state.pods, *state.lost]:
-            subprocess.run(["docker", "rm", "-f", name], env=docker.env, capture_output=True, timeout=60)
-        subprocess.run(["docker", "network", "rm", network], env=docker.env, capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    token = {name: {"auth_token": secrets.token_hex(24)}}
+    with docker_network(docker) as (network, _), mounted_folders() as folders:
+        readable(folders)
+        state = Cluster(docker, network, name, spec, serve_config, token, folders)
+        try:
+            yield state
+        finally:
+            remove(state)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +239,7 @@ def running(cluster: Cluster) -> Cluster:
     wait_for(cluster, lambda: ready(cluster, head), 120, "the head's readiness probe")
     pods = [cluster.start(workers) for _ in range(workers["replicas"])]
     deploy(cluster)
-    wait_for(cluster, lambda: app_running(cluster), 120, "the Serve app to run")
+    wait_for(cluster, lambda: app_running(cluster), 300, "the Serve app to run")
     wait_for(cluster, lambda: all(ready(cluster, pod) for pod in pods), 120, "the workers' readiness probes")
     return cluster
 

@@ -53,16 +53,21 @@ def mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield shared
 
 
-def cli_segmentation(image: bytes, weights: Path, folder: Path) -> bytes:
-    """``raytseg segment --fast --ml`` on this machine, outside any container."""
-    source, out = folder / "ct.nii.gz", folder / "cli.nii.gz"
+def cli_outputs(image: bytes, weights: Path, folder: Path, ml: bool) -> Path:
+    """``raytseg segment --fast`` on this machine, outside any container: the multilabel file
+    (``ml``) or the folder of class masks."""
+    source, out = folder / "ct.nii.gz", folder / ("cli.nii.gz" if ml else "cli")
     source.write_bytes(image)
-    args = [sys.executable, "-m", "raytseg.cli", "segment", "-i", str(source), "-o", str(out)]
-    args += ["--fast", "--ml"]
+    args = [sys.executable, "-m", "raytseg.cli", "segment", "-i", str(source), "-o", str(out), "--fast"]
     env = {"RAYTSEG_WEIGHTS": str(weights), "PATH": "/usr/bin:/bin", "HOME": str(folder)}
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(args + ["--ml"] * ml, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return out.read_bytes()
+    return out
+
+
+def cli_segmentation(image: bytes, weights: Path, folder: Path) -> bytes:
+    """``raytseg segment --fast --ml``'s file."""
+    return cli_outputs(image, weights, folder, ml=True).read_bytes()
 
 
 def tiny_ct() -> bytes:
