@@ -1,11 +1,11 @@
-"""What KubeRay makes of a rendered RayService's pod templates, as ``docker run`` arguments.
+"""What KubeRay makes of the pod templates of a rendered RayService or RayJob.
 
 KubeRay (>= 1.7; ray-operator/controllers/ray/common/pod.go) does not run the image's
 command: it writes ``ulimit -n ...; ray start ...`` from the group's ``rayStartParams`` and the
 container's resource limits, adds variables (the head's address, the Ray token, Serve's
 timeouts...), a memory-backed /dev/shm, and liveness/readiness probes. This module does the
-same for the settings the chart uses (token auth, in-tree autoscaling, no TLS, no GCS fault
-tolerance), so that containers start as KubeRay would start them. Left out: the autoscaler
+same for the settings the chart uses (token auth, in-tree autoscaling v2 or none, no TLS, no
+GCS fault tolerance), so that containers start as KubeRay would start them. Left out: the autoscaler
 sidecar (it drives the Kubernetes API) and the ``wait-gcs-ready`` init container (the test
 starts workers once the head answers).
 """
@@ -56,15 +56,16 @@ def quantity(text: str | int) -> float:
     return float(number) * units.get(unit, 1)
 
 
-def _start_params(group: dict[str, Any], head: bool, head_address: str) -> dict[str, str]:
+def _start_params(group: dict[str, Any], pod: Identity) -> dict[str, str]:
     """setMissingRayStartParams and generateRayStartCommand's additions (num-cpus, memory)."""
     params = {k: str(v) for k, v in group["rayStartParams"].items()}
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    if head:
+    if pod.head:
         params.setdefault("dashboard-host", "0.0.0.0")
-        params["no-monitor"] = "true"  # in-tree autoscaling: the sidecar monitors instead
+        if pod.autoscaling:
+            params["no-monitor"] = "true"  # the autoscaler sidecar monitors instead
     else:
-        params.setdefault("address", head_address)
+        params.setdefault("address", f"{pod.head_fqdn}:6379")
     params.setdefault("metrics-export-port", "8080")
     params["block"] = "true"
     params.setdefault("dashboard-agent-listen-port", str(AGENT_PORT))
@@ -96,6 +97,7 @@ class Identity:
     namespace: str
     name: str
     group: str  # "headgroup" for the head
+    autoscaling: bool  # the cluster's enableInTreeAutoscaling (the chart's: autoscaler v2)
 
     @property
     def head(self) -> bool:
@@ -147,7 +149,7 @@ def _probes(head: bool, crd: str, serve_port: int) -> tuple[Probe, Probe]:
 
 def ray_pod(identity: Identity, group: dict[str, Any], secrets: Secrets, crd: str = "RayService") -> RayPod:
     """The pod KubeRay builds for the head group or a worker group of a RayService or RayJob."""
-    params = _start_params(group, identity.head, f"{identity.head_fqdn}:6379")
+    params = _start_params(group, identity)
     start = ray_start_command(params, identity.head)
     spec = group["template"]["spec"]
     container = spec["containers"][0]
@@ -209,5 +211,6 @@ def _kuberay_env(pod: Identity, start: str, secrets: Secrets, crd: str) -> dict[
         )
     if pod.head:
         env["RAY_USAGE_STATS_EXTRA_TAGS"] = f"kuberay_version=nightly;kuberay_crd={crd}"
+    if pod.head and pod.autoscaling:
         env["RAY_ENABLE_AUTOSCALER_V2"] = "true"
     return env

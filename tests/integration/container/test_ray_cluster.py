@@ -60,7 +60,8 @@ class Cluster:
     def start(self, group: dict[str, Any]) -> RayPod:
         kind = group.get("groupName", "headgroup")
         suffix = "head" if kind == "headgroup" else f"{kind}-worker-{uuid.uuid4().hex[:5]}"
-        identity = Identity(self.name, NAMESPACE, f"{self.name}-{suffix}", kind)
+        autoscaling = bool(self.spec.get("enableInTreeAutoscaling"))
+        identity = Identity(self.name, NAMESPACE, f"{self.name}-{suffix}", kind, autoscaling)
         pod = ray_pod(identity, group, self.secrets, self.crd)
         self.docker("run", "-d", *self._run_args(pod, group), pod.image, *pod.command[1:])
         self.pods[pod.name] = pod
