@@ -138,8 +138,13 @@ def readable_copy(source: Path) -> Iterator[Path]:
     parent = Path(tempfile.mkdtemp(prefix="raytseg-mount-", dir="/tmp"))
     try:
         target = Path(shutil.copytree(source, parent / "mount"))
-        for path in [parent, target, *target.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
+        make_readable(parent)
         yield target
     finally:
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def make_readable(root: Path) -> None:
+    """``root`` and everything under it readable by every user (the containers' uid 1000)."""
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)

@@ -35,7 +35,7 @@ import yaml
 
 from tests.conftest import wait_until
 from tests.integration.conftest import prometheus_server
-from tests.integration.container.conftest import Docker, Image
+from tests.integration.container.conftest import Docker, Image, make_readable
 from tests.integration.container.kuberay import Identity, Probe, RayPod, quantity, ray_pod
 from tests.integration.container.test_serve_image import cli_segmentation, tiny_ct
 
@@ -55,7 +55,8 @@ class Cluster:
     folders: dict[str, Path]  # Secret, ConfigMap and claim names -> what this machine mounts
     crd: str = "RayService"  # what owns the cluster: a RayService or a RayJob
     pods: dict[str, RayPod] = field(default_factory=dict)  # the live ones
-    lost: list[str] = field(default_factory=list)  # killed containers, removed at the end
+    # containers that no longer serve (killed pods, a finished submitter): removed at the end
+    stopped: list[str] = field(default_factory=list)
 
     def start(self, group: dict[str, Any]) -> RayPod:
         kind = group.get("groupName", "headgroup")
@@ -71,7 +72,7 @@ class Cluster:
         """The pod vanishes (node loss, OOM kill): SIGKILL, nothing shut down."""
         self.docker("kill", pod.name)
         del self.pods[pod.name]
-        self.lost.append(pod.name)
+        self.stopped.append(pod.name)
 
     def _run_args(self, pod: RayPod, group: dict[str, Any]) -> list[str]:
         args = [
@@ -113,6 +114,15 @@ class Cluster:
     def head(self) -> RayPod:
         return next(p for p in self.pods.values() if p.head)
 
+    @property
+    def ray_token(self) -> str:
+        """The cluster's Ray token (the Secret KubeRay makes for a cluster with token auth)."""
+        return self.secrets[self.name]["auth_token"]
+
+    @property
+    def ray_auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.ray_token}"}
+
     def url(self, port_name: str) -> str:
         return f"http://{self.ip(self.head)}:{self.head.ports[port_name]}"
 
@@ -137,17 +147,16 @@ def probe_passes(cluster: Cluster, pod: RayPod, probe: Probe) -> bool:
 
 def deploy(cluster: Cluster) -> None:
     """KubeRay's RayService controller: PUT the Serve config to the head's dashboard."""
-    auth = {"Authorization": f"Bearer {cluster.secrets[cluster.name]['auth_token']}"}
     url = f"{cluster.url('dashboard')}/api/serve/applications/"
-    answer = httpx.put(url, json=cluster.serve_config, headers=auth, timeout=120)
+    answer = httpx.put(url, json=cluster.serve_config, headers=cluster.ray_auth, timeout=120)
     assert answer.status_code == 200, answer.text
 
 
 def app_status(cluster: Cluster) -> dict[str, Any]:
     """Serve's view of the app (the dashboard's API, as KubeRay polls it); {} when unreachable."""
-    auth = {"Authorization": f"Bearer {cluster.secrets[cluster.name]['auth_token']}"}
     try:
-        answer = httpx.get(f"{cluster.url('dashboard')}/api/serve/applications/", headers=auth, timeout=10)
+        url = f"{cluster.url('dashboard')}/api/serve/applications/"
+        answer = httpx.get(url, headers=cluster.ray_auth, timeout=10)
         app: dict[str, Any] = answer.json()["applications"].get("raytseg", {})
     except (httpx.HTTPError, ValueError):
         return {}
@@ -203,13 +212,12 @@ def mounted_folders() -> Iterator[dict[str, Path]]:
 
 
 def readable(folders: dict[str, Path]) -> None:
-    for folder in folders.values():
-        for path in [folder.parent, folder, *folder.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
+    for root in {folder.parent for folder in folders.values()}:
+        make_readable(root)
 
 
 def remove(cluster: Cluster) -> None:
-    for name in [*cluster.pods, *cluster.lost]:
+    for name in [*cluster.pods, *cluster.stopped]:
         subprocess.run(["docker", "rm", "-f", name], env=cluster.docker.env, capture_output=True, timeout=60)
 
 

@@ -147,16 +147,17 @@ def test_the_rayjob_writes_outputs_and_results_to_the_bucket(
         "--entrypoint=/bin/bash", "--env=PYTHONUNBUFFERED=1",
         f"--env=RAY_DASHBOARD_ADDRESS={cluster.name}-head-svc.{NAMESPACE}.svc.cluster.local:8265",
         f"--env=RAY_JOB_SUBMISSION_ID={job_id}",
-        "--env=RAY_AUTH_MODE=token", f"--env=RAY_AUTH_TOKEN={cluster.secrets[cluster.name]['auth_token']}",
+        "--env=RAY_AUTH_MODE=token", f"--env=RAY_AUTH_TOKEN={cluster.ray_token}",
         head.image, "-ec", "--", submitter_command(job, job_id),
     )  # fmt: skip
-    cluster.lost.append(submitter)  # removed with the cluster
+    cluster.stopped.append(submitter)  # removed with the cluster
     started = time.monotonic()
     status = cluster.docker("wait", submitter, timeout=600)
     print(f"\nRayJob submitted and finished in {time.monotonic() - started:.1f} s")
     assert status == "0", cluster.docker.logs(submitter)
-    auth = {"Authorization": f"Bearer {cluster.secrets[cluster.name]['auth_token']}"}
-    record = httpx.get(f"{cluster.url('dashboard')}/api/jobs/{job_id}", headers=auth, timeout=30).json()
+    record = httpx.get(
+        f"{cluster.url('dashboard')}/api/jobs/{job_id}", headers=cluster.ray_auth, timeout=30
+    ).json()
     assert record["status"] == "SUCCEEDED", record
 
     written = {
