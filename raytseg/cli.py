@@ -118,6 +118,7 @@ def _add_segment(sub: Any) -> None:
         "-lc", "--list-classes", action=_ListAndExit, nargs="?", const="total", metavar="TASK",
         help="List the classes of TASK (default total) and exit.",
     )  # fmt: skip
+    p.add_argument("--version", action="version", version=f"raytseg {_version()}")
     p.set_defaults(handler=_cmd_segment)
 
 

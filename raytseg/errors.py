@@ -182,5 +182,10 @@ class ReplicaUnavailableError(RaytsegError, status=503):
     """A replica the request needed died or is being replaced; retrying will work."""
 
 
+class ModelUnavailableError(RaytsegError, status=503):
+    """A model deployment the request needs cannot start its replicas (weights missing, a
+    corrupt checkpoint): retrying will not help until its weights are fixed."""
+
+
 class InconsistentDicomError(InvalidImageError, status=422):
     """The slices of a DICOM series do not form one volume (missing, duplicated, mixed)."""

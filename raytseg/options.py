@@ -155,8 +155,8 @@ def record_of(record: type[Record], values: Mapping[str, Any]) -> Record:
 
 
 def _spelling(name: str, flag: Flag) -> tuple[str, ...]:
-    long = f"--{flag.negated or name}"
-    return (long,) if flag.short is None else (flag.short, long)
+    spellings = (flag.short, f"--{flag.negated or name}", flag.alias)
+    return tuple(spelling for spelling in spellings if spelling is not None)
 
 
 def _argument(name: str, info: FieldInfo, flag: Flag) -> dict[str, Any]:

@@ -27,8 +27,9 @@ import numpy as np
 from raytseg.config import check_device
 from raytseg.errors import InvalidOptionError, ModelError, WeightsIntegrityError
 from raytseg.pipeline.axes import from_network
+from raytseg.pipeline.cropped_logits import labels_from_cropped_logits
 from raytseg.pipeline.preprocess import ModelPlans
-from raytseg.pipeline.records import NetworkInput, NetworkOutput
+from raytseg.pipeline.records import CaseGeometry, NetworkInput, NetworkOutput
 
 if TYPE_CHECKING:
     import torch
@@ -185,19 +186,20 @@ class LoadedModel:
         geometry = item.geometry
         if tuple(logits.shape[1:]) == geometry.shape_after_cropping_and_before_resampling:
             # Same values as nnU-Net's numpy argmax (first maximum wins), but on the device.
-            cropped = logits.argmax(0).to(torch.uint8).cpu().numpy()
-            seg = _uncrop(cropped, geometry.shape_before_cropping, geometry.bbox_used_for_cropping)
-            seg = seg.transpose(predictor.plans_manager.transpose_backward)
+            seg = _uncropped(logits.argmax(0).to(torch.uint8).cpu().numpy(), predictor, geometry)
+        elif item.cropped_logits:
+            cropped = labels_from_cropped_logits(logits.cpu().numpy(), predictor, geometry)
+            seg = _uncropped(cropped, predictor, geometry)
         else:
             seg = _export_with_resampling(predictor, logits, item)
         return np.ascontiguousarray(from_network(seg).astype(np.uint8, copy=False))
 
 
-def _uncrop(cropped: np.ndarray, shape: tuple[int, ...], bbox: Any) -> np.ndarray:
-    full = np.zeros(shape, dtype=np.uint8)
-    slices = tuple(slice(lo, hi) for lo, hi in bbox)
-    full[slices] = cropped
-    return full
+def _uncropped(cropped: np.ndarray, predictor: Any, geometry: CaseGeometry) -> np.ndarray:
+    """Labels of nnU-Net's cropped grid put back into the whole image, in network axes."""
+    full = np.zeros(geometry.shape_before_cropping, dtype=np.uint8)
+    full[tuple(slice(lo, hi) for lo, hi in geometry.bbox_used_for_cropping)] = cropped
+    return full.transpose(predictor.plans_manager.transpose_backward)
 
 
 def _export_with_resampling(predictor: Any, logits: torch.Tensor, item: NetworkInput) -> np.ndarray:

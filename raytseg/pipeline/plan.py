@@ -44,6 +44,7 @@ class ModelRun:
     classes: dict[int, str]  # the task's full class map (part labels map into it)
     force_split: bool = False
     binarize: bool = False  # --body_seg keeps only foreground/background
+    cropped_logits: bool = False  # -ho: nnU-Net resamples; logits go back class box by class box
 
     @property
     def multi_model(self) -> bool:
@@ -159,10 +160,11 @@ def plan_run(options: SegmentOptions) -> RunPlan:
     main = ModelRun(
         task=task.name,
         models=models,
-        resample_mm=mode.resample_mm,
+        resample_mm=None if options.higher_order_resampling else mode.resample_mm,
         step_size=task.step_size,
         classes=task.classes,
         force_split=options.force_split,
+        cropped_logits=options.higher_order_resampling,
     )
     output = task.classes if rois is None else {k: v for k, v in task.classes.items() if v in rois}
     crop = _crop_pass(task, options, rois)
@@ -184,6 +186,12 @@ def _check_lowres(options: SegmentOptions, crop: CropPass | None) -> None:
     if not (options.fast or options.fastest):
         raise InvalidOptionError(
             "save_lowres (-sl) works only with --fast or --fastest, as in TotalSegmentator: add one of them."
+        )
+    if options.higher_order_resampling:
+        raise InvalidOptionError(
+            "save_lowres (-sl) and higher_order_resampling (-ho) contradict: with -ho no model grid "
+            "is made, nnU-Net answers on the input's grid. Leave out one of them (TotalSegmentator "
+            "silently drops -sl)."
         )
     if crop is not None:
         raise InvalidOptionError(

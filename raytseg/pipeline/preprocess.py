@@ -238,7 +238,7 @@ def _network_inputs(
         if order not in crops:
             crops[order] = _nonzero_crop(_transposed(base, order))
         data, geometry = _normalised(base, order, crops[order], spacing, manager, model)
-        inputs.append(NetworkInput(model_key(spec), index, data, geometry, run.step_size))
+        inputs.append(NetworkInput(model_key(spec), index, data, geometry, run.step_size, run.cropped_logits))
     return inputs
 
 

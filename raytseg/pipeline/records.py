@@ -78,6 +78,7 @@ class Flag:
     # The file a bool flag writes into the output folder, which ``-s PATH`` (TotalSegmentator's
     # spelling) places at PATH instead: the CLI and the Python API only.
     file: str | None = None
+    alias: str | None = None  # TotalSegmentator's second long spelling (``--high_order_resampling``)
 
 
 class SegmentOptions(BaseModel):
@@ -134,6 +135,12 @@ class SegmentOptions(BaseModel):
         default=False,
         description="Keep the masks on the --fast/--fastest model's grid instead of resampling "
         "them back to the input's (NIfTI outputs only).",
+    )
+    higher_order_resampling: Annotated[bool, Flag("-ho", alias="--high_order_resampling")] = Field(
+        default=False,
+        description="Give the model the image on its own grid (no resampling to the model's "
+        "spacing first): nnU-Net resamples it, and its logits back to the input's grid, itself "
+        "(TotalSegmentator 2.18 with nnU-Net 2.8.1, whose export has no cropped-logits variant).",
     )
     # TotalSegmentator's spelling, capitals included (its CLI flag and Python API keyword).
     higher_order_resampling_LEGACY: Annotated[bool, Flag("--high_order_resampling_LEGACY")] = Field(  # noqa: N815
@@ -289,6 +296,7 @@ class NetworkInput:
     data: np.ndarray  # float32 (channels, z, y, x), cropped to non-zero and normalised
     geometry: CaseGeometry
     step_size: float  # sliding-window step as a fraction of the patch (0.8 for total*)
+    cropped_logits: bool = False  # back to the input grid per class box (-ho; cropped_logits.py)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,15 @@ from raytseg.config import environment
 from raytseg.serve.config import ModelDeploymentSpec, ServeConfig, StageSpec, load_config
 from raytseg.serve.ingress import Ingress
 from raytseg.serve.models import ModelServer, pool_class
-from raytseg.serve.runtime import INGRESS, POOL, POSTPROCESS, PREPROCESS, Catalogue, deployment_name
+from raytseg.serve.runtime import (
+    HEAD_NODE_RESOURCE,
+    INGRESS,
+    POOL,
+    POSTPROCESS,
+    PREPROCESS,
+    Catalogue,
+    deployment_name,
+)
 from raytseg.serve.stages import CpuStage
 
 
@@ -120,10 +128,13 @@ def _model_options(key: str, config: ServeConfig, catalogue: Catalogue) -> dict[
 
 def _ingress_options(config: ServeConfig) -> dict[str, Any]:
     limits = config.limits
+    actor: dict[str, Any] = {"num_cpus": config.ingress.num_cpus}
+    if config.ingress.on_head:
+        actor["resources"] = {HEAD_NODE_RESOURCE: 0.001}
     return {
         "name": INGRESS,
         "num_replicas": config.ingress.num_replicas,
-        "ray_actor_options": {"num_cpus": config.ingress.num_cpus},
+        "ray_actor_options": actor,
         "max_ongoing_requests": config.ingress.max_ongoing_requests,
         # Serve's own queue in front of the ingress: finite, answered with Retry-After.
         "max_queued_requests": config.ingress.max_ongoing_requests,

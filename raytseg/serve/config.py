@@ -130,6 +130,15 @@ class IngressSpec(Strict):
     max_ongoing_requests: int = Field(
         default=64, ge=2, description="HTTP requests one replica holds (segmentations wait here)."
     )
+    on_head: bool = Field(
+        default=False,
+        description=(
+            "Place the replicas on Ray's head node. A request in flight is held by its ingress "
+            "replica, so a worker node lost under load then costs no request: each ends 200, or "
+            "503 with Retry-After. The head must offer num_cpus (a head started with num-cpus 0, "
+            "as the chart's, needs num_cpus: 0; the ingress only awaits the other deployments)."
+        ),
+    )
 
 
 class LimitsSpec(Strict):

@@ -10,9 +10,11 @@ Nothing here imports Ray at module level.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from raytseg import errors
 from raytseg.errors import (
     InternalError,
     OverloadedError,
@@ -23,6 +25,8 @@ from raytseg.errors import (
     UnauthorizedError,
 )
 
+# Serve's states of a deployment whose replicas fail to start or fail their health checks.
+FAILED_STATES = ("UNHEALTHY", "DEPLOY_FAILED")
 # Retrying later helps for these; the others will fail the same way again.
 _RETRYABLE = (OverloadedError, ReplicaUnavailableError, StorageUnavailableError)
 
@@ -112,3 +116,11 @@ def _from_ray(exc: BaseException) -> RaytsegError | None:
     if isinstance(exc, gone):
         return ReplicaUnavailableError("A replica stopped while serving the request. Retry it.")
     return None
+
+
+def startup_error(message: str) -> str:
+    """The last raytseg error class named in Serve's message about a deployment whose
+    replicas fail to start, else a generic phrase (the class only: no paths or details)."""
+    named = re.findall(r"\b([A-Z][A-Za-z]+Error)\b", message or "")
+    ours = [name for name in named if isinstance(getattr(errors, name, None), type)]
+    return ours[-1] if ours else "the replicas fail to start (see their logs)"

@@ -22,14 +22,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from raytseg.errors import NotDeployedError, ReplicaUnavailableError
+from raytseg.errors import ModelUnavailableError, NotDeployedError, ReplicaUnavailableError
 from raytseg.pipeline.export import check_model_grid
 from raytseg.pipeline.modality import ROI_SEGMENTATION, ModalityGuess
 from raytseg.pipeline.phase import BODY_SEGMENTATION, NECK_SEGMENTATION, PhaseGuess, Stats, neck_needed
 from raytseg.pipeline.plan import Admitted, Pass, for_modality
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import OutputOptions, SegmentOptions
-from raytseg.serve.errors import as_raytseg_error
+from raytseg.serve.errors import FAILED_STATES, as_raytseg_error, startup_error
 from raytseg.serve.handoff import Delivered, Delivery, Entrypoint, Tags
 from raytseg.serve.runtime import POOL, POSTPROCESS, PREPROCESS, Catalogue, deployment_name
 from raytseg.serve.stages import PassSpec
@@ -174,7 +174,9 @@ class Flow:
 
     async def _predict(self, calls: _Calls, step: Pass, prepared: Response, tags: Tags) -> list[Response]:
         """One call per network of the pass, all sent at once (they need only ``prepared``)."""
-        sent = [self._model(model_key(m)).predict.remote(prepared, tags) for m in step.plan.main.models]
+        handles = [self._model(model_key(m)) for m in step.plan.main.models]
+        await _refuse_unstartable(handles)
+        sent = [handle.predict.remote(prepared, tags) for handle in handles]
         return list(await asyncio.gather(*(calls.finished(response) for response in sent)))
 
     def _model(self, key: str) -> Handle:
@@ -277,6 +279,46 @@ def _alive_nodes() -> frozenset[str]:
         alive = frozenset(node["NodeID"] for node in nodes if node["Alive"])
         _alive_cache = (time.monotonic(), alive)
     return alive
+
+
+async def _refuse_unstartable(handles: list[Handle]) -> None:
+    """Fail at once when a deployment of ``handles`` cannot start replicas: Serve would
+    hold the call, without an error, until the request times out."""
+    failed = await asyncio.to_thread(_failed_deployments)
+    for handle in handles:
+        error = failed.get((handle.app_name, handle.deployment_name))
+        if error is not None:
+            raise ModelUnavailableError(
+                f"Deployment {handle.deployment_name}, which this request needs, cannot start its "
+                f"replicas ({error}); the service's other tasks are served. Its weights must be "
+                "fixed where the service's `weights` setting points (raytseg weights download or "
+                "import); /readyz lists it under 'failed' and its replica logs hold the details."
+            )
+
+
+_failed_cache: tuple[float, dict[tuple[str, str], str]] = (-_NODE_CHECK_S, {})
+
+
+def _failed_deployments() -> dict[tuple[str, str], str]:
+    """``{(app, deployment): error class}`` of the deployments without a running replica
+    that Serve reports failed; one status call per check period and process."""
+    global _failed_cache  # noqa: PLW0603 - a per-process cache, by design
+    from ray import serve
+
+    checked_at, failed = _failed_cache
+    if time.monotonic() - checked_at >= _NODE_CHECK_S:
+        failed = {
+            (app, name): startup_error(deployment.message)
+            for app, status in serve.status().applications.items()
+            for name, deployment in status.deployments.items()
+            if deployment.status in FAILED_STATES and not _running(deployment)
+        }
+        _failed_cache = (time.monotonic(), failed)
+    return failed
+
+
+def _running(deployment: Any) -> int:
+    return int(deployment.replica_states.get("RUNNING", 0))
 
 
 async def _ready(response: Response) -> None:

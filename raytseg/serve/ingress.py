@@ -20,7 +20,6 @@ they were uploaded and the answer comes back from the postprocess stage as bytes
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from raytseg import __version__, errors
+from raytseg import __version__
 from raytseg.config import environment
 from raytseg.errors import (
     ImageTooLargeError,
@@ -47,7 +46,7 @@ from raytseg.metrics import recorder
 from raytseg.pipeline.modality import ROI_SEGMENTATION
 from raytseg.pipeline.phase import BODY_SEGMENTATION
 from raytseg.serve.config import LimitsSpec, ServeConfig
-from raytseg.serve.errors import as_raytseg_error, http_error
+from raytseg.serve.errors import FAILED_STATES, as_raytseg_error, http_error, startup_error
 from raytseg.serve.flow import MODALITY_TOOL, PHASE_TOOL, Flow, StageNames, Stages
 from raytseg.serve.handoff import Delivery, Entrypoint
 from raytseg.serve.jobs import JobSpec, Route, job_runner, key_digest
@@ -168,17 +167,10 @@ def readiness(status: Any) -> dict[str, Any]:
     for name, deployment in status.deployments.items():
         if deployment.replica_states.get("RUNNING", 0) < 1 and deployment.status != "HEALTHY":
             waiting.append(name)
-        if deployment.status in ("UNHEALTHY", "DEPLOY_FAILED"):
-            failed[name] = _error_class(deployment.message)
+        if deployment.status in FAILED_STATES:
+            failed[name] = startup_error(deployment.message)
     answer = {"ready": not waiting, "status": str(status.status.value), "waiting_for": sorted(waiting)}
     return {**answer, "failed": failed} if failed else answer
-
-
-def _error_class(message: str) -> str:
-    """The last raytseg error named in a replica's failure message, else a generic word."""
-    named = re.findall(r"\b([A-Z][A-Za-z]+Error)\b", message or "")
-    ours = [name for name in named if isinstance(getattr(errors, name, None), type)]
-    return ours[-1] if ours else "the replicas fail to start (see their logs)"
 
 
 # ``serve.ingress`` pickles the FastAPI app (routes included) when the class is decorated,

@@ -54,7 +54,7 @@ from raytseg.serve.errors import as_raytseg_error
 from raytseg.serve.flow import Flow, StageNames
 from raytseg.serve.handoff import Delivered, Delivery
 from raytseg.serve.jobstore import JobStore
-from raytseg.serve.runtime import Catalogue
+from raytseg.serve.runtime import HEAD_NODE_RESOURCE, Catalogue
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -63,8 +63,6 @@ log = logging.getLogger(__name__)
 JobState = Literal["queued", "running", "succeeded", "failed"]
 Public = dict[str, Any]  # a record as GET /v1/jobs/{id} answers it
 
-# Ray's resource of the head node; Serve pins its controller with the same request.
-_HEAD_NODE_RESOURCE = "node:__internal_head__"
 # Runs of a job that meets a lost replica, a full stage or storage that does not answer. A
 # lost node is noticed by the cluster within tens of seconds, so the delays between runs
 # grow to cover that (5 + 10 + 20 s).
@@ -416,7 +414,7 @@ def job_runner(app_name: str, jobs: JobsSpec) -> ActorHandle[JobRunner]:
         lifetime="detached",
         get_if_exists=True,
         num_cpus=0,  # it only awaits other deployments
-        resources={_HEAD_NODE_RESOURCE: 0.001},  # see the module docstring
+        resources={HEAD_NODE_RESOURCE: 0.001},  # see the module docstring
         max_restarts=-1,
     )
     return cast("ActorHandle[JobRunner]", actor.remote(jobs, app_name))

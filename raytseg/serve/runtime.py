@@ -189,6 +189,8 @@ def check_weights(config: ServeConfig) -> None:
         raise MissingWeightsError("\n".join(problems))
 
 
+# Ray's resource of the head node; Serve pins its controller with the same request.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 INGRESS = "Ingress"
 PREPROCESS = "Preprocess"
 POSTPROCESS = "Postprocess"

@@ -256,7 +256,8 @@ def test_jobs_ride_out_a_storage_outage(
 
 def test_a_model_that_cannot_load_is_named_by_readyz(data: Any, tmp_path: Path, ray_dir: Path) -> None:
     """``body`` fast is served but its weights are missing (Model300): the deployment fails,
-    ``/readyz`` names it with its error, and the tasks whose models load are served."""
+    ``/readyz`` names it with its error, the tasks whose models load are served, and a
+    request for ``body`` is answered 503 at once, naming the model and its error."""
     from raytseg.serve.local import start_local, stop_local
 
     tasks = {"total": {"modes": ["fast"]}, "body": {"modes": ["fast"]}}
@@ -277,6 +278,19 @@ def test_a_model_that_cannot_load_is_named_by_readyz(data: Any, tmp_path: Path, 
             f"{url}/v1/segment", params={"fast": "true"}, content=EXAMPLE_CT.read_bytes(), timeout=120
         )
         assert total.status_code == 200, total.text
+        # A request that needs it is refused at once (the app would hold it request_timeout_s,
+        # 1800 s here: the client's 120 s would run out first), saying what to fix.
+        body = httpx.post(
+            f"{url}/v1/segment",
+            params={"task": "body", "fast": "true"},
+            content=EXAMPLE_CT.read_bytes(),
+            timeout=120,
+        )
+        assert body.status_code == 503, body.text
+        error = body.json()["error"]
+        assert error["type"] == "ModelUnavailableError"
+        assert "Model300" in error["message"]
+        assert "MissingWeightsError" in error["message"]
     finally:
         stop_local()
 

@@ -152,6 +152,14 @@ ML_CASES = {
         "example_ct_sm.nii.gz",
         ("-ff", "--high_order_resampling_LEGACY", "-rs", "kidney_cyst_right", "sacrum", "scapula_right"),
     ),
+    # -ho: the model gets the image on its own grid; nnU-Net resamples it, and TotalSegmentator's
+    # export brings the logits back class box by class box: up from the 6 mm model, and down
+    # from 1.5 mm parts after a crop pass.
+    "fastest_higher_order": ("example_ct_sm.nii.gz", ("-ff", "-ho")),
+    "roi_subset_higher_order": (
+        "example_ct_sm.nii.gz",
+        ("-rs", "spinal_cord", "kidney_cyst_right", "sacrum", "-ho"),
+    ),
     # -sl: the masks stay on the 6 mm model's grid, with its header.
     "fastest_save_lowres": ("example_ct_sm.nii.gz", ("-ff", "-sl")),
     "v1_order_roi_subset": (

@@ -34,6 +34,12 @@ def test_totalsegmentator_short_flags_give_the_records() -> None:
     assert output == OutputOptions(ml=True, derived_masks=False, preview=True)
 
 
+def test_each_of_totalsegmentators_spellings_gives_the_option() -> None:
+    for spelling in ("-ho", "--higher_order_resampling", "--high_order_resampling"):
+        options, _, _ = from_args(_parse(spelling))
+        assert options == SegmentOptions(higher_order_resampling=True), spelling
+
+
 def test_flag_defaults_are_the_records_defaults() -> None:
     assert from_args(_parse()) == (SegmentOptions(), OutputOptions(), {})
 

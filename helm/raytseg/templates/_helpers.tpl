@@ -356,7 +356,7 @@ workerGroupSpecs:
 {{- define "raytseg.validate" -}}
 {{- $v := .Values }}
 {{- if and (not $v.cpuWorkers.enabled) (not $v.gpuWorkers.enabled) }}
-{{- fail "cpuWorkers and gpuWorkers are both disabled: the head runs no replicas (num-cpus 0), so nothing could run" }}
+{{- fail "cpuWorkers and gpuWorkers are both disabled: the head runs no model or CPU-stage replicas (num-cpus 0), so nothing could run" }}
 {{- end }}
 {{- /* Model deployment specs: models, pool (if enabled) and per-task overrides; ServeConfig's num_gpus default is 0.25. */}}
 {{- $specs := list ($v.serve.models | default dict) }}
@@ -371,6 +371,11 @@ workerGroupSpecs:
 {{- end }}
 {{- if and $wantsGpu (not $v.gpuWorkers.enabled) }}
 {{- fail "serve asks for GPU shares (serve.models/pool num_gpus > 0) but gpuWorkers.enabled is false: set num_gpus: 0 and device: cpu, or enable GPU workers" }}
+{{- end }}
+{{- with ($v.serve.ingress | default dict) }}
+{{- if and .on_head (gt (float64 (ternary .num_cpus 0.5 (hasKey . "num_cpus"))) 0.0) }}
+{{- fail "serve.ingress.on_head is true but serve.ingress.num_cpus > 0: the head starts with num-cpus 0, so the ingress could never be placed; set num_cpus: 0" }}
+{{- end }}
 {{- end }}
 {{- if and (eq $v.rayService.upgradeStrategy.type "NewClusterWithIncrementalUpgrade") (not $v.autoscaling.enabled) }}
 {{- fail "rayService.upgradeStrategy NewClusterWithIncrementalUpgrade needs autoscaling.enabled (KubeRay requires the autoscaler for it)" }}

@@ -110,6 +110,7 @@ CONTRADICTIONS = [
     (["head.gcsFaultTolerance.enabled=true"], "redisAddress is required"),
     (["dicomweb.existingSecret=pacs", "dicomweb.userKey=user"], "names no credentials"),
     (["dicomweb.tokenKey=token"], "dicomweb.existingSecret is empty"),
+    (["serve.ingress.num_cpus=1"], "the ingress could never be placed"),
 ]
 
 

@@ -108,6 +108,7 @@ def test_fast_statistics_only_with_fast() -> None:
         (SegmentOptions(save_lowres=True, fast=True, roi_subset=("liver",)), InvalidOptionError, "crops"),
         (SegmentOptions(save_lowres=True, fast=True, body_seg=True), InvalidOptionError, "crops first"),
         (SegmentOptions(save_lowres=True, fastest=True, statistics=True), InvalidOptionError, "use --fast"),
+        (SegmentOptions(save_lowres=True, fast=True, higher_order_resampling=True), InvalidOptionError, "ho"),
     ],
 )
 def test_bad_requests_raise_typed_errors(options: SegmentOptions, error: type, phrase: str) -> None:
@@ -122,6 +123,13 @@ def test_save_lowres_is_a_single_fast_pass() -> None:
         SegmentOptions(task="total_mr", save_lowres=True, fast=True, body_seg=True),  # MR: no body pass
     ):
         assert plan_run(options).crop is None
+
+
+def test_higher_order_resampling_leaves_only_the_main_pass_to_nnunet() -> None:
+    plan = plan_run(SegmentOptions(roi_subset=("liver",), higher_order_resampling=True))
+    assert plan.main.resample_mm is None  # nnU-Net resamples to its plans' spacing itself
+    assert plan.crop is not None
+    assert plan.crop.plan.main.resample_mm == (6.0, 6.0, 6.0)
 
 
 # --- the pass sequence and the gate before a run ------------------------------------

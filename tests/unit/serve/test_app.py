@@ -52,6 +52,13 @@ def test_ingress_queue_is_finite_with_retry_after() -> None:
     assert options["backpressure_config"] == {"status_code": 429, "retry_after_s": 9}
 
 
+def test_ingress_on_head_asks_for_the_head_node() -> None:
+    config = load_config({"ingress": {"on_head": True, "num_cpus": 0}}, {})
+    actor = serve_app._ingress_options(config)["ray_actor_options"]
+    assert actor == {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+    assert "resources" not in serve_app._ingress_options(load_config({}, {}))["ray_actor_options"]
+
+
 def test_required_cpus() -> None:
     config = load_config({"tasks": {"total": {"modes": ["fast"]}}, "pool": {"enabled": False}}, {})
     assert serve_app.required_cpus(config) == 0.5 + 1 + 1 + 1  # ingress, pre, post, Model297
