@@ -111,21 +111,24 @@ def placed_files(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, s
     Returns ``values`` with ``True`` for each such path, and ``{file name: path}``.
     """
     given, places = dict(values), dict[str, str]()
-    for name, file in _file_flags():
+    for name, flag in _file_flags():
         value = given.get(name)
         if isinstance(value, (str, os.PathLike)):
-            given[name], places[file] = True, os.fspath(value)
+            given[name], places[str(flag.file)] = True, os.fspath(value)
+            if flag.beside is not None:  # TotalSegmentator's Path.with_suffix
+                suffix = os.path.splitext(flag.beside)[1]
+                places[flag.beside] = os.path.splitext(os.fspath(value))[0] + suffix
     return given, places
 
 
 def refuse_placed(values: Mapping[str, Any]) -> None:
     """Refuse a path where only true or false can be honoured: the service and batch write
     every file beside an image's other outputs, in locations of their own."""
-    for name, file in _file_flags():
+    for name, flag in _file_flags():
         if _is_path(values.get(name)):
             raise InvalidOptionError(
                 f"{name} takes true or false here, not a path: a path (TotalSegmentator's -s PATH) "
-                f"places {file} for raytseg segment and the Python API only; the service and "
+                f"places {flag.file} for raytseg segment and the Python API only; the service and "
                 "batch write it beside each image's other outputs."
             )
 
@@ -141,12 +144,12 @@ def _is_path(value: Any) -> bool:
     return False
 
 
-def _file_flags() -> Iterator[tuple[str, str]]:
-    """``(option, file name)`` of the options whose flag writes a file a path may place."""
+def _file_flags() -> Iterator[tuple[str, Flag]]:
+    """``(option, flag)`` of the options whose flag writes a file a path may place."""
     for record in RECORDS:
         for name, _, flag in declared(record):
             if flag.file is not None:
-                yield name, flag.file
+                yield name, flag
 
 
 def record_of(record: type[Record], values: Mapping[str, Any]) -> Record:

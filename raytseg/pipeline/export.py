@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import functools
 import gzip
+import io
 import os
+import pickle
 import posixpath
 import struct
 import zlib
@@ -30,7 +32,16 @@ import numpy as np
 from raytseg import storage
 from raytseg.errors import InvalidOptionError
 from raytseg.pipeline.labeltable import add_label_table
-from raytseg.pipeline.records import STATISTICS_NAME, OutputOptions, Segmentation, SegmentOptions, Volume
+from raytseg.pipeline.records import (
+    PROBABILITIES_NAME,
+    PROPERTIES_NAME,
+    STATISTICS_NAME,
+    OutputOptions,
+    Probabilities,
+    Segmentation,
+    SegmentOptions,
+    Volume,
+)
 from raytseg.pipeline.stats import label_counts_and_sums, statistics_json
 
 if TYPE_CHECKING:
@@ -208,6 +219,8 @@ def output_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> It
     ``DICOM_NAMES`` (none of them with ``skip_saving``); then ``preview_<task>.png``,
     statistics.json and statistics_radiomics.json (of the NIfTI files written before).
     """
+    if seg.probabilities is not None:  # TotalSegmentator writes them while predicting: first
+        yield from _probability_files(seg.probabilities)
     masks: list[tuple[str, bytes]] = []  # the NIfTI files, for radiomics
     if not output.skip_saving:
         dicom = _DicomSources(seg, volume)
@@ -226,6 +239,14 @@ def output_files(seg: Segmentation, volume: Volume, output: OutputOptions) -> It
         from raytseg.pipeline.radiomics import FILE_NAME, radiomics_json
 
         yield FILE_NAME, radiomics_json(volume, masks)
+
+
+def _probability_files(probabilities: Probabilities) -> Iterator[tuple[str, bytes]]:
+    """-sp's two files as nnU-Net writes them: ``np.savez_compressed`` and a pickle."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, probabilities=probabilities.values)
+    yield PROBABILITIES_NAME, buffer.getvalue()
+    yield PROPERTIES_NAME, pickle.dumps(probabilities.properties)
 
 
 def _preview(seg: Segmentation, volume: Volume, output: OutputOptions) -> bytes:

@@ -156,7 +156,12 @@ class LoadedModel:
         self._predictor.tile_step_size = item.step_size
         try:
             with torch.inference_mode():
-                labels = self._labels(torch.from_numpy(item.data), item)
+                logits = self._logits(torch.from_numpy(item.data))
+                if item.probabilities:
+                    seg, probabilities = _export_with_probabilities(self._predictor, logits, item)
+                    labels = _canonical(seg)
+                    return NetworkOutput(self.key, item.chunk, labels, probabilities)
+                labels = _canonical(self._labels(logits, item))
         except RuntimeError as exc:
             raise ModelError(f"Model {self.key} failed: {exc}") from exc
         return NetworkOutput(model_key=self.key, chunk=item.chunk, labels=labels)
@@ -169,30 +174,36 @@ class LoadedModel:
         with self._openvino.session() as features:
             return sliding_window.predict_logits(self._predictor, data, features)
 
-    def _labels(self, data: torch.Tensor, item: NetworkInput) -> np.ndarray:
-        import torch
-
+    def _logits(self, data: torch.Tensor) -> torch.Tensor:
         from raytseg.pipeline import sliding_window
 
         predictor = self._predictor
         if len(predictor.list_of_parameters) > 1:  # nnU-Net averages folds, reloading each one's weights
-            logits = predictor.predict_logits_from_preprocessed_data(data)
+            logits: torch.Tensor = predictor.predict_logits_from_preprocessed_data(data)
         elif self._lean_cpu_window:
             logits = self._lean_logits(data)
         elif self.tiles_per_pass is not None and self.device.type == "cuda":
             logits = sliding_window.predict_logits_on_device(predictor, data, self.tiles_per_pass)
         else:
             logits = predictor.predict_sliding_window_return_logits(data)
-        geometry = item.geometry
+        return logits
+
+    def _labels(self, logits: torch.Tensor, item: NetworkInput) -> np.ndarray:
+        """Labels in network axes, on the whole (uncropped) input grid."""
+        import torch
+
+        predictor, geometry = self._predictor, item.geometry
         if tuple(logits.shape[1:]) == geometry.shape_after_cropping_and_before_resampling:
             # Same values as nnU-Net's numpy argmax (first maximum wins), but on the device.
-            seg = _uncropped(logits.argmax(0).to(torch.uint8).cpu().numpy(), predictor, geometry)
-        elif item.cropped_logits:
+            return _uncropped(logits.argmax(0).to(torch.uint8).cpu().numpy(), predictor, geometry)
+        if item.cropped_logits:
             cropped = labels_from_cropped_logits(logits.cpu().numpy(), predictor, geometry)
-            seg = _uncropped(cropped, predictor, geometry)
-        else:
-            seg = _export_with_resampling(predictor, logits, item)
-        return np.ascontiguousarray(from_network(seg).astype(np.uint8, copy=False))
+            return _uncropped(cropped, predictor, geometry)
+        return _export_with_resampling(predictor, logits, item)
+
+
+def _canonical(seg: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(from_network(seg).astype(np.uint8, copy=False))
 
 
 def _uncropped(cropped: np.ndarray, predictor: Any, geometry: CaseGeometry) -> np.ndarray:
@@ -216,6 +227,27 @@ def _export_with_resampling(predictor: Any, logits: torch.Tensor, item: NetworkI
         item.geometry.as_nnunet_properties(),
     )
     return seg
+
+
+def _export_with_probabilities(
+    predictor: Any, logits: torch.Tensor, item: NetworkInput
+) -> tuple[np.ndarray, np.ndarray]:
+    """nnU-Net's export with ``return_probabilities``, as TotalSegmentator's ``-sp`` runs it:
+    the labels are then the argmax of the softmax, and the probabilities (float32, classes
+    first) are un-cropped and un-transposed like them."""
+    from nnunetv2.inference.export_prediction import (
+        convert_predicted_logits_to_segmentation_with_correct_shape,
+    )
+
+    seg, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+        logits.cpu().numpy(),
+        predictor.plans_manager,
+        predictor.configuration_manager,
+        predictor.label_manager,
+        item.geometry.as_nnunet_properties(),
+        return_probabilities=True,
+    )
+    return seg, np.asarray(probabilities)
 
 
 def _read_checkpoints(files: ModelFiles) -> tuple[list[dict[str, Any]], dict[str, Any]]:

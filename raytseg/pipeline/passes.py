@@ -26,6 +26,7 @@ from raytseg.pipeline.records import (
     Box,
     NetworkOutput,
     Prepared,
+    Probabilities,
     Segmentation,
     SegmentOptions,
     Volume,
@@ -95,8 +96,26 @@ def finish(  # noqa: PLR0913 - the records of one pass, plus where to resample
         label_map=dict(plan.output_classes),
         task=plan.main.task,
         statistics=_statistics(volume, seg, step, model_grid),
+        probabilities=_kept_probabilities(outputs, prepared),
     )
     return renumber(answer, plan.renumbering)
+
+
+def _kept_probabilities(outputs: Sequence[NetworkOutput], prepared: Prepared) -> Probabilities | None:
+    """The one network output that kept its probabilities (-sp), with nnU-Net's properties
+    of its input: what NibabelIOWithReorient read from the model-grid image (canonical, so
+    both affines are its affine) and what the preprocessor added."""
+    kept = next((out for out in outputs if out.probabilities is not None), None)
+    if kept is None or kept.probabilities is None:
+        return None
+    item = next(i for i in prepared.inputs if (i.model_key, i.chunk) == (kept.model_key, kept.chunk))
+    affine = prepared.inverse.model_affine
+    properties = {
+        "nibabel_stuff": {"original_affine": affine, "reoriented_affine": affine},
+        **item.geometry.as_nnunet_properties(),
+    }
+    properties["spacing"] = [float(zoom) for zoom in prepared.inverse.model_zooms[::-1]]  # the header's
+    return Probabilities(kept.probabilities, properties)
 
 
 def after_pass(

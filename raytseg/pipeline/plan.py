@@ -45,6 +45,7 @@ class ModelRun:
     force_split: bool = False
     binarize: bool = False  # --body_seg keeps only foreground/background
     cropped_logits: bool = False  # -ho: nnU-Net resamples; logits go back class box by class box
+    probabilities: bool = False  # -sp: the last model's softmax output (first chunk) is kept
 
     @property
     def multi_model(self) -> bool:
@@ -164,7 +165,10 @@ def plan_run(options: SegmentOptions) -> RunPlan:
         step_size=task.step_size,
         classes=task.classes,
         force_split=options.force_split,
-        cropped_logits=options.higher_order_resampling,
+        # As TotalSegmentator: -sp turns -ho's cropped export off (it needs every class's
+        # probabilities on the whole grid).
+        cropped_logits=options.higher_order_resampling and not options.save_probabilities,
+        probabilities=options.save_probabilities,
     )
     output = task.classes if rois is None else {k: v for k, v in task.classes.items() if v in rois}
     crop = _crop_pass(task, options, rois)

@@ -238,7 +238,11 @@ def _network_inputs(
         if order not in crops:
             crops[order] = _nonzero_crop(_transposed(base, order))
         data, geometry = _normalised(base, order, crops[order], spacing, manager, model)
-        inputs.append(NetworkInput(model_key(spec), index, data, geometry, run.step_size, run.cropped_logits))
+        # -sp keeps what TotalSegmentator's file ends up holding: each model overwrites it,
+        # and of split chunks it copies the first's.
+        keep = run.probabilities and index == 0 and spec == run.models[-1]
+        key = model_key(spec)
+        inputs.append(NetworkInput(key, index, data, geometry, run.step_size, run.cropped_logits, keep))
     return inputs
 
 

@@ -26,6 +26,9 @@ from raytseg.pipeline.labeltable import add_label_table
 OutputType = Literal["nifti", "dicom_seg", "dicom_rtstruct"]
 DICOM_OUTPUTS = frozenset({"dicom_seg", "dicom_rtstruct"})
 OUTPUT_TYPE_ALIASES = {"dicom": "dicom_rtstruct"}  # TotalSegmentator's name before 2.12
+# -sp's files (TotalSegmentator's): nnU-Net's probabilities and, beside them, its properties.
+PROBABILITIES_NAME = "probabilities.npz"
+PROPERTIES_NAME = "probabilities.pkl"
 STATISTICS_NAME = "statistics.json"  # the statistics file, in an output folder or where -s PATH puts it
 
 Spacing = tuple[float, float, float]
@@ -79,6 +82,9 @@ class Flag:
     # spelling) places at PATH instead: the CLI and the Python API only.
     file: str | None = None
     alias: str | None = None  # TotalSegmentator's second long spelling (``--high_order_resampling``)
+    # A second file the flag writes; a path that places ``file`` places it there with this
+    # suffix instead of ``file``'s (``-sp PATH.npz``: the properties at ``PATH.pkl``).
+    beside: str | None = None
 
 
 class SegmentOptions(BaseModel):
@@ -141,6 +147,14 @@ class SegmentOptions(BaseModel):
         description="Give the model the image on its own grid (no resampling to the model's "
         "spacing first): nnU-Net resamples it, and its logits back to the input's grid, itself "
         "(TotalSegmentator 2.18 with nnU-Net 2.8.1, whose export has no cropped-logits variant).",
+    )
+    save_probabilities: Annotated[bool, Flag("-sp", file=PROBABILITIES_NAME, beside=PROPERTIES_NAME)] = Field(
+        default=False,
+        description=f"Also write nnU-Net's softmax probabilities of the main pass's last model (of "
+        f"the first z chunk with -fs), on the grid the model was given, as TotalSegmentator does: "
+        f"{PROBABILITIES_NAME} (key 'probabilities', float32, classes x nnU-Net's z, y, x) and "
+        f"nnU-Net's properties of that input as {PROPERTIES_NAME}. Large: about 1 GB per 2 "
+        "million voxels of a 118-class model's grid.",
     )
     # TotalSegmentator's spelling, capitals included (its CLI flag and Python API keyword).
     higher_order_resampling_LEGACY: Annotated[bool, Flag("--high_order_resampling_LEGACY")] = Field(  # noqa: N815
@@ -297,6 +311,7 @@ class NetworkInput:
     geometry: CaseGeometry
     step_size: float  # sliding-window step as a fraction of the patch (0.8 for total*)
     cropped_logits: bool = False  # back to the input grid per class box (-ho; cropped_logits.py)
+    probabilities: bool = False  # also return nnU-Net's softmax output (-sp)
 
 
 @dataclass(frozen=True)
@@ -306,6 +321,16 @@ class NetworkOutput:
     model_key: str
     chunk: int
     labels: np.ndarray  # uint8 (i, j, k) of the resampled canonical chunk; model-local ids
+    probabilities: np.ndarray | None = None  # float32 (classes, z, y, x) when the input asked (-sp)
+
+
+@dataclass(frozen=True)
+class Probabilities:
+    """One network's softmax output and nnU-Net's properties of its input: the two files of
+    TotalSegmentator's ``-sp`` (``probabilities.npz``, ``probabilities.pkl``)."""
+
+    values: np.ndarray  # float32 (classes, z, y, x), nnU-Net's reader axes of the model grid
+    properties: dict[str, Any]  # as NibabelIOWithReorient and nnU-Net's preprocessor make them
 
 
 @dataclass(frozen=True)
@@ -357,6 +382,7 @@ class Segmentation:
     task: str
     statistics: dict[str, dict[str, float]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    probabilities: Probabilities | None = None  # -sp
 
     def to_nifti(self, *, with_label_table: bool = True) -> nib.Nifti1Image:
         """The multilabel image; with TotalSegmentator's XML label table when asked."""

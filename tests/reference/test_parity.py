@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -220,3 +222,32 @@ def test_run_report_matches_totalsegmentator(case: str, case_runs: Callable[[str
     }
     assert ours["output"] == str(run.ours)
     assert len(ours["outputs"]) == len(ours["output_files"])
+
+
+# -sp PATH: nnU-Net's probabilities of the main pass's last model (here the 6 mm model, and
+# the last of three 1.5 mm parts after a crop pass: each part overwrites TotalSegmentator's
+# file), and its properties beside them as .pkl.
+@pytest.mark.parametrize(
+    "flags", [("-ff",), ("-rs", "spinal_cord", "kidney_cyst_right", "sacrum")], ids=["fastest", "parts"]
+)
+def test_save_probabilities_matches_totalsegmentator(
+    flags: tuple[str, ...],
+    raytseg_env: None,
+    totalsegmentator: Any,
+    reference_data: Path,
+    tmp_path: Path,
+) -> None:
+    image = reference_data / "example_ct_sm.nii.gz"
+    theirs = totalsegmentator.run(image, *flags, "-sp", str(tmp_path / "theirs.npz"), ml=True)
+    ours = run_raytseg(image, tmp_path / "ours", *flags, "-sp", str(tmp_path / "ours.npz"), ml=True)
+    assert_same_multilabel(ours, theirs)
+    with np.load(tmp_path / "ours.npz") as a, np.load(tmp_path / "theirs.npz") as b:
+        assert list(a) == list(b) == ["probabilities"]
+        assert a["probabilities"].dtype == b["probabilities"].dtype == np.float32
+        np.testing.assert_array_equal(a["probabilities"], b["probabilities"])
+    mine, reference = (pickle.loads((tmp_path / f"{who}.pkl").read_bytes()) for who in ("ours", "theirs"))
+    assert list(mine) == list(reference)
+    for key in ("original_affine", "reoriented_affine"):
+        np.testing.assert_allclose(mine["nibabel_stuff"][key], reference["nibabel_stuff"][key], atol=1e-5)
+    rest = {k: v for k, v in reference.items() if k != "nibabel_stuff"}
+    assert {k: v for k, v in mine.items() if k != "nibabel_stuff"} == rest

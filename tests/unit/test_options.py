@@ -63,6 +63,14 @@ def test_s_path_turns_statistics_on_and_places_the_file_there() -> None:
     assert from_args(_parse("-f"))[0].statistics is False
 
 
+def test_sp_path_places_the_probabilities_and_their_properties_beside_them() -> None:
+    options, _, places = from_args(_parse("-sp", "out/probs.npz"))
+    assert options.save_probabilities is True
+    assert places == {"probabilities.npz": "out/probs.npz", "probabilities.pkl": "out/probs.pkl"}
+    _, _, places = from_args(_parse("-sp", "s3://bucket/p.v2"))  # the last suffix, as Path.with_suffix
+    assert places["probabilities.pkl"] == "s3://bucket/p.pkl"
+
+
 def test_placed_files_takes_a_path_for_true_and_leaves_bools_alone() -> None:
     assert placed_files({"statistics": True, "fast": True}) == ({"statistics": True, "fast": True}, {})
     assert placed_files({"statistics": False}) == ({"statistics": False}, {})
