@@ -206,11 +206,16 @@ def _read_part10(blob: bytes) -> Any:
 
 
 def _client(base: str) -> Any:
+    import requests
     from dicomweb_client.api import DICOMwebClient
 
     from raytseg.config import dicomweb_headers
 
-    client = DICOMwebClient(base, headers=dicomweb_headers(), timeout=_TIMEOUT_S)
+    # Redirects are not followed (requests raises TooManyRedirects): a job's DICOMweb URIs
+    # are checked against jobs.allowed_prefixes, and a redirect could lead anywhere.
+    session = requests.Session()
+    session.max_redirects = 0
+    client = DICOMwebClient(base, session=session, headers=dicomweb_headers(), timeout=_TIMEOUT_S)
     client.set_http_retry_params(retry=False)  # raytseg.retry decides, with its own backoff
     return client
 
@@ -233,6 +238,11 @@ def _answers(what: str, where: str) -> Iterator[None]:
             else "Check the URI."
         )
         raise StorageError(f"{message}. {advice}") from None
+    except requests.TooManyRedirects:
+        raise StorageError(
+            f"The DICOMweb server redirected the request to {what} at {where}. raytseg does not "
+            "follow redirects, so that none can lead outside the allowed locations: use the final URI."
+        ) from None
     except requests.RequestException as exc:  # refused connections, timeouts
         raise StorageError(f"Could not reach the DICOMweb server to {what} at {where}: {exc}") from exc
 

@@ -31,13 +31,36 @@ def filesystem(uri: str) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) for a URI; errors become ``StorageError``."""
     import fsspec
 
+    options = _HTTP_OPTIONS if uri.split("://", 1)[0].lower() in ("http", "https") else {}
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
+        fs, path = fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as exc:
         raise StorageError(
             f"Cannot open {uri!r}: {exc}. Install the filesystem's package (e.g. s3fs)."
         ) from exc
     return fs, path
+
+
+async def _refuse_redirects(response: Any) -> None:
+    """aiohttp's status check for fsspec's HTTP reads: errors as usual, and a redirect refused.
+
+    A job's locations are checked against ``jobs.allowed_prefixes`` by their URI; a
+    redirect could lead anywhere, so it is not followed but reported.
+    """
+    if 300 <= response.status < 400:
+        target = response.headers.get("Location", "elsewhere")
+        raise StorageError(
+            f"{response.url} redirects (HTTP {response.status}) to {target}. raytseg does not follow "
+            "redirects, so that none can lead outside the allowed locations: use the final URI."
+        )
+    if response.status != 404:  # fsspec turns a 404 into FileNotFoundError itself
+        response.raise_for_status()
+
+
+_HTTP_OPTIONS: dict[str, Any] = {
+    "allow_redirects": False,
+    "client_kwargs": {"raise_for_status": _refuse_redirects},
+}
 
 
 def join(location: str, *names: str) -> str:

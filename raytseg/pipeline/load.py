@@ -30,7 +30,7 @@ import nibabel as nib
 
 from raytseg import dicomweb, storage
 from raytseg.archive import ArchiveLimits, ByteBudget
-from raytseg.errors import ImageTooLargeError, UnreadableImageError
+from raytseg.errors import ImageTooLargeError, RaytsegError, UnreadableImageError
 from raytseg.pipeline.dicom import (
     ARCHIVE_ADVICE,
     datasets_from_blobs,
@@ -137,6 +137,8 @@ def _load_uri(uri: str, limits: LoadLimits) -> Volume:
     fs, path = storage.filesystem(uri)
     try:
         is_folder = bool(fs.isdir(path))
+    except RaytsegError:  # already says what to do (a refused redirect)
+        raise
     except Exception as exc:
         raise storage.storage_error(uri, "read", exc) from exc
     if is_folder:

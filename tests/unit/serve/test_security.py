@@ -74,6 +74,11 @@ def test_allowed(policy: UriPolicy, uri: str, normal: str) -> None:
         "memory://jobsx/a",
         "https://bucket/in/ct.nii.gz",
         "s3://bucket/in/ct.nii.gz?versionId=1",
+        # Presigned URLs (their signature is a query): to another bucket, or to the allowed
+        # one spelled as https, whose path the allow-list cannot vouch for.
+        "https://other.s3.amazonaws.com/in/ct.nii.gz?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=0f",
+        "https://bucket.s3.amazonaws.com/in/ct.nii.gz?X-Amz-Signature=0f",
+        "s3://bucket/in/ct.nii.gz?X-Amz-Signature=0f",
         "s3://bucket/in/ct\\..\\x",
         "s3://bucket/in/%2e%2e/secret/ct.nii.gz",  # a server that decodes it would go up
         "s3://bucket/in/%2E%2E%2Fsecret",
