@@ -154,17 +154,18 @@ class LoadedModel:
         if item.model_key != self.key:
             raise ModelError(f"Input for {item.model_key} was sent to model {self.key}.")
         self._predictor.tile_step_size = item.step_size
+        probabilities = None
         try:
             with torch.inference_mode():
                 logits = self._logits(torch.from_numpy(item.data))
                 if item.probabilities:
                     seg, probabilities = _export_with_probabilities(self._predictor, logits, item)
-                    labels = _canonical(seg)
-                    return NetworkOutput(self.key, item.chunk, labels, probabilities)
-                labels = _canonical(self._labels(logits, item))
+                else:
+                    seg = self._labels(logits, item)
         except RuntimeError as exc:
             raise ModelError(f"Model {self.key} failed: {exc}") from exc
-        return NetworkOutput(model_key=self.key, chunk=item.chunk, labels=labels)
+        labels = np.ascontiguousarray(from_network(seg).astype(np.uint8, copy=False))
+        return NetworkOutput(self.key, item.chunk, labels, probabilities)
 
     def _lean_logits(self, data: torch.Tensor) -> torch.Tensor:
         from raytseg.pipeline import sliding_window
@@ -200,10 +201,6 @@ class LoadedModel:
             cropped = labels_from_cropped_logits(logits.cpu().numpy(), predictor, geometry)
             return _uncropped(cropped, predictor, geometry)
         return _export_with_resampling(predictor, logits, item)
-
-
-def _canonical(seg: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(from_network(seg).astype(np.uint8, copy=False))
 
 
 def _uncropped(cropped: np.ndarray, predictor: Any, geometry: CaseGeometry) -> np.ndarray:

@@ -105,17 +105,18 @@ def _kept_probabilities(outputs: Sequence[NetworkOutput], prepared: Prepared) ->
     """The one network output that kept its probabilities (-sp), with nnU-Net's properties
     of its input: what NibabelIOWithReorient read from the model-grid image (canonical, so
     both affines are its affine) and what the preprocessor added."""
-    kept = next((out for out in outputs if out.probabilities is not None), None)
-    if kept is None or kept.probabilities is None:
-        return None
-    item = next(i for i in prepared.inputs if (i.model_key, i.chunk) == (kept.model_key, kept.chunk))
-    affine = prepared.inverse.model_affine
-    properties = {
-        "nibabel_stuff": {"original_affine": affine, "reoriented_affine": affine},
-        **item.geometry.as_nnunet_properties(),
-    }
-    properties["spacing"] = [float(zoom) for zoom in prepared.inverse.model_zooms[::-1]]  # the header's
-    return Probabilities(kept.probabilities, properties)
+    for out in outputs:
+        if out.probabilities is None:
+            continue
+        item = next(i for i in prepared.inputs if (i.model_key, i.chunk) == (out.model_key, out.chunk))
+        affine = prepared.inverse.model_affine
+        properties = {
+            "nibabel_stuff": {"original_affine": affine, "reoriented_affine": affine},
+            **item.geometry.as_nnunet_properties(),
+        }
+        properties["spacing"] = [float(zoom) for zoom in prepared.inverse.model_zooms[::-1]]  # the header's
+        return Probabilities(out.probabilities, properties)
+    return None
 
 
 def after_pass(

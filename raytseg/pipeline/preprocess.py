@@ -241,8 +241,8 @@ def _network_inputs(
         # -sp keeps what TotalSegmentator's file ends up holding: each model overwrites it,
         # and of split chunks it copies the first's.
         keep = run.probabilities and index == 0 and spec == run.models[-1]
-        key = model_key(spec)
-        inputs.append(NetworkInput(key, index, data, geometry, run.step_size, run.cropped_logits, keep))
+        options = {"cropped_logits": run.cropped_logits, "probabilities": keep}
+        inputs.append(NetworkInput(model_key(spec), index, data, geometry, run.step_size, **options))
     return inputs
 
 

@@ -290,9 +290,10 @@ async def _refuse_unstartable(handles: list[Handle]) -> None:
         if error is not None:
             raise ModelUnavailableError(
                 f"Deployment {handle.deployment_name}, which this request needs, cannot start its "
-                f"replicas ({error}); the service's other tasks are served. Its weights must be "
-                "fixed where the service's `weights` setting points (raytseg weights download or "
-                "import); /readyz lists it under 'failed' and its replica logs hold the details."
+                f"replicas ({error}); the service's other tasks are served. Fix what stops it "
+                "(missing or corrupt weights: raytseg weights download or import, where the "
+                "service's `weights` setting points); /readyz lists it under 'failed', and its "
+                "replica logs hold the details."
             )
 
 
