@@ -66,7 +66,7 @@ def local_overrides(weights: Path, tokens: Path, jobs_dir: Path, http_port: int)
         "pool": {**small, "num_gpus": 0},
         "preprocess": small,
         "postprocess": small,
-        "ingress": {**small, "num_replicas": 1},
+        "ingress": {"num_replicas": 1},  # the chart's: on the head, which has no CPUs for it
         "auth": {"token_file": str(tokens)},
         "jobs": {"allowed_prefixes": [str(jobs_dir)]},
         "http": {"host": "127.0.0.1", "port": http_port},
