@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from raytseg.errors import ImageTooLargeError, InvalidOptionError, StorageError, UnreadableImageError
 from raytseg.retry import RetryPolicy
+from raytseg.storage import REDIRECT_ADVICE
 
 SCHEMES = ("dicomweb+http://", "dicomweb+https://")
 FORMS = "dicomweb+https://host/prefix[/studies/<uid>[/series[/<uid>]]] or dicomweb+https://host/prefix/series?<filters>"
@@ -240,8 +241,7 @@ def _answers(what: str, where: str) -> Iterator[None]:
         raise StorageError(f"{message}. {advice}") from None
     except requests.TooManyRedirects:
         raise StorageError(
-            f"The DICOMweb server redirected the request to {what} at {where}. raytseg does not "
-            "follow redirects, so that none can lead outside the allowed locations: use the final URI."
+            f"The DICOMweb server redirected the request to {what} at {where}. {REDIRECT_ADVICE}"
         ) from None
     except requests.RequestException as exc:  # refused connections, timeouts
         raise StorageError(f"Could not reach the DICOMweb server to {what} at {where}: {exc}") from exc

@@ -41,6 +41,13 @@ def filesystem(uri: str) -> tuple[Any, str]:
     return fs, path
 
 
+# Why no read follows a redirect, and what to do instead (fsspec's http(s) and DICOMweb).
+REDIRECT_ADVICE = (
+    "raytseg does not follow redirects, so that none can lead outside the allowed locations: "
+    "use the final URI."
+)
+
+
 async def _refuse_redirects(response: Any) -> None:
     """aiohttp's status check for fsspec's HTTP reads: errors as usual, and a redirect refused.
 
@@ -49,10 +56,8 @@ async def _refuse_redirects(response: Any) -> None:
     """
     if 300 <= response.status < 400:
         target = response.headers.get("Location", "elsewhere")
-        raise StorageError(
-            f"{response.url} redirects (HTTP {response.status}) to {target}. raytseg does not follow "
-            "redirects, so that none can lead outside the allowed locations: use the final URI."
-        )
+        where = f"{response.url} redirects (HTTP {response.status}) to {target}"
+        raise StorageError(f"{where}. {REDIRECT_ADVICE}")
     if response.status != 404:  # fsspec turns a 404 into FileNotFoundError itself
         response.raise_for_status()
 
