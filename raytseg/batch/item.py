@@ -44,13 +44,14 @@ from raytseg.errors import InputError, LicenseError
 from raytseg.pipeline.export import check_model_grid, check_output, reads_image, write_segmentation
 from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.passes import Region, after_pass, finish, prepare
-from raytseg.pipeline.plan import Pass, admit
+from raytseg.pipeline.plan import AUTO_TASK, Pass, admit
 from raytseg.pipeline.preprocess import ModelPlans, model_key
 from raytseg.pipeline.records import (
     NetworkOutput,
     Prepared,
     Segmentation,
     SegmentOptions,
+    TaskChoice,
     Volume,
 )
 from raytseg.retry import RetryPolicy
@@ -111,7 +112,7 @@ class ItemState:
     """An item between steps. Heavy fields are dropped as soon as no later step needs them."""
 
     item: WorkItem
-    options: SegmentOptions  # after auto-MR
+    options: SegmentOptions  # as run: after the MR rule, or task auto's choice
     fingerprint: str
     attempt: str
     started: float = field(default_factory=time.time)
@@ -124,6 +125,7 @@ class ItemState:
     prepared: Prepared | None = None
     outputs: tuple[NetworkOutput, ...] = ()
     result: ItemResult | None = None
+    task_choice: TaskChoice | None = None  # what task auto chose, and why
 
     @property
     def active(self) -> bool:
@@ -177,12 +179,24 @@ def _load_and_prepare(state: ItemState, job: JobSpec, plans: Plans) -> None:
         volume = job.retry.call(lambda: load_volume(source, job.limits), f"Reading {source}")
     check_output(job.config.output_options, volume)
     check_model_grid(state.options, job.config.output_options)
-    admitted = admit(state.options, job.settings, modality=volume.modality)
+    if state.options.task == AUTO_TASK:
+        state.task_choice = _task_choice(volume, job)
+    modality = volume.modality if state.task_choice is None else state.task_choice.modality
+    admitted = admit(state.options, job.settings, modality=modality)
     state.options, state.passes = admitted.options, admitted.passes
     state.volume, state.voxels = volume, math.prod(volume.shape)
     _prepare_pass(state, plans, region=None)
     if not needs_voxels_later(state.passes, job.config):
         state.volume = _without_voxels(volume)
+
+
+def _task_choice(volume: Volume, job: JobSpec) -> TaskChoice:
+    """Task auto's choice. The ROI classifier, when the image needs it, segments here in
+    the load stage (on its CPU; the model stages serve only the tasks auto may choose)."""
+    from raytseg.pipeline.modality import task_choice
+    from raytseg.pipeline.run import default_segmenter
+
+    return task_choice(volume, default_segmenter("cpu", job.settings, job.config.backend).segment)
 
 
 def _predict(state: ItemState, models: Models) -> None:
@@ -297,7 +311,7 @@ def _report(state: ItemState, job: JobSpec, seg: Segmentation, outputs: tuple[st
 
     item, config = state.item, job.config
     run = ReportedRun.of(
-        seg,
+        dataclasses.replace(seg, task_choice=state.task_choice),
         (item.input, item.output),
         state.options,
         files=config.output_options,

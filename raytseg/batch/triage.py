@@ -19,14 +19,15 @@ from raytseg.batch.item import JobSpec
 from raytseg.batch.results import ItemResult
 from raytseg.config import Settings
 from raytseg.errors import InputError, LicenseError, RaytsegError, StaleOutputError
-from raytseg.pipeline.plan import admit
+from raytseg.pipeline.plan import admit, candidates
 from raytseg.pipeline.preprocess import model_key
 from raytseg.tasks import ModelSpec
 
 
 def check_job_options(config: BatchConfig, settings: Settings) -> None:
     """Fail fast on a bad job-wide task or options (per-row tasks fail their rows only)."""
-    admit(config.segment_options(), settings)
+    for options in candidates(config.segment_options()):
+        admit(options, settings)
 
 
 def triage(items: Sequence[WorkItem], job: JobSpec) -> tuple[list[WorkItem], list[ItemResult]]:
@@ -52,9 +53,10 @@ def triage(items: Sequence[WorkItem], job: JobSpec) -> tuple[list[WorkItem], lis
 
 
 def model_levels(items: Sequence[WorkItem], job: JobSpec) -> list[list[ModelSpec]]:
-    """The networks each model stage serves: level k runs the k-th pass of every item."""
+    """The networks each model stage serves: level k runs the k-th pass of every item (of
+    every task an item of task auto may run)."""
     levels: list[dict[str, ModelSpec]] = []
-    for options in {job.options_for(item) for item in items}:
+    for options in {run for item in items for run in candidates(job.options_for(item))}:
         for level, step in enumerate(admit(options, job.settings).passes):
             if level == len(levels):
                 levels.append({})
@@ -77,7 +79,8 @@ def failed_result(item: WorkItem, task: str, error: Exception) -> ItemResult:
 
 def _task_error(job: JobSpec, item: WorkItem) -> RaytsegError | None:
     try:
-        admit(job.options_for(item), job.settings)
+        for options in candidates(job.options_for(item)):
+            admit(options, job.settings)
     except (InputError, LicenseError) as exc:
         return exc
     return None

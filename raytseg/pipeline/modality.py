@@ -12,6 +12,10 @@ Two classifiers, each TotalSegmentator's five XGBoost folds (``resources/``, fou
 Measured with TotalSegmentator's own classifiers: the intensity classifier answers ``ct``
 with probability 1.0 for the reference CTs and also for the reference MR
 (``example_mr_sm``, minimum -47); raytseg gives the same answers (parity mode).
+
+``choose_task`` is task ``auto``'s decision (raytseg's own): the DICOM Modality tag where
+present; otherwise the intensity classifier, unless it answers ``ct`` for an image without
+air (``CT_AIR_HU``), which no CT in Hounsfield units is: then the ROI classifier decides.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from raytseg.pipeline.records import SegmentOptions
+from raytseg.pipeline.plan import TASK_FOR_MODALITY
+from raytseg.pipeline.records import SegmentOptions, TaskChoice
 from raytseg.resources import resource_path
 
 if TYPE_CHECKING:
@@ -50,6 +55,10 @@ ROI_SEGMENTATION = SegmentOptions(
     stats_aggregation="median",
     statistics_normalized_intensities=True,
 )
+# Every CT in Hounsfield units holds air (about -1000 HU) around the body or in the lungs; an
+# image whose lowest value is above this is not one, whatever the intensity classifier says
+# (it answers ct for the reference MR, whose minimum is -47).
+CT_AIR_HU = -200.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,61 @@ def modality_of(
     if segment is None:
         return classify(intensity_features(volume), INTENSITY_MODELS)
     return roi_modality(segment(volume, ROI_SEGMENTATION).statistics)
+
+
+@dataclass(frozen=True)
+class ModalityEvidence:
+    """What task ``auto`` knows of an image before segmenting it."""
+
+    dicom: str | None  # the DICOM Modality tag, when it is CT or MR
+    intensity: ModalityGuess | None = None  # the intensity classifier's answer, without a tag
+    minimum: float = 0.0  # the image's lowest value
+
+    @property
+    def needs_roi(self) -> bool:
+        """The intensity classifier says ``ct`` of an image without air: ask the ROI one."""
+        return self.intensity is not None and self.intensity.modality == "ct" and self.minimum > CT_AIR_HU
+
+
+def modality_evidence(volume: Volume) -> ModalityEvidence:
+    """The DICOM tag, or the intensity classifier's answer and the image's minimum."""
+    if volume.modality in TASK_FOR_MODALITY:
+        return ModalityEvidence(volume.modality)
+    features = intensity_features(volume)
+    return ModalityEvidence(None, classify(features, INTENSITY_MODELS), features[2])
+
+
+def choose_task(evidence: ModalityEvidence, roi: ModalityGuess | None = None) -> TaskChoice:
+    """Task ``auto``'s choice; ``roi`` is the ROI classifier's answer, needed when
+    ``evidence.needs_roi``."""
+    if evidence.dicom is not None:
+        return _choice(evidence.dicom, f"DICOM Modality tag {evidence.dicom}")
+    assert evidence.intensity is not None, "without a tag the intensity classifier answers"
+    said = f"intensity classifier: {_said(evidence.intensity)}"
+    if not evidence.needs_roi:
+        return _choice(evidence.intensity.modality, said)
+    if roi is None:
+        raise ValueError("the intensity classifier is contradicted: choose with the ROI classifier's answer")
+    return _choice(
+        roi.modality,
+        f"{said}, but no voxel is below {CT_AIR_HU:g} (minimum {evidence.minimum:g}), as in every CT "
+        f"in HU; ROI classifier: {_said(roi)}",
+    )
+
+
+def task_choice(volume: Volume, segment: Callable[[Volume, SegmentOptions], Segmentation]) -> TaskChoice:
+    """``choose_task`` for ``volume``, segmenting it for the ROI classifier when needed."""
+    evidence = modality_evidence(volume)
+    return choose_task(evidence, modality_of(volume, segment) if evidence.needs_roi else None)
+
+
+def _choice(modality: str, reason: str) -> TaskChoice:
+    tag: Literal["CT", "MR"] = "MR" if modality.upper() == "MR" else "CT"
+    return TaskChoice(TASK_FOR_MODALITY[tag], tag, reason)
+
+
+def _said(guess: ModalityGuess) -> str:
+    return f"{guess.modality} (probability {guess.probability:g})"
 
 
 def intensity_features(volume: Volume) -> list[float]:

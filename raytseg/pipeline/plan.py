@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 # crop models find the region (python_api.py: ``crop_addon = [20,20,20] if crop_model is None``).
 DEFAULT_CROP_MARGIN_MM: Spacing = (20.0, 20.0, 20.0)
 BODY_ROIS = ("body_trunc", "body_extremities")
+# task=auto (raytseg's own): the task for each modality, chosen once the image is read
+# (pipeline.modality.choose_task).
+AUTO_TASK = "auto"
+TASK_FOR_MODALITY = {"CT": "total", "MR": "total_mr"}
 # TotalSegmentator's -ms small (python_api.get_task_config): other plans, same folds.
 SMALL_MODEL_TASK, SMALL_PLANS = "total_v3", "nnUNetResEncUNetLPlans_8"
 
@@ -114,7 +118,8 @@ def admit(options: SegmentOptions, settings: Settings, *, modality: str | None =
 
     ``modality`` is the image's DICOM Modality when known (None before loading, or for
     NIfTI): task ``total`` on an image tagged MR runs ``total_mr``, as ``TotalSegmentator``
-    does for DICOM input.
+    does for DICOM input. Task ``auto`` is admitted with the modality chosen for the image;
+    before that, each of its ``candidates`` is.
 
     Raises:
         InputError subclasses: an unknown task or class, invalid options.
@@ -130,8 +135,20 @@ def admit(options: SegmentOptions, settings: Settings, *, modality: str | None =
     return Admitted(options, plan, passes(plan, options))
 
 
+def candidates(options: SegmentOptions) -> tuple[SegmentOptions, ...]:
+    """The requests ``options`` may run as: one per task that task ``auto`` may choose."""
+    if options.task != AUTO_TASK:
+        return (options,)
+    return tuple(options.model_copy(update={"task": task}) for task in TASK_FOR_MODALITY.values())
+
+
 def for_modality(options: SegmentOptions, modality: str | None) -> SegmentOptions:
-    """The MR rule: task ``total`` on an image whose DICOM Modality is MR runs ``total_mr``."""
+    """The MR rule: task ``total`` on an image whose DICOM Modality is MR runs ``total_mr``;
+    task ``auto`` runs the task of the modality chosen for the image."""
+    if options.task == AUTO_TASK:
+        if modality not in TASK_FOR_MODALITY:
+            raise ValueError("task auto is admitted with the image's chosen modality, or as its candidates()")
+        return options.model_copy(update={"task": TASK_FOR_MODALITY[modality]})
     if modality == "MR" and options.task == "total":
         return options.model_copy(update={"task": "total_mr"})
     return options

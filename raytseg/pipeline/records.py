@@ -98,7 +98,9 @@ class SegmentOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: Annotated[str, Flag("-ta")] = Field(
-        default="total", description="Task name, e.g. total, total_mr, body, lung_vessels (raytseg tasks)."
+        default="total",
+        description="Task name, e.g. total, total_mr, body, lung_vessels (raytseg tasks); "
+        "auto: total or total_mr, chosen from the image (the choice and its reason are reported).",
     )
     fast: Annotated[bool, Flag("-f")] = Field(
         default=False, description="Lower-resolution model: 3 mm (total, total_mr), 6 mm (body)."
@@ -372,6 +374,18 @@ class Prepared:
 
 
 @dataclass(frozen=True)
+class TaskChoice:
+    """What ``task=auto`` ran, and why (``pipeline.modality.choose_task``)."""
+
+    task: str  # total or total_mr
+    modality: Literal["CT", "MR"]
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"task": self.task, "modality": self.modality, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class Segmentation:
     """A label map on the input's voxel grid, ready to export."""
 
@@ -383,6 +397,7 @@ class Segmentation:
     statistics: dict[str, dict[str, float]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     probabilities: Probabilities | None = None  # -sp
+    task_choice: TaskChoice | None = None  # task=auto's decision
 
     def to_nifti(self, *, with_label_table: bool = True) -> nib.Nifti1Image:
         """The multilabel image; with TotalSegmentator's XML label table when asked."""

@@ -1,8 +1,9 @@
 """The run report: TotalSegmentator 2.18's ``--report`` JSON, with raytseg's additions.
 
 TotalSegmentator's keys, in its order and meaning (``python_api.build_run_report``), then
-``raytseg_version``, ``timings`` (seconds per stage) and ``outputs`` (every location
-written, DICOMweb instances included). ``totalsegmentator_version`` is the installed
+``raytseg_version``, ``timings`` (seconds per stage), ``outputs`` (every location
+written, DICOMweb instances included) and, for task ``auto``, ``task_choice`` (the task
+chosen, the modality and the reason). ``totalsegmentator_version`` is the installed
 TotalSegmentator package whose data files raytseg reads (None without one): raytseg does
 not run TotalSegmentator.
 Written by ``raytseg segment --report``, returned in a job's record, stored per item in a
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from raytseg.pipeline.records import OutputOptions, Segmentation, SegmentOptions
+from raytseg.pipeline.records import OutputOptions, Segmentation, SegmentOptions, TaskChoice
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ReportedRun:
     written: Sequence[str]
     runtime_s: float
     timings: Mapping[str, float]
+    task_choice: TaskChoice | None = None  # what task auto chose, and why
 
     @classmethod
     def of(
@@ -42,7 +44,9 @@ class ReportedRun:
         """The run that made ``seg`` from ``request`` (input, output); ``run``: files,
         device, written, runtime_s."""
         ran = options.model_copy(update={"task": seg.task})
-        return cls(request[0], request[1], ran, classes=seg.label_map, timings=seg.timings, **run)
+        return cls(
+            *request, ran, classes=seg.label_map, timings=seg.timings, task_choice=seg.task_choice, **run
+        )
 
 
 def run_report(run: ReportedRun) -> dict[str, Any]:
@@ -52,6 +56,7 @@ def run_report(run: ReportedRun) -> dict[str, Any]:
 
     task = get_task(run.options.task)
     kinds = list(run.files.output_type)
+    chosen = {} if run.task_choice is None else {"task_choice": run.task_choice.to_dict()}
     return {
         "totalsegmentator_version": _version("TotalSegmentator"),
         "nnunetv2_version": _version("nnunetv2"),
@@ -75,6 +80,7 @@ def run_report(run: ReportedRun) -> dict[str, Any]:
         "raytseg_version": __version__,
         "timings": {stage: round(seconds, 3) for stage, seconds in run.timings.items()},
         "outputs": list(run.written),
+        **chosen,
     }
 
 

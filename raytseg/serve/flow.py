@@ -16,6 +16,7 @@ call still pending was cancelled.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,11 +25,11 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from raytseg.errors import ModelUnavailableError, NotDeployedError, ReplicaUnavailableError
 from raytseg.pipeline.export import check_model_grid
-from raytseg.pipeline.modality import ROI_SEGMENTATION, ModalityGuess
+from raytseg.pipeline.modality import ROI_SEGMENTATION, ModalityGuess, choose_task
 from raytseg.pipeline.phase import BODY_SEGMENTATION, NECK_SEGMENTATION, PhaseGuess, Stats, neck_needed
-from raytseg.pipeline.plan import Admitted, Pass, for_modality
+from raytseg.pipeline.plan import AUTO_TASK, Admitted, Pass, candidates, for_modality
 from raytseg.pipeline.preprocess import model_key
-from raytseg.pipeline.records import OutputOptions, SegmentOptions
+from raytseg.pipeline.records import OutputOptions, SegmentOptions, TaskChoice
 from raytseg.serve.errors import FAILED_STATES, as_raytseg_error, startup_error
 from raytseg.serve.handoff import Delivered, Delivery, Entrypoint, Tags
 from raytseg.serve.runtime import POOL, POSTPROCESS, PREPROCESS, Catalogue, deployment_name
@@ -85,13 +86,15 @@ class Flow:
         self._stages = _by_reference(stages)
         self._catalogue = catalogue
 
-    def check(
-        self, options: SegmentOptions, modality: str | None = None, output: OutputOptions | None = None
-    ) -> Admitted:
-        """The admitted request, refused (4xx) before any image is read if it is invalid,
-        unlicensed, not served, or asks for outputs its options cannot give."""
+    def check(self, options: SegmentOptions, output: OutputOptions | None = None) -> None:
+        """Refuse (4xx) before any image is read a request that is invalid, unlicensed, not
+        served, or asks for outputs its options cannot give (task auto: either way it may go)."""
         if output is not None:
             check_model_grid(options, output)
+        for candidate in candidates(options):
+            self._admit(candidate)
+
+    def _admit(self, options: SegmentOptions, modality: str | None = None) -> Admitted:
         admitted = self._catalogue.admit(options, modality)
         for spec in admitted.plan.all_models:
             self._model(model_key(spec))
@@ -105,8 +108,8 @@ class Flow:
         Raises:
             RaytsegError: any failure, translated; calls still pending are cancelled first.
         """
-        admitted = self.check(options, output=delivery.files)
-        return await _guarded(lambda calls: self._run(calls, source, admitted, delivery, entrypoint))
+        self.check(options, output=delivery.files)
+        return await _guarded(lambda calls: self._run(calls, source, options, delivery, entrypoint))
 
     async def statistics(self, source: bytes | str, options: SegmentOptions, entrypoint: Entrypoint) -> Stats:
         """Segment ``source`` (``options.statistics`` set) and answer its statistics only."""
@@ -140,15 +143,21 @@ class Flow:
         self,
         calls: _Calls,
         source: bytes | str,
-        admitted: Admitted,
+        options: SegmentOptions,
         delivery: Delivery,
         entry: Entrypoint,
     ) -> Delivered:
+        load = self._stages.preprocess.load.remote(source, Tags(options.task, entry), delivery.files)
+        volume = await calls.finished(load)
+        admitted, choice = await self._admit_loaded(calls, options, volume, entry)
+        delivered = await self._passes(calls, volume, admitted, delivery, entry)
+        return delivered if choice is None else dataclasses.replace(delivered, task_choice=choice)
+
+    async def _passes(  # noqa: PLR0913 - _run()'s, with the loaded image and its admission
+        self, calls: _Calls, volume: Response, admitted: Admitted, delivery: Delivery, entry: Entrypoint
+    ) -> Delivered:
+        """The admitted passes over the loaded image, delivered as asked."""
         preprocess, postprocess = self._stages.preprocess, self._stages.postprocess
-        volume = await calls.finished(
-            preprocess.load.remote(source, Tags(admitted.options.task, entry), delivery.files)
-        )
-        admitted = await self._admit_loaded(calls, admitted, volume)
         before = None
         for index, step in enumerate(admitted.passes):
             tags = Tags(admitted.options.task, entry, crop_pass=not step.is_main)
@@ -163,14 +172,30 @@ class Flow:
             )
         raise AssertionError("the main pass always ends the run")
 
-    async def _admit_loaded(self, calls: _Calls, admitted: Admitted, volume: Response) -> Admitted:
-        """The request admitted for the loaded image: its modality can change the task
-        (the MR rule), which is asked of the image only when the rule could apply."""
-        options = admitted.options
+    async def _admit_loaded(
+        self, calls: _Calls, options: SegmentOptions, volume: Response, entry: Entrypoint
+    ) -> tuple[Admitted, TaskChoice | None]:
+        """The request admitted for the loaded image: task auto's choice, or the MR rule
+        (whose modality is asked of the image only when the rule could apply)."""
+        if options.task == AUTO_TASK:
+            choice = await self._choose_task(calls, volume, entry)
+            return self._admit(options, choice.modality), choice
         if for_modality(options, "MR") == options:
-            return admitted
+            return self._admit(options), None
         modality = await calls.watched(calls.add(self._stages.preprocess.modality.remote(volume)))
-        return admitted if modality != "MR" else self.check(options, modality)
+        return self._admit(options, modality), None
+
+    async def _choose_task(self, calls: _Calls, volume: Response, entry: Entrypoint) -> TaskChoice:
+        """``choose_task`` on the loaded image; the ROI classifier's segmentation, when
+        needed, runs through the same deployments."""
+        preprocess = self._stages.preprocess
+        evidence = await calls.watched(calls.add(preprocess.modality_evidence.remote(volume)))
+        roi = None
+        if evidence.needs_roi:
+            delivery = Delivery(statistics_only=True)
+            done = await self._passes(calls, volume, self._admit(ROI_SEGMENTATION), delivery, entry)
+            roi = await calls.watched(calls.add(preprocess.roi_modality.remote(done.statistics)))
+        return choose_task(evidence, roi)
 
     async def _predict(self, calls: _Calls, step: Pass, prepared: Response, tags: Tags) -> list[Response]:
         """One call per network of the pass, all sent at once (they need only ``prepared``)."""

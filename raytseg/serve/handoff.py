@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
-from raytseg.pipeline.records import OutputOptions
+from raytseg.pipeline.records import OutputOptions, TaskChoice
 
 if TYPE_CHECKING:
     from raytseg.pipeline.passes import Region
@@ -95,6 +95,7 @@ class Delivered:
     statistics: dict[str, dict[str, Any]] | None = None
     task: str = ""  # the task that ran, and the classes it reports (for a job's run report)
     classes: dict[int, str] = dataclasses.field(default_factory=dict)
+    task_choice: TaskChoice | None = None  # what task auto chose, and why
 
 
 def own_arrays(record: T) -> T:

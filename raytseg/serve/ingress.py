@@ -58,6 +58,8 @@ from raytseg.tasks import load_catalog
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _READY_TTL_S = 2.0
+# What task=auto ran on a synchronous request, and why (its report holds the same).
+TASK_HEADER, TASK_REASON_HEADER = "X-Raytseg-Task", "X-Raytseg-Task-Reason"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 429, 500, 502, 503, 504)
 }
@@ -217,6 +219,8 @@ class Ingress:
         statistics are asked for; otherwise a zip with what TotalSegmentator writes to its
         output folder: ``segmentation.nii.gz`` or one ``<class>.nii.gz`` per class, plus
         ``statistics.json`` when ``statistics`` is true and ``preview_<task>.png`` with ``preview``.
+        With ``task=auto``, the headers ``X-Raytseg-Task`` and ``X-Raytseg-Task-Reason`` say
+        what ran and why.
         """
         with self._tracked(query.task_name, "http"):
             self._authorize(request)
@@ -225,8 +229,10 @@ class Ingress:
             done = await self._on_upload(
                 request, lambda body: self._flow.segment(body, options, delivery, "http")
             )
-        disposition = {"Content-Disposition": f'attachment; filename="{done.filename}"'}
-        return Response(done.body, media_type=done.media_type, headers=disposition)
+        headers = {"Content-Disposition": f'attachment; filename="{done.filename}"'}
+        if done.task_choice is not None:
+            headers |= {TASK_HEADER: done.task_choice.task, TASK_REASON_HEADER: done.task_choice.reason}
+        return Response(done.body, media_type=done.media_type, headers=headers)
 
     @api.post("/v1/modality", response_class=Response, responses=_JSON_ANSWER, openapi_extra=_IMAGE_BODY)
     async def modality(self, request: Request, normalized_intensities: bool = False) -> Response:

@@ -144,6 +144,7 @@ class JobRecord(BaseModel):
             delivered.written,
             runtime_s=time.time() - (self.started_at or self.created_at),
             timings={},
+            task_choice=delivered.task_choice,
         )
         self.report = run_report(run)
 

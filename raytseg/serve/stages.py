@@ -33,7 +33,13 @@ from raytseg.pipeline.export import (
     write_segmentation,
 )
 from raytseg.pipeline.load import LoadLimits, load_volume
-from raytseg.pipeline.modality import ModalityGuess, modality_of, roi_modality
+from raytseg.pipeline.modality import (
+    ModalityEvidence,
+    ModalityGuess,
+    modality_evidence,
+    modality_of,
+    roi_modality,
+)
 from raytseg.pipeline.passes import after_pass, finish, prepare
 from raytseg.pipeline.phase import PhaseGuess, Stats, phase_from
 from raytseg.pipeline.plan import Pass
@@ -85,6 +91,10 @@ class CpuStage:
     def modality(self, volume: Volume) -> str | None:
         """The loaded image's DICOM Modality, for the MR rule (``admit``)."""
         return volume.modality
+
+    def modality_evidence(self, volume: Volume) -> ModalityEvidence:
+        """What task auto knows of the loaded image before segmenting it."""
+        return modality_evidence(volume)
 
     def classify_modality(self, volume: Volume) -> ModalityGuess:
         """``get-modality``'s intensity classifier on the loaded image."""

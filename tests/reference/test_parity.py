@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,10 +155,13 @@ ML_CASES = {
         ("-ff", "--high_order_resampling_LEGACY", "-rs", "kidney_cyst_right", "sacrum", "scapula_right"),
     ),
     # -ho: the model gets the image on its own grid; nnU-Net resamples it, and TotalSegmentator's
-    # export brings the logits back class box by class box (up from the 6 mm model). The same
-    # with a crop pass and three 1.5 mm parts (-rs spinal_cord kidney_cyst_right sacrum -ho)
-    # passed too; it left CI to save its ~110 s.
+    # export brings the logits back class box by class box: up from the 6 mm model, and down
+    # from 1.5 mm parts after a crop pass.
     "fastest_higher_order": ("example_ct_sm.nii.gz", ("-ff", "-ho")),
+    "roi_subset_higher_order": (
+        "example_ct_sm.nii.gz",
+        ("-rs", "spinal_cord", "kidney_cyst_right", "sacrum", "-ho"),
+    ),
     # -sl: the masks stay on the 6 mm model's grid, with its header.
     "fastest_save_lowres": ("example_ct_sm.nii.gz", ("-ff", "-sl")),
     "v1_order_roi_subset": (
@@ -168,7 +171,21 @@ ML_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(ML_CASES))
+# Slow variants of what the other cases cover, each passed when it left CI (for time; the
+# tests' "extended" marker): the five 1.5 mm total parts (roi_subset runs three of them,
+# total_fast the statistics of all classes), the two 1.5 mm MR parts (in CI the MR path is
+# the 3 mm total_mr model's, whose statistics get-modality -n compares, and the CT parts
+# combine the same way), and -ho after a crop pass (fastest_higher_order runs the cropped
+# export).
+EXTENDED = {"total", "total_mr", "roi_subset_mr", "roi_subset_higher_order"}
+
+
+def cases(names: Iterable[str]) -> list[Any]:
+    """``names`` in order as parameters, the ``EXTENDED`` ones marked so."""
+    return [pytest.param(n, marks=pytest.mark.extended) if n in EXTENDED else n for n in sorted(names)]
+
+
+@pytest.mark.parametrize("case", cases(ML_CASES))
 def test_multilabel_output_matches_totalsegmentator(case: str, case_runs: Callable[[str], CaseRun]) -> None:
     run = case_runs(case)
     assert_same_multilabel(run.ours, run.theirs)
@@ -193,7 +210,7 @@ def test_per_class_output_matches_totalsegmentator(case: str, case_runs: Callabl
 
 # v1_order_fast: statistics keep TotalSegmentator 2's class names (its --fast statistics are
 # taken before the renumbering, as raytseg's always are).
-@pytest.mark.parametrize("case", ["total", "total_fast", "roi_subset", "v1_order_fast"])
+@pytest.mark.parametrize("case", cases(["total", "total_fast", "roi_subset", "v1_order_fast"]))
 def test_statistics_match_totalsegmentator(case: str, case_runs: Callable[[str], CaseRun]) -> None:
     run = case_runs(case)
     ours_stats = json.loads((run.ours.parent / "statistics.json").read_text())
@@ -221,11 +238,18 @@ def test_run_report_matches_totalsegmentator(case: str, case_runs: Callable[[str
     assert len(ours["outputs"]) == len(ours["output_files"])
 
 
-# -sp PATH: nnU-Net's probabilities of the main pass's last model (here the 6 mm model) and
-# its properties beside them as .pkl. The same with three 1.5 mm parts after a crop pass
-# (-rs spinal_cord kidney_cyst_right sacrum: the last part's file) passed too; it left CI
-# to save its ~150 s.
-@pytest.mark.parametrize("flags", [("-ff",)], ids=["fastest"])
+# -sp PATH: nnU-Net's probabilities of the main pass's last model (the 6 mm model; and the
+# last of three 1.5 mm parts after a crop pass: each part overwrites TotalSegmentator's
+# file) and its properties beside them as .pkl.
+@pytest.mark.parametrize(
+    "flags",
+    [
+        pytest.param(("-ff",), id="fastest"),
+        pytest.param(
+            ("-rs", "spinal_cord", "kidney_cyst_right", "sacrum"), id="parts", marks=pytest.mark.extended
+        ),
+    ],
+)
 def test_save_probabilities_matches_totalsegmentator(
     flags: tuple[str, ...],
     raytseg_env: None,

@@ -356,3 +356,51 @@ def test_backend_openvino_from_the_cli_and_the_api(tmp_path: Path, monkeypatch: 
     np.testing.assert_array_equal(np.asarray(api.dataobj), ours)
     with pytest.raises(InvalidOptionError, match="Unknown backend"):
         raytseg.segment(str(CT), fast=True, device="cpu", backend="onnx")
+
+
+def test_task_auto_chooses_from_the_image_and_reports_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("xgboost")
+    from raytseg.weights.synth import synthesize_task
+
+    for task in ("total", "total_mr"):
+        synthesize_task(task, tmp_path / "weights", fast=True, tiny=True)
+    monkeypatch.setenv("RAYTSEG_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "home"))
+    runs = {}
+    for name in ("example_ct_sm", "example_mr_sm"):
+        image, report = REFERENCE / f"{name}.nii.gz", tmp_path / f"{name}.json"
+        args = [
+            "-i",
+            str(image),
+            "-o",
+            str(tmp_path / name),
+            "-ta",
+            "auto",
+            "--fast",
+            "--ml",
+            "-rp",
+            str(report),
+        ]
+        assert main(["segment", *args, "-d", "cpu", "-q"]) == 0
+        runs[name] = json.loads(report.read_text())
+    ct = runs["example_ct_sm"]
+    assert ct["task_choice"] == {
+        "task": "total",
+        "modality": "CT",
+        "reason": "intensity classifier: ct (probability 1)",
+    }
+    assert (ct["task"], ct["num_classes"]) == ("total", 117)
+    # The reference MR fools the intensity classifier; having no air, it goes to the ROI one,
+    # whose answer (random weights here) is what get-modality -n says.
+    mr = runs["example_mr_sm"]
+    modality = tmp_path / "modality.json"
+    args = ["-i", str(REFERENCE / "example_mr_sm.nii.gz"), "-o", str(modality), "-n", "-d", "cpu", "-q"]
+    assert main(["get-modality", *args]) == 0
+    roi = json.loads(modality.read_text())
+    assert mr["task_choice"]["task"] == mr["task"] == {"ct": "total", "mr": "total_mr"}[roi["modality"]]
+    assert mr["task_choice"]["reason"].endswith(
+        f"ROI classifier: {roi['modality']} (probability {roi['probability']:g})"
+    )
+    assert "minimum -47" in mr["task_choice"]["reason"]

@@ -17,11 +17,12 @@ import pytest
 
 from raytseg.client import Client
 from raytseg.config import Settings
+from raytseg.pipeline.export import multilabel_nifti_bytes
 from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.modality import ROI_SEGMENTATION, modality_of
 from raytseg.pipeline.phase import BODY_SEGMENTATION, neck_needed, phase_of
 from raytseg.pipeline.records import Segmentation, SegmentOptions, Volume
-from tests.integration.serve.conftest import TOKEN, Service
+from tests.integration.serve.conftest import TOKEN, Service, wait_for_job
 
 Segment = Callable[[Volume, SegmentOptions], Segmentation]
 
@@ -90,3 +91,37 @@ def test_the_tools_refuse_like_segment(route: str, service: Service, ct: bytes) 
         assert "empty" in empty.json()["error"]["message"]
         garbage = api.post(route, content=b"not an image" * 100)
         assert garbage.status_code in (400, 422), garbage.text
+
+
+@pytest.mark.parametrize("name", ["example_ct_sm", "example_mr_sm"])
+def test_task_auto_runs_and_reports_what_the_pipeline_chooses(
+    name: str, api: httpx.Client, service: Service, segment: Segment, reference_data: Path
+) -> None:
+    # The MR fools the intensity classifier (minimum -47): the service then segments it with
+    # total_mr --fast for the ROI classifier, as the in-process pipeline does.
+    data = (reference_data / f"{name}.nii.gz").read_bytes()
+    expected = segment(_volume(data), SegmentOptions(task="auto", fast=True))
+    choice = expected.task_choice
+    assert choice is not None
+    assert ("ROI classifier" in choice.reason) == (name == "example_mr_sm")
+    answer = api.post("/v1/segment", params={"task": "auto", "fast": "true", "ml": "true"}, content=data)
+    assert answer.status_code == 200, answer.text
+    assert answer.content == multilabel_nifti_bytes(expected)
+    assert (answer.headers["x-raytseg-task"], answer.headers["x-raytseg-task-reason"]) == (
+        choice.task,
+        choice.reason,
+    )
+    source = service.jobs_dir / "in" / f"auto-{name}.nii.gz"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(data)
+    body = {
+        "input_uri": str(source),
+        "output_uri": str(service.jobs_dir / "out" / f"auto-{name}"),
+        "task": "auto",
+    }
+    job = api.post("/v1/jobs", json=body | {"options": {"fast": True}})
+    assert job.status_code == 202, job.text
+    record = wait_for_job(api, job.json()["id"])
+    assert record["state"] == "succeeded", record
+    assert record["task"] == "auto"
+    assert (record["report"]["task"], record["report"]["task_choice"]) == (choice.task, choice.to_dict())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 from collections.abc import Callable
@@ -153,7 +154,14 @@ def test_dicom_outputs_are_written_and_committed_beside_the_nifti(
 
     series = CT.parent / "example_ct_dicom"
     config = BatchConfig.model_validate(
-        {"input": "i", "output": str(tmp_path / "out"), "fast": True, "output_type": "nifti,dicom_seg"}
+        {
+            "input": "i",
+            "output": str(tmp_path / "out"),
+            "fast": True,
+            "output_type": "nifti,dicom_seg",
+            # a few segments: a SEG of every class takes ~40 s to encode, for nothing more
+            "roi_subset": ("kidney_left", "trachea", "aorta"),
+        }
     )
     item = WorkItem("series", str(series), str(tmp_path / "out" / "series"))
     state, _ = run_item(JobSpec(config, settings, "run1"), segmenter, item)
@@ -205,3 +213,30 @@ def test_a_missing_model_fails_the_item_with_the_fix(settings: Settings, tmp_pat
     result = result_of(state)
     assert (result.status, result.error_type) == ("failed", "MissingWeightsError")
     assert "raytseg weights download" in (result.error_message or "")
+
+
+def test_task_auto_items_run_and_report_the_segmenters_choice(tmp_path: Path) -> None:
+    pytest.importorskip("xgboost")
+    import torch
+
+    from raytseg.weights.store import WeightsStore
+    from raytseg.weights.synth import synthesize_task
+
+    for task in ("total", "total_mr"):
+        synthesize_task(task, tmp_path / "weights", fast=True, tiny=True)
+    settings = Settings.from_env({"HOME": str(tmp_path), "RAYTSEG_WEIGHTS": str(tmp_path / "weights")})
+    segmenter = Segmenter(WeightsStore(settings), torch.device("cpu"))
+    config = BatchConfig(input="unused", output=str(tmp_path / "out"), task="auto", fast=True, device="cpu")
+    for name in ("example_ct_sm", "example_mr_sm"):
+        source = str(REFERENCE / f"{name}.nii.gz")
+        volume = load_volume(source, LoadLimits.from_settings(settings))
+        choice = segmenter.segment(volume, config.segment_options()).task_choice
+        assert choice is not None
+        state, _ = run_item(
+            JobSpec(config, settings, "run1"), segmenter, WorkItem(name, source, f"{tmp_path}/{name}")
+        )
+        result = result_of(state)
+        assert (result.status, result.task) == ("ok", choice.task), result.error_message
+        report = json.loads(result.report or "{}")
+        assert (report["task"], report["task_choice"]) == (choice.task, choice.to_dict())
+    assert "ROI classifier" in choice.reason  # the MR, last: its minimum is -47

@@ -87,6 +87,18 @@ def test_model_stages_follow_the_passes_of_every_item(tmp_path: Path, settings: 
     assert [sorted(spec.dataset_id for spec in level) for level in levels] == [[297, 299], [117]]
 
 
+def test_task_auto_items_are_checked_and_staged_as_either_task(tmp_path: Path, settings: Settings) -> None:
+    job = job_for(tmp_path, settings, task="auto")
+    levels = model_levels([item(tmp_path, "a")], job)
+    assert [sorted(spec.dataset_id for spec in level) for level in levels] == [[297, 852]]  # total, total_mr
+    # total_mr has no kidney cysts: a subset naming one fails whatever the image turns out to be
+    cysts = job_for(tmp_path, settings, task="auto", roi_subset=("kidney_cyst_left",))
+    todo, done = triage([item(tmp_path, "a")], cysts)
+    assert todo == []
+    assert (done[0].status, done[0].error_type) == ("failed", "UnknownClassError")
+    assert "total_mr" in (done[0].error_message or "")
+
+
 def test_metrics_per_item(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, tuple[object, ...]]] = []
 

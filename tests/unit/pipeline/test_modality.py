@@ -3,7 +3,9 @@ and the statistics their ROI variant needs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -13,6 +15,7 @@ import pytest
 from raytseg.errors import MissingResourceError
 from raytseg.pipeline import modality
 from raytseg.pipeline.load import LoadLimits, load_volume
+from raytseg.pipeline.records import Segmentation, SegmentOptions, TaskChoice, Volume
 from raytseg.pipeline.stats import basic_statistics
 
 REFERENCE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "totalseg-reference"
@@ -78,3 +81,64 @@ def test_normalized_median_statistics_are_totalsegmentators() -> None:
         labels, image, (1.0, 1.0, 1.0), {1: "a"}, normalized=True, include_incomplete=True
     )
     assert means["a"]["intensity"] == np.average(ct, weights=(labels == 1).astype(np.uint8)).round(5)
+
+
+# --- task auto ------------------------------------------------------------------------
+
+
+def _volume(name: str) -> Volume:
+    return load_volume(REFERENCE / f"{name}.nii.gz", LIMITS)
+
+
+def _roi_segmenter(intensity: float, calls: list[SegmentOptions]) -> Callable[..., Segmentation]:
+    """A segmenter whose ROI statistics give every structure ``intensity``."""
+
+    def segment(volume: Volume, options: SegmentOptions) -> Segmentation:
+        calls.append(options)
+        stats = {organ: {"intensity": intensity} for organ in modality.ROI_ORGANS}
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        return Segmentation(labels, volume.affine, volume.header, {}, options.task, statistics=stats)
+
+    return segment
+
+
+def test_task_auto_takes_a_dicom_tag_as_it_is() -> None:
+    volume = dataclasses.replace(_volume("example_ct_sm"), modality="MR")
+    evidence = modality.modality_evidence(volume)
+    assert evidence == modality.ModalityEvidence("MR")  # no classifier asked
+    assert modality.choose_task(evidence) == TaskChoice("total_mr", "MR", "DICOM Modality tag MR")
+
+
+def test_task_auto_takes_the_intensity_classifiers_ct_when_the_image_holds_air() -> None:
+    calls: list[SegmentOptions] = []
+    choice = modality.task_choice(_volume("example_ct_sm"), _roi_segmenter(0.5, calls))
+    assert choice == TaskChoice("total", "CT", "intensity classifier: ct (probability 1)")
+    assert calls == []  # the ROI classifier was not needed
+
+
+def test_task_auto_takes_an_mr_answer_of_the_intensity_classifier() -> None:
+    data = np.random.default_rng(0).uniform(0, 900, size=(16, 16, 16))  # MR-like: no negative values
+    volume = Volume(data, np.eye(4), nib.Nifti1Header())
+    choice = modality.choose_task(modality.modality_evidence(volume))
+    assert (choice.task, choice.modality) == ("total_mr", "MR")
+    assert choice.reason.startswith("intensity classifier: mr")
+
+
+def test_task_auto_asks_the_roi_classifier_when_a_ct_has_no_air() -> None:
+    # The reference MR: the intensity classifier says ct, but its minimum is -47.
+    volume = _volume("example_mr_sm")
+    evidence = modality.modality_evidence(volume)
+    assert evidence.intensity == modality.ModalityGuess("ct", 1.0)
+    assert evidence.minimum > modality.CT_AIR_HU
+    assert evidence.needs_roi
+    with pytest.raises(ValueError, match="ROI classifier"):
+        modality.choose_task(evidence)
+    calls: list[SegmentOptions] = []
+    choice = modality.task_choice(volume, _roi_segmenter(0.3, calls))
+    assert calls == [modality.ROI_SEGMENTATION]
+    roi = modality.classify([0.3] * len(modality.ROI_ORGANS), modality.ROI_MODELS)
+    assert choice.task == {"ct": "total", "mr": "total_mr"}[roi.modality]
+    assert choice.reason == (
+        "intensity classifier: ct (probability 1), but no voxel is below -200 (minimum -47), "
+        f"as in every CT in HU; ROI classifier: {roi.modality} (probability {roi.probability:g})"
+    )

@@ -8,7 +8,7 @@ import pytest
 
 from raytseg.config import Settings
 from raytseg.errors import InvalidOptionError, LicenseError, UnknownClassError, UnknownTaskError
-from raytseg.pipeline.plan import admit, passes, plan_run
+from raytseg.pipeline.plan import admit, candidates, passes, plan_run
 from raytseg.pipeline.records import SegmentOptions
 
 
@@ -172,6 +172,27 @@ def test_admit_applies_the_mr_rule(task: str, modality: str | None, runs: str, t
     assert admitted.options.task == runs
     assert admitted.plan.main.task == runs
     assert admitted.passes[-1].options == admitted.options
+
+
+@pytest.mark.parametrize(("modality", "runs"), [("MR", "total_mr"), ("CT", "total")])
+def test_task_auto_runs_the_task_of_the_chosen_modality(modality: str, runs: str, tmp_path: Path) -> None:
+    options = SegmentOptions(task="auto", fast=True, roi_subset=("liver",))
+    admitted = admit(options, _settings(tmp_path), modality=modality)
+    assert admitted.options == options.model_copy(update={"task": runs})
+    assert admitted.plan.main.task == runs
+
+
+def test_task_auto_is_checked_as_each_task_it_may_run(tmp_path: Path) -> None:
+    options = SegmentOptions(task="auto", fast=True)
+    assert [c.task for c in candidates(options)] == ["total", "total_mr"]
+    assert candidates(SegmentOptions(task="body")) == (SegmentOptions(task="body"),)
+    with pytest.raises(ValueError, match="chosen modality"):
+        admit(options, _settings(tmp_path))
+    # total_mr has no kidney cysts: a subset naming one is refused, whatever the image is
+    cysts = SegmentOptions(task="auto", roi_subset=("kidney_cyst_left",))
+    admit(candidates(cysts)[0], _settings(tmp_path))
+    with pytest.raises(UnknownClassError, match="total_mr"):
+        admit(candidates(cysts)[1], _settings(tmp_path))
 
 
 def test_admit_refuses_a_licensed_task_without_a_license(tmp_path: Path) -> None:
