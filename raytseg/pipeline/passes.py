@@ -42,9 +42,11 @@ if TYPE_CHECKING:
 class Region:
     """Where a crop pass found the next pass's region, on the input grid."""
 
-    box: Box
+    box: Box | None  # None: the whole image (a refining pass)
     keep_inside: np.ndarray | None = None  # remove labels outside this mask ...
     keep_inside_dilation_mm: float = 0.0  # ... dilated by this much
+    refine_inside: np.ndarray | None = None  # keep labels, dilated by ..., inside this mask
+    refine_dilation_mm: float = 0.0
 
 
 def prepare(
@@ -78,10 +80,13 @@ def finish(  # noqa: PLR0913 - the records of one pass, plus where to resample
     """The step after the networks: back to the input grid (resampled on ``device`` if given),
     label rules, statistics."""
     plan = step.plan
+    region = region or Region(None)
     ops = FinalOps(
         roi_ids=plan.roi_ids,
-        keep_inside=None if region is None else region.keep_inside,
-        keep_inside_dilation_mm=0.0 if region is None else region.keep_inside_dilation_mm,
+        keep_inside=region.keep_inside,
+        keep_inside_dilation_mm=region.keep_inside_dilation_mm,
+        refine_inside=region.refine_inside,
+        refine_dilation_mm=region.refine_dilation_mm,
         remove_small_blobs_mm3=step.options.remove_small_blobs,
         one_hot_upsampling=step.options.higher_order_resampling_LEGACY,
         model_grid=step.options.save_lowres,
@@ -137,12 +142,15 @@ def after_pass(
 
 
 def find_region(volume: Volume, crop: CropPass, found: Segmentation) -> Region | None:
-    """Bounding box (plus margin) of the crop rois in the crop pass output; None if empty."""
+    """Bounding box (plus margin) of the crop rois in the crop pass output, or for a refining
+    pass their mask; None if empty."""
     by_name = {name: idx for idx, name in found.label_map.items()}
     rois = found.label_map if crop.rois is None else [by_name[r] for r in crop.rois]
     mask = np.isin(found.labels, list(rois))
     if not mask.any():
         return None
+    if crop.margin_mm is None:
+        return Region(None, refine_inside=mask, refine_dilation_mm=crop.refine_mm or 0.0)
     box = crop_box_from_mask(mask, crop.margin_mm, volume.affine)
     if crop.remove_outside is None:
         return Region(box)

@@ -38,6 +38,24 @@ SMALL_MODEL_TASK, SMALL_PLANS = "total_v3", "nnUNetResEncUNetLPlans_8"
 
 
 @dataclass(frozen=True)
+class Refinement:
+    """A task whose labels another model's mask sharpens (TotalSegmentator 2.18's python_api)."""
+
+    rules_of: str  # the task whose model-grid rules its labels get
+    by_task: str  # the refining model's task and dataset, run on the whole image first
+    by_dataset: int
+    inside: tuple[str, ...]  # the refining model's classes the labels are kept inside ...
+    dilation_mm: float  # ... after dilating each label by this much (into background only)
+
+
+# vertebrae_pp_refined: the vertebrae_pp model and its relabelling, then its labels dilated
+# by 2 mm and clipped to the vertebrae_body model's (305) vertebral bodies.
+REFINEMENTS = {
+    "vertebrae_pp_refined": Refinement("vertebrae_pp", "vertebrae_body", 305, ("vertebrae_body",), 2.0)
+}
+
+
+@dataclass(frozen=True)
 class ModelRun:
     """One pass of one or more models over the image."""
 
@@ -50,20 +68,28 @@ class ModelRun:
     binarize: bool = False  # --body_seg keeps only foreground/background
     cropped_logits: bool = False  # -ho: nnU-Net resamples; logits go back class box by class box
     probabilities: bool = False  # -sp: the last model's softmax output (first chunk) is kept
+    rules_of: str | None = None  # whose model-grid rules apply, when not the task's own
 
     @property
     def multi_model(self) -> bool:
         return len(self.models) > 1
 
+    @property
+    def rules(self) -> str:
+        """The task whose model-grid postprocessing the labels get."""
+        return self.rules_of or self.task
+
 
 @dataclass(frozen=True)
 class CropPass:
-    """Find a region with ``plan`` and crop the main pass to its bounding box."""
+    """Find a region with ``plan`` and crop the main pass to its bounding box; or, with
+    ``refine_mm``, keep the main pass's labels, dilated, inside that region (no crop)."""
 
     plan: RunPlan
     rois: tuple[str, ...] | None  # class names of the region; None: all foreground
-    margin_mm: Spacing
+    margin_mm: Spacing | None  # None: no crop (a refining pass)
     remove_outside: tuple[tuple[str, ...], float] | None = None  # (rois, dilation mm)
+    refine_mm: float | None = None  # a Refinement's dilation
 
 
 @dataclass(frozen=True)
@@ -186,6 +212,7 @@ def plan_run(options: SegmentOptions) -> RunPlan:
         # probabilities on the whole grid).
         cropped_logits=options.higher_order_resampling and not options.save_probabilities,
         probabilities=options.save_probabilities,
+        rules_of=REFINEMENTS[task.name].rules_of if task.name in REFINEMENTS else None,
     )
     output = task.classes if rois is None else {k: v for k, v in task.classes.items() if v in rois}
     crop = _crop_pass(task, options, rois)
@@ -264,6 +291,8 @@ def _is_mr(task: TaskSpec) -> bool:
 
 
 def _crop_pass(task: TaskSpec, options: SegmentOptions, rois: tuple[str, ...] | None) -> CropPass | None:
+    if task.name in REFINEMENTS:
+        return _refining_pass(REFINEMENTS[task.name], options)
     if task.crop is not None or rois is not None:
         return _region_crop(task, options, rois)
     if options.body_seg and not _is_mr(task):
@@ -272,6 +301,19 @@ def _crop_pass(task: TaskSpec, options: SegmentOptions, rois: tuple[str, ...] | 
         plan = RunPlan(body_run, None, body.output_classes, None, False)
         return CropPass(plan=plan, rois=None, margin_mm=task.body_crop_addon_mm)
     return None
+
+
+def _refining_pass(refinement: Refinement, options: SegmentOptions) -> CropPass:
+    """The refining model's pass, on the whole image at its own resolution, with -ho's
+    cropped export when asked, as TotalSegmentator runs it."""
+    if options.body_seg:
+        raise InvalidOptionError(
+            "body_seg (-bs) cannot be combined with a refined task: the refining model segments "
+            "the whole image. Leave out -bs."
+        )
+    plan = _pass_with_model(refinement.by_task, refinement.by_dataset)
+    plan = replace(plan, main=replace(plan.main, cropped_logits=options.higher_order_resampling))
+    return CropPass(plan, refinement.inside, margin_mm=None, refine_mm=refinement.dilation_mm)
 
 
 def _region_crop(task: TaskSpec, options: SegmentOptions, rois: tuple[str, ...] | None) -> CropPass:

@@ -8,7 +8,8 @@ Order as in TotalSegmentator's ``nnUNet_predict_image``:
    ``vertebrae_pp`` relabelling, ``--remove_small_blobs``);
 3. nearest-neighbour resampling back to the pre-resampling shape with the exact
    pre-resampling affine, undo the RAS reorientation, paste into the uncropped image;
-4. final label operations (binarise, roi_subset filter, remove outside a mask);
+4. final label operations (binarise, a refining pass's mask, roi_subset filter, remove
+   outside a mask);
 5. ``-v1o``: TotalSegmentator 1's numbering (``renumber``), once the statistics are taken.
 
 The blob functions are ported from TotalSegmentator ``postprocessing.py`` (Apache-2.0).
@@ -43,6 +44,8 @@ class FinalOps:
     roi_ids: tuple[int, ...] | None = None
     keep_inside: np.ndarray | None = None  # boolean mask on the input grid
     keep_inside_dilation_mm: float = 0.0
+    refine_inside: np.ndarray | None = None  # a refining pass's mask (vertebrae_pp_refined)
+    refine_dilation_mm: float = 0.0
     remove_small_blobs_mm3: float | None = None
     # --higher_order_resampling_LEGACY: back to the input grid with ``upsample_one_hot``
     one_hot_upsampling: bool = False
@@ -101,11 +104,11 @@ def model_grid_postprocess(
     voxel_mm3 = float(np.prod(zooms))
     if auxiliary:
         labels[np.isin(labels, list(auxiliary))] = 0
-    if run.task == "body":
+    if run.rules == "body":
         ids = {name: idx for idx, name in run.classes.items()}
         keep_largest_blob(labels, ids["body_trunc"])
         remove_small_blobs(labels, [ids["body_extremities"]], BODY_EXTREMITIES_MIN_MM3 / voxel_mm3)
-    if run.task == "vertebrae_pp":
+    if run.rules == "vertebrae_pp":
         from raytseg.pipeline.vertebrae import postprocess_vertebrae_pp
 
         labels[...] = postprocess_vertebrae_pp(labels, run.classes, voxel_mm3, zooms)
@@ -172,11 +175,16 @@ def upsample_one_hot(labels: np.ndarray, shape: tuple[int, int, int]) -> np.ndar
 
 
 def final_labels(img: nib.Nifti1Image, run: ModelRun, ops: FinalOps, zooms: Sequence[float]) -> np.ndarray:
-    """Label operations on the input grid (binarise, roi filter, remove outside)."""
+    """Label operations on the input grid (binarise, refine, roi filter, remove outside)."""
     data = np.asarray(img.dataobj, dtype=np.uint8)
     data = np.array(data, copy=True)
     if run.binarize:
         data = (data > 0).astype(np.uint8)
+    if ops.refine_inside is not None:
+        from raytseg.pipeline.vertebrae import dilate_labels
+
+        data = dilate_labels(data, run.classes, zooms, ops.refine_dilation_mm)
+        data[~ops.refine_inside] = 0
     if ops.roi_ids is not None:
         data[~np.isin(data, ops.roi_ids)] = 0
     if ops.keep_inside is not None:

@@ -40,6 +40,7 @@ from raytseg.errors import (
     UnsafeArchiveError,
     WeightsIntegrityError,
 )
+from raytseg.pipeline.plan import REFINEMENTS
 from raytseg.retry import OUTAGE_RETRY
 from raytseg.tasks.registry import ModelSpec, TaskSpec, get_task, load_catalog
 from raytseg.weights import _archive, _http
@@ -58,8 +59,6 @@ CT_CROP_DATASETS = (298, 297)
 MR_CROP_DATASETS = (852,)
 BODY_CROP_DATASETS = (300,)
 _BODY_ROIS = frozenset({"body_trunc", "body_extremities"})
-# Models a task runs besides its own (TotalSegmentator downloads 305 for this one).
-_EXTRA_DATASETS: dict[str, tuple[int, ...]] = {"vertebrae_pp_refined": (305,)}
 
 
 def datasets_for_task(
@@ -77,7 +76,8 @@ def datasets_for_task(
     spec = get_task(task)
     _, mode = spec.select_mode(fast=fast, fastest=fastest)
     ids = [model.dataset_id for model in mode.models]
-    ids += _EXTRA_DATASETS.get(task, ())
+    if task in REFINEMENTS:  # the refining model runs besides the task's own
+        ids.append(REFINEMENTS[task].by_dataset)
     if with_crop_models:
         ids += _crop_datasets(spec)
     return list(dict.fromkeys(ids))

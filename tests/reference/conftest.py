@@ -34,6 +34,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "total_mr": ("default", "fast"),
         "body": ("default", "fast"),
         "headneck_bones_vessels": ("default",),  # get-phase
+        "vertebrae_pp_refined": ("default",),  # with the vertebrae_body model
     }.items():
         for mode in modes:
             synthesize_task(task, root, fast=mode == "fast", tiny=True)

@@ -195,6 +195,24 @@ def test_task_auto_is_checked_as_each_task_it_may_run(tmp_path: Path) -> None:
         admit(candidates(cysts)[1], _settings(tmp_path))
 
 
+def test_vertebrae_pp_refined_runs_the_vertebrae_body_model_first() -> None:
+    options = SegmentOptions(task="vertebrae_pp_refined")
+    body, main = passes(plan_run(options), options)
+    assert ids(body.plan.main.models) == [305]
+    assert body.plan.main.resample_mm == (1.5, 1.5, 1.5)
+    assert body.feeds is not None
+    assert (body.feeds.rois, body.feeds.margin_mm, body.feeds.refine_mm) == (("vertebrae_body",), None, 2.0)
+    assert ids(main.plan.main.models) == [803]
+    assert (main.plan.main.task, main.plan.main.rules) == ("vertebrae_pp_refined", "vertebrae_pp")
+    # -ho: the refining model's export is TotalSegmentator's cropped one too
+    ho = SegmentOptions(task="vertebrae_pp_refined", higher_order_resampling=True)
+    refining = plan_run(ho).crop
+    assert refining is not None
+    assert refining.plan.main.cropped_logits
+    with pytest.raises(InvalidOptionError, match="-bs"):
+        plan_run(SegmentOptions(task="vertebrae_pp_refined", body_seg=True))
+
+
 def test_admit_refuses_a_licensed_task_without_a_license(tmp_path: Path) -> None:
     with pytest.raises(LicenseError, match="license"):
         admit(SegmentOptions(task="appendicular_bones"), _settings(tmp_path))

@@ -152,3 +152,35 @@ def test_one_hot_upsampling_equals_totalsegmentator(tmp_path: Path, ts_python: P
     ours = upsample_one_hot(labels, shape)
     assert set(np.unique(theirs)) == {0, 2, 3, 5, 9, 11}  # every class survives the upsampling
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.reference
+def test_refinement_equals_totalsegmentators_vertebrae_refinement(tmp_path: Path, ts_python: Path) -> None:
+    """``final_labels`` with a refining pass's mask against TotalSegmentator's
+    ``refine_vertebrae_pp_with_body_mask`` (vertebrae_pp_refined): labels dilated by 2 mm into
+    the background on an anisotropic grid, then clipped to the body mask."""
+    rng = np.random.default_rng(11)
+    labels = np.zeros((40, 36, 22), dtype=np.uint8)
+    labels[5:15, 6:20, 3:9], labels[16:30, 10:25, 8:15], labels[30:38, 2:8, 15:21] = 20, 21, 24
+    body = (rng.random(labels.shape) < 0.7).astype(np.uint8)
+    body[rng.random(labels.shape) < 0.1] = 2  # the discs, also outside what is kept
+    zooms = (0.8, 0.8, 1.5)
+    np.save(tmp_path / "seg.npy", labels)
+    np.save(tmp_path / "body.npy", body)
+    script = (
+        "import numpy as np\n"
+        "from totalsegmentator.map_to_binary import class_map\n"
+        "from totalsegmentator.postprocessing import refine_vertebrae_pp_with_body_mask\n"
+        "out = refine_vertebrae_pp_with_body_mask(np.load('seg.npy'), np.load('body.npy'),\n"
+        f"    class_map['vertebrae_pp_refined'], voxel_spacing={zooms}, dilation_mm=2)\n"
+        "np.save('out.npy', out)\n"
+    )
+    done = subprocess.run([str(ts_python), "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = plan_run(SegmentOptions(task="vertebrae_pp_refined")).main
+    ops = FinalOps(refine_inside=body == 1, refine_dilation_mm=2.0)
+    ours = final_labels(nib.Nifti1Image(labels, np.eye(4)), run, ops, zooms)
+    theirs = np.load(tmp_path / "out.npy")
+    assert (theirs > labels).any()  # the dilation added voxels ...
+    assert not theirs[body != 1].any()  # ... and the clip removed them outside the bodies
+    np.testing.assert_array_equal(ours, theirs)
