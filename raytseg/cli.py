@@ -259,6 +259,9 @@ def _add_weights(sub: Any) -> None:
     syn.add_argument("-t", "--task", required=True)
     _mode_flags(syn)
     syn.add_argument("--tiny", action="store_true", help="Very small networks (fast tests).")
+    syn.add_argument(
+        "-ms", "--model_size", choices=("big", "small"), default="big", help="small: -ms small's plans."
+    )
     syn.add_argument("-o", dest="output", required=True, type=Path, help="Weights folder to write into.")
     syn.set_defaults(handler=_cmd_weights_synth)
 
@@ -433,7 +436,10 @@ def _cmd_weights_import(args: argparse.Namespace) -> int:
 def _cmd_weights_synth(args: argparse.Namespace) -> int:
     from raytseg.weights.synth import synthesize_task
 
-    paths = synthesize_task(args.task, args.output, fast=args.fast, fastest=args.fastest, tiny=args.tiny)
+    small = args.model_size == "small"
+    paths = synthesize_task(
+        args.task, args.output, fast=args.fast, fastest=args.fastest, tiny=args.tiny, small=small
+    )
     for path in paths:
         print(path)
     print(

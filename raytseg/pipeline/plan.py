@@ -198,7 +198,7 @@ def plan_run(options: SegmentOptions) -> RunPlan:
     rois = _validated_rois(task, options)
     models = tuple(mode.models)
     if options.model_size == "small":
-        models = _small_models(task, models)
+        models = small_models(task, models)
     if rois is not None and len(models) > 1:
         models = tuple(m for m in models if set(m.labels.values()) & set(rois))
     main = ModelRun(
@@ -263,7 +263,7 @@ def _v1_order(task: TaskSpec, options: SegmentOptions, rois: tuple[str, ...] | N
     return Renumbering(ids, classes)
 
 
-def _small_models(task: TaskSpec, models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
+def small_models(task: TaskSpec, models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
     """``-ms small``: TotalSegmentator's smaller plans, for the one task that has them."""
     if task.name != SMALL_MODEL_TASK:
         raise InvalidOptionError(

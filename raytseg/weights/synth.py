@@ -12,7 +12,8 @@ itself load them unchanged::
   task's resample spacing in nnU-Net's (z, y, x) order; tasks that let nnU-Net resample
   get an anisotropic spacing, so nnU-Net's own (separate-z) resampling path runs.
 - The network is nnU-Net's default ``PlainConvUNet`` (32…320 features, 4-6 stages chosen
-  by spacing), or with ``tiny`` a 3-stage 4/8/16-feature net on 32³ patches.
+  by spacing), or with ``tiny`` a 3-stage 4/8/16-feature net on 32³ patches; plans of
+  nnU-Net's residual-encoder presets (``-ms small``'s) get its ``ResidualEncoderUNet``.
 - Weights are nnU-Net's He initialisation, with the 1×1 output layers re-drawn so that
   each class owns a region of feature space: the prediction on a CT is a varied patchwork
   of many labels rather than one class everywhere, so comparisons between pipelines test
@@ -69,6 +70,10 @@ logger = logging.getLogger(__name__)
 NATIVE_SPACING_ZYX = (2.5, 0.8, 0.8)
 ALL_FOLDS = (0, 1, 2, 3, 4)
 ARCHITECTURE_CLASS = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+# nnU-Net's residual-encoder presets (plans named nnUNetResEncUNet{M,L,XL}Plans...): the
+# architecture of -ms small's plans (nnUNetResEncUNetLPlans_8).
+RESENC_ARCHITECTURE_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6)  # residual blocks per encoder stage, as its planner sets them
 # Mean and std of LeakyReLU(x) for x ~ N(0, 1): the statistics of each output-layer input
 # feature, since each of them comes straight out of InstanceNorm + LeakyReLU.
 _FEATURE_MEAN = 0.3949
@@ -145,7 +150,7 @@ def _replace_folder(target: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def synthesize_task(
+def synthesize_task(  # noqa: PLR0913 - the flags of `raytseg weights synth`, one each
     task: str,
     out_root: Path,
     *,
@@ -153,18 +158,22 @@ def synthesize_task(
     fastest: bool = False,
     tiny: bool = False,
     with_crop_models: bool = True,
+    small: bool = False,
 ) -> list[Path]:
     """Synthesize every model a task needs (``datasets_for_task``), with catalogue folder names.
 
     Each dataset is seeded with its id, so a model's files do not depend on the task asked for.
+    ``small``: the task's own models with ``-ms small``'s (residual-encoder) plans.
 
     Returns:
         The model folders, in ``datasets_for_task`` order.
     """
     preferred = get_task(task)
+    small_specs = {m.dataset_id: m for m in _small_specs(preferred, fast, fastest)} if small else {}
     folders = []
     for dataset_id in datasets_for_task(task, fast=fast, fastest=fastest, with_crop_models=with_crop_models):
         spec, task_spec, spacing = _model_for(dataset_id, preferred)
+        spec = small_specs.get(dataset_id, spec)
         folders.append(
             synthesize(
                 spec,
@@ -177,6 +186,14 @@ def synthesize_task(
             )
         )
     return folders
+
+
+def _small_specs(task: TaskSpec, fast: bool, fastest: bool) -> tuple[ModelSpec, ...]:
+    """The task's models with ``-ms small``'s plans (refused for other tasks, as the plan does)."""
+    from raytseg.pipeline.plan import small_models
+
+    _, mode = task.select_mode(fast=fast, fastest=fastest)
+    return small_models(task, tuple(mode.models))
 
 
 def build_plans(
@@ -242,7 +259,7 @@ def _configuration(spec: ModelSpec, spacing: list[float], *, modality: str, tiny
         "resampling_fn_seg_kwargs": _resampling_kwargs(is_seg=True, order=1),
         "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
         "resampling_fn_probabilities_kwargs": _resampling_kwargs(is_seg=False, order=1),
-        "architecture": _architecture(strides, tiny=tiny),
+        "architecture": _architecture(strides, tiny=tiny, residual="ResEnc" in spec.plans),
         "batch_dice": False,
     }
 
@@ -273,19 +290,24 @@ def _strides(patch: list[int], *, max_stages: int) -> list[list[int]]:
     return [[2 if 0 < stage <= n else 1 for n in pools] for stage in range(n_stages)]
 
 
-def _architecture(strides: list[list[int]], *, tiny: bool) -> dict[str, Any]:
+def _architecture(strides: list[list[int]], *, tiny: bool, residual: bool = False) -> dict[str, Any]:
     n_stages = len(strides)
     features = [4, 8, 16] if tiny else [min(32 * 2**i, 320) for i in range(n_stages)]
+    if residual:  # a residual encoder, one convolution per decoder stage
+        blocks: dict[str, Any] = {"n_blocks_per_stage": list(RESENC_BLOCKS[:n_stages])}
+        decoder_convs = 1
+    else:
+        blocks, decoder_convs = {"n_conv_per_stage": [2] * n_stages}, 2
     return {
-        "network_class_name": ARCHITECTURE_CLASS,
+        "network_class_name": RESENC_ARCHITECTURE_CLASS if residual else ARCHITECTURE_CLASS,
         "arch_kwargs": {
             "n_stages": n_stages,
             "features_per_stage": features,
             "conv_op": "torch.nn.modules.conv.Conv3d",
             "kernel_sizes": [[3, 3, 3]] * n_stages,
             "strides": strides,
-            "n_conv_per_stage": [2] * n_stages,
-            "n_conv_per_stage_decoder": [2] * (n_stages - 1),
+            **blocks,
+            "n_conv_per_stage_decoder": [decoder_convs] * (n_stages - 1),
             "conv_bias": True,
             "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
             "norm_op_kwargs": {"eps": 1e-05, "affine": True},

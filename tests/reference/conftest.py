@@ -38,6 +38,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }.items():
         for mode in modes:
             synthesize_task(task, root, fast=mode == "fast", tiny=True)
+    synthesize_task("total_v3", root, tiny=True, with_crop_models=False, small=True)  # -ms small
     return root
 
 

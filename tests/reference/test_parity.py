@@ -238,6 +238,27 @@ def test_run_report_matches_totalsegmentator(case: str, case_runs: Callable[[str
     assert len(ours["outputs"]) == len(ours["output_files"])
 
 
+def corner_of_the_ct(reference_data: Path, folder: Path, size: int = 40) -> Path:
+    """A corner of the small example CT (``size`` x ``size`` x 16 at 3 mm): quick for 1.5 mm models."""
+    image = folder / "corner.nii.gz"
+    img = nib.load(reference_data / "example_ct_sm.nii.gz")
+    nib.save(img.slicer[30 : 30 + size, 30 : 30 + size, 10:26], image)
+    return image
+
+
+def test_small_models_match_totalsegmentator(
+    raytseg_env: None, totalsegmentator: Any, reference_data: Path, tmp_path: Path
+) -> None:
+    """-ms small: task total_v3's five parts with nnU-Net's residual-encoder plans
+    (nnUNetResEncUNetLPlans_8, a ResidualEncoderUNet), as TotalSegmentator loads them."""
+    image = corner_of_the_ct(reference_data, tmp_path, size=20)  # five 1.5 mm models, twice
+    flags = ("-ta", "total_v3", "-ms", "small")
+    theirs = totalsegmentator.run(image, *flags, ml=True)
+    ours = run_raytseg(image, tmp_path / "ours", *flags, ml=True)
+    assert present_labels(ours) >= 2
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
 @pytest.mark.parametrize(
     "extra", [pytest.param((), id="default"), pytest.param(("-ho",), id="ho", marks=pytest.mark.extended)]
 )
@@ -248,8 +269,7 @@ def test_refined_vertebrae_match_totalsegmentator(
     vertebrae_pp model, its relabelling, and its labels dilated by 2 mm and clipped to the
     vertebral bodies; with -ho, both passes' cropped export. On a corner of the CT (the
     whole one takes minutes each, measured equal too: 0 voxels differ)."""
-    image = tmp_path / "corner.nii.gz"
-    nib.save(nib.load(reference_data / "example_ct_sm.nii.gz").slicer[30:70, 30:70, 10:26], image)
+    image = corner_of_the_ct(reference_data, tmp_path)
     flags = ("-ta", "vertebrae_pp_refined", *extra)
     theirs = totalsegmentator.run(image, *flags, ml=True)
     ours = run_raytseg(image, tmp_path / "ours", *flags, ml=True)

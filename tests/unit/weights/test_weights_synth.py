@@ -277,3 +277,17 @@ def test_realistic_297_loads_strictly(tmp_path: Path) -> None:
     assert 80 < size_mb < 200
     network = network_for(folder)
     assert sum(p.numel() for p in network.parameters()) > 20_000_000
+
+
+def test_small_model_size_writes_residual_encoder_plans(tmp_path: Path) -> None:
+    folders = synthesize_task("total_v3", tmp_path, tiny=True, with_crop_models=False, small=True)
+    assert [f.name for f in folders] == ["nnUNetTrainerNoMirroring__nnUNetResEncUNetLPlans_8__3d_fullres"] * 5
+    plans, _, _ = load_folder(folders[0])
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    assert plans["plans_name"] == "nnUNetResEncUNetLPlans_8"
+    assert arch["network_class_name"].endswith(".ResidualEncoderUNet")
+    assert arch["arch_kwargs"]["n_blocks_per_stage"] == [1, 3, 4]
+    network = network_for(folders[0])  # the checkpoint loads strictly into that network
+    assert type(network).__name__ == "ResidualEncoderUNet"
+    with pytest.raises(InvalidOptionError, match="total_v3"):
+        synthesize_task("total", tmp_path, tiny=True, small=True)
