@@ -19,15 +19,14 @@ from raytseg.batch.item import JobSpec
 from raytseg.batch.results import ItemResult
 from raytseg.config import Settings
 from raytseg.errors import InputError, LicenseError, RaytsegError, StaleOutputError
-from raytseg.pipeline.plan import admit, candidates
+from raytseg.pipeline.plan import admit, candidates, check_candidates
 from raytseg.pipeline.preprocess import model_key
 from raytseg.tasks import ModelSpec
 
 
 def check_job_options(config: BatchConfig, settings: Settings) -> None:
     """Fail fast on a bad job-wide task or options (per-row tasks fail their rows only)."""
-    for options in candidates(config.segment_options()):
-        admit(options, settings)
+    check_candidates(config.segment_options(), lambda options: admit(options, settings))
 
 
 def triage(items: Sequence[WorkItem], job: JobSpec) -> tuple[list[WorkItem], list[ItemResult]]:
@@ -79,8 +78,7 @@ def failed_result(item: WorkItem, task: str, error: Exception) -> ItemResult:
 
 def _task_error(job: JobSpec, item: WorkItem) -> RaytsegError | None:
     try:
-        for options in candidates(job.options_for(item)):
-            admit(options, job.settings)
+        check_candidates(job.options_for(item), lambda options: admit(options, job.settings))
     except (InputError, LicenseError) as exc:
         return exc
     return None

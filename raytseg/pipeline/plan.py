@@ -15,10 +15,11 @@ and the options, never the image or the weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from raytseg.errors import InvalidOptionError, UnknownClassError
+from raytseg.errors import InvalidOptionError, RaytsegError, UnknownClassError
 from raytseg.pipeline.records import SegmentOptions, Spacing
 from raytseg.tasks import ModelSpec, TaskSpec, get_task
 
@@ -166,6 +167,19 @@ def candidates(options: SegmentOptions) -> tuple[SegmentOptions, ...]:
     if options.task != AUTO_TASK:
         return (options,)
     return tuple(options.model_copy(update={"task": task}) for task in TASK_FOR_MODALITY.values())
+
+
+def check_candidates(options: SegmentOptions, check: Callable[[SegmentOptions], object]) -> None:
+    """``check`` (e.g. ``admit``) each request ``options`` may run as; for task auto, an error
+    says which task it was found for."""
+    for candidate in candidates(options):
+        try:
+            check(candidate)
+        except RaytsegError as exc:
+            if candidate.task == options.task:
+                raise
+            modality = next(m for m, task in TASK_FOR_MODALITY.items() if task == candidate.task)
+            raise type(exc)(f"Task auto runs {candidate.task} on {modality} images: {exc.message}") from exc
 
 
 def for_modality(options: SegmentOptions, modality: str | None) -> SegmentOptions:

@@ -27,7 +27,7 @@ from raytseg.errors import ModelUnavailableError, NotDeployedError, ReplicaUnava
 from raytseg.pipeline.export import check_model_grid
 from raytseg.pipeline.modality import ROI_SEGMENTATION, ModalityGuess, choose_task
 from raytseg.pipeline.phase import BODY_SEGMENTATION, NECK_SEGMENTATION, PhaseGuess, Stats, neck_needed
-from raytseg.pipeline.plan import AUTO_TASK, Admitted, Pass, candidates, for_modality
+from raytseg.pipeline.plan import AUTO_TASK, Admitted, Pass, check_candidates, for_modality
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import OutputOptions, SegmentOptions, TaskChoice
 from raytseg.serve.errors import FAILED_STATES, as_raytseg_error, startup_error
@@ -91,8 +91,7 @@ class Flow:
         served, or asks for outputs its options cannot give (task auto: either way it may go)."""
         if output is not None:
             check_model_grid(options, output)
-        for candidate in candidates(options):
-            self._admit(candidate)
+        check_candidates(options, self._admit)
 
     def _admit(self, options: SegmentOptions, modality: str | None = None) -> Admitted:
         admitted = self._catalogue.admit(options, modality)

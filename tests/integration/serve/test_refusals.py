@@ -51,6 +51,13 @@ def bad_inputs(
         "unknown-task": (good, {"task": "not_a_task"}, 404, "UnknownTaskError"),
         "unknown-class": (good, {"fast": "true", "roi_subset": "no_such_organ"}, 422, "UnknownClassError"),
         "not-deployed": (good, {"task": "body"}, 422, "NotDeployedError"),
+        # total_mr (which task auto runs on MR images) has no kidney cysts
+        "auto-unknown-class": (
+            good,
+            {"task": "auto", "fast": "true", "roi_subset": "kidney_cyst_left"},
+            422,
+            "UnknownClassError",
+        ),
         "fast-and-fastest": (good, {"fast": "true", "fastest": "true"}, 422, "InvalidOptionError"),
         "unknown-parameter": (good, {"fsat": "true"}, 422, "InvalidOptionError"),
         "sl-preview": (good, {"fast": "1", "save_lowres": "1", "preview": "1"}, 422, "InvalidOptionError"),
@@ -73,6 +80,7 @@ CASES = [
     "multi-series-dicom",
     "unknown-task",
     "unknown-class",
+    "auto-unknown-class",
     "not-deployed",
     "fast-and-fastest",
     "unknown-parameter",

@@ -8,7 +8,7 @@ import pytest
 
 from raytseg.config import Settings
 from raytseg.errors import InvalidOptionError, LicenseError, UnknownClassError, UnknownTaskError
-from raytseg.pipeline.plan import admit, candidates, passes, plan_run
+from raytseg.pipeline.plan import admit, candidates, check_candidates, passes, plan_run
 from raytseg.pipeline.records import SegmentOptions
 
 
@@ -191,8 +191,12 @@ def test_task_auto_is_checked_as_each_task_it_may_run(tmp_path: Path) -> None:
     # total_mr has no kidney cysts: a subset naming one is refused, whatever the image is
     cysts = SegmentOptions(task="auto", roi_subset=("kidney_cyst_left",))
     admit(candidates(cysts)[0], _settings(tmp_path))
-    with pytest.raises(UnknownClassError, match="total_mr"):
-        admit(candidates(cysts)[1], _settings(tmp_path))
+    with pytest.raises(UnknownClassError, match="^Task auto runs total_mr on MR images: .*kidney_cyst_left"):
+        check_candidates(cysts, lambda options: admit(options, _settings(tmp_path)))
+    with pytest.raises(UnknownClassError, match="^Task .total_mr. has no class"):  # as it is
+        check_candidates(
+            cysts.model_copy(update={"task": "total_mr"}), lambda o: admit(o, _settings(tmp_path))
+        )
 
 
 def test_vertebrae_pp_refined_runs_the_vertebrae_body_model_first() -> None:
