@@ -13,7 +13,8 @@ Storage outage: the S3 server stops for 10 s while jobs run; every job still suc
 
 A model that cannot load: ``/readyz`` names it and its error; the other tasks are served.
 
-A rolling update: the app redeployed with another config under load loses no request.
+A rolling update: the app redeployed with another config under load loses no request;
+nor does a model replica scaled down under load.
 
 Admission: ``limits.max_queued_requests`` and ``jobs.max_pending`` bound the app, whichever
 ingress replica a request reaches.
@@ -43,6 +44,7 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 T = TypeVar("T")
+Answer = tuple[int, str | None]  # a client's status, and the Retry-After (or the error) it got
 BUCKET = "raytseg-durable-jobs"
 EXAMPLE_CT = Path(__file__).resolve().parents[2] / "examples" / "data" / "example_ct_sm.nii.gz"
 KEY = "a1b2c3d4-durable-job-key"
@@ -172,6 +174,11 @@ def replicas() -> set[str]:
     return {a["name"] for a in actors if a["name"].startswith("SERVE_REPLICA::")}
 
 
+def model_replicas() -> set[str]:
+    """The names of the replicas of the app's model deployment (``total`` --fast's)."""
+    return {name for name in replicas() if "#Model297#" in name}
+
+
 def kill_job_actor(restart: bool) -> None:
     import ray
 
@@ -295,6 +302,37 @@ def test_a_model_that_cannot_load_is_named_by_readyz(data: Any, tmp_path: Path, 
         stop_local()
 
 
+def answers_under_load(api: httpx.Client, change: Callable[[], None]) -> tuple[list[Answer], int]:
+    """Two clients segment a small CT without pause from 2 s before ``change()`` until 2 s
+    after it returns: every (status, Retry-After or error), and how many came before the end
+    of ``change()``."""
+    ct, stop, answers = tiny_ct(), threading.Event(), []
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                answer = api.post("/v1/segment", params={"fast": "true"}, content=ct)
+                answers.append((answer.status_code, answer.headers.get("Retry-After")))
+            except httpx.HTTPError as exc:
+                answers.append((0, repr(exc)))
+
+    with ThreadPoolExecutor(2) as pool:
+        clients = [pool.submit(client) for _ in range(2)]
+        time.sleep(2.0)
+        change()
+        during = len(answers)
+        time.sleep(2.0)
+        stop.set()
+        for done in clients:
+            done.result()
+    return answers, during
+
+
+def lost(answers: list[Answer]) -> list[Answer]:
+    """The answers a client could not act on: not 200, 429 or 503, or a refusal without Retry-After."""
+    return [a for a in answers if a[0] not in (200, 429, 503) or (a[0] != 200 and a[1] is None)]
+
+
 def test_a_rolling_config_update_under_load_loses_no_request(
     data: Any, tmp_path: Path, ray_dir: Path
 ) -> None:
@@ -304,33 +342,50 @@ def test_a_rolling_config_update_under_load_loses_no_request(
 
     from raytseg.serve.app import build_app
 
-    config, ct = app_config(tmp_path, max_pending=8), tiny_ct()
+    config = app_config(tmp_path, max_pending=8)
     updated = config.model_copy(update={"limits": config.limits.model_copy(update={"retry_after_s": 3})})
     with cluster(config, ray_dir) as api:
         ids = [submit(api, f"u{n}").json()["id"] for n in range(3)]
-        stop, answers = threading.Event(), []
-
-        def client() -> None:
-            while not stop.is_set():
-                try:
-                    answer = api.post("/v1/segment", params={"fast": "true"}, content=ct)
-                    answers.append((answer.status_code, answer.headers.get("Retry-After")))
-                except httpx.HTTPError as exc:
-                    answers.append((0, repr(exc)))
-
-        with ThreadPoolExecutor(2) as pool:
-            clients = [pool.submit(client) for _ in range(2)]
-            time.sleep(2.0)
-            before = replicas()
-            serve.run(build_app(updated), name=config.app_name, route_prefix="/")
-            during = len(answers)
-            time.sleep(2.0)
-            stop.set()
-            for done in clients:
-                done.result()
+        before = replicas()
+        answers, during = answers_under_load(
+            api, lambda: serve.run(build_app(updated), name=config.app_name, route_prefix="/")
+        )
         records = succeeded(api, ids, 300, "the jobs accepted before the update")
         assert not before & replicas(), "the update replaced no replica"
     assert during < len(answers)  # requests went on through the update and after it
-    lost = [a for a in answers if a[0] not in (200, 429, 503) or (a[0] != 200 and a[1] is None)]
-    assert not lost, lost
+    assert not lost(answers), lost(answers)
     assert len(records) == len(ids)
+
+
+def test_a_model_replica_scaled_down_under_load_loses_no_request(
+    data: Any, tmp_path: Path, ray_dir: Path
+) -> None:
+    """The model's deployment starts with two replicas; under two clients' load its
+    autoscaler wants one, and Serve stops the other while requests go on: the replica that
+    stops finishes what it holds first (graceful shutdown), so every request is answered
+    (200, or 429/503 with Retry-After)."""
+    scaling = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "initial_replicas": 2,
+        "target_ongoing_requests": 2,  # two clients: one replica is enough
+        "upscale_delay_s": 60,
+        "downscale_delay_s": 1,
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 1,
+    }
+    config = app_config(
+        tmp_path, max_pending=8, models={"num_cpus": 0.25, "num_gpus": 0, "autoscaling": scaling}
+    )
+    with cluster(config, ray_dir) as api:
+        started = model_replicas()
+        assert len(started) == 2
+
+        def scaled_down() -> None:
+            wait_until(lambda: len(model_replicas()) == 1, 120, "one model replica")
+
+        answers, during = answers_under_load(api, scaled_down)
+        assert model_replicas() < started  # a scale-down: the replica left was there before
+    assert during < len(answers)  # requests went on through the scale-down and after it
+    assert sum(status == 200 for status, _ in answers) > 0
+    assert not lost(answers), lost(answers)

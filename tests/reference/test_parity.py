@@ -149,10 +149,23 @@ ML_CASES = {
     "v1_order_fast": ("example_ct_sm.nii.gz", ("--fast", "-v1o", "--statistics")),
     # Smooth upsampling of the 6 mm masks (--higher_order_resampling_LEGACY, in its other
     # spelling): 16,476 voxels differ from the default upsampling. The 3 mm models need no
-    # upsampling on these 3 mm images.
+    # upsampling on these 3 mm images. Also spline order 3 for the crop and main passes and
+    # the input-grid statistics with every option (roi_subset's, which is extended, too).
     "legacy_resampling_roi_subset": (
         "example_ct_sm.nii.gz",
-        ("-ff", "--high_order_resampling_LEGACY", "-rs", "kidney_cyst_right", "sacrum", "scapula_right"),
+        (
+            "-ff",
+            "--high_order_resampling_LEGACY",
+            "-rs",
+            "kidney_cyst_right",
+            "sacrum",
+            "scapula_right",
+            "-ro",
+            "3",
+            "-s",
+            "-sii",
+            "-sx",
+        ),
     ),
     # -ho: the model gets the image on its own grid; nnU-Net resamples it, and TotalSegmentator's
     # export brings the logits back class box by class box: up from the 6 mm model, and down
@@ -172,12 +185,13 @@ ML_CASES = {
 
 
 # Slow variants of what the other cases cover, each passed when it left CI (for time; the
-# tests' "extended" marker): the five 1.5 mm total parts (roi_subset runs three of them,
-# total_fast the statistics of all classes), the two 1.5 mm MR parts (in CI the MR path is
-# the 3 mm total_mr model's, whose statistics get-modality -n compares, and the CT parts
-# combine the same way), and -ho after a crop pass (fastest_higher_order runs the cropped
-# export).
-EXTENDED = {"total", "total_mr", "roi_subset_mr", "roi_subset_higher_order"}
+# tests' "extended" marker): the 1.5 mm total parts (five parts combine in
+# test_small_models_match_totalsegmentator, total_fast takes the statistics of all classes,
+# legacy_resampling_roi_subset the crop pass with -ro 3 and the input-grid statistics with
+# -sii -sx), the two 1.5 mm MR parts (in CI the MR path is the 3 mm total_mr model's, whose
+# statistics get-modality -n compares), and -ho after a crop pass (fastest_higher_order runs
+# the cropped export).
+EXTENDED = {"total", "roi_subset", "total_mr", "roi_subset_mr", "roi_subset_higher_order"}
 
 
 def cases(names: Iterable[str]) -> list[Any]:
@@ -210,7 +224,9 @@ def test_per_class_output_matches_totalsegmentator(case: str, case_runs: Callabl
 
 # v1_order_fast: statistics keep TotalSegmentator 2's class names (its --fast statistics are
 # taken before the renumbering, as raytseg's always are).
-@pytest.mark.parametrize("case", cases(["total", "total_fast", "roi_subset", "v1_order_fast"]))
+@pytest.mark.parametrize(
+    "case", cases(["total", "total_fast", "roi_subset", "legacy_resampling_roi_subset", "v1_order_fast"])
+)
 def test_statistics_match_totalsegmentator(case: str, case_runs: Callable[[str], CaseRun]) -> None:
     run = case_runs(case)
     ours_stats = json.loads((run.ours.parent / "statistics.json").read_text())
