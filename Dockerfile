@@ -28,9 +28,10 @@ ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 ARG PIP_NO_INDEX
 ARG PIP_FIND_LINKS
 
-# wget: KubeRay's probes and the health check; bash: KubeRay's container command.
+# wget: KubeRay's probes and the health check; bash: KubeRay's container command;
+# libosmesa6: VTK's off-screen rendering of the 3D preview (no display in a pod).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends wget bash ca-certificates \
+    && apt-get install -y --no-install-recommends wget bash ca-certificates libosmesa6 \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 
 # The user KubeRay's docs assume (uid 1000, like rayproject/ray's `ray`), group users (100).
@@ -47,9 +48,16 @@ COPY pyproject.toml README.md ./
 COPY constraints ./constraints
 COPY scripts/install-runtime.sh ./scripts/install-runtime.sh
 COPY raytseg ./raytseg
+# A C compiler for this step only: pip builds the sdists among the packages (pyradiomics-bhklab,
+# for --radiomics) here, and the step removes the compiler again, so the image has none.
+# scripts/build-image.sh brings every package as a wheel, built on its machine, and passes
+# BUILD_PACKAGES="" (nothing to compile).
+ARG BUILD_PACKAGES="gcc libc6-dev python3-dev"
 RUN if [ "$RAYTSEG_TORCH" = cpu ]; then export PIP_EXTRA_INDEX_URL="$TORCH_CPU_INDEX"; fi \
+    && if [ -n "$BUILD_PACKAGES" ]; then apt-get update && apt-get install -y --no-install-recommends $BUILD_PACKAGES; fi \
     && scripts/install-runtime.sh \
-    && rm -rf build
+    && if [ -n "$BUILD_PACKAGES" ]; then apt-get purge -y --auto-remove $BUILD_PACKAGES; fi \
+    && rm -rf build /var/lib/apt/lists/* /var/cache/apt/*.bin
 
 USER 1000:100
 WORKDIR /home/ray

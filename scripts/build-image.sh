@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build raytseg's image without a registry or a package index in the build: the Dockerfile
 # as it is, from a Debian bookworm base made here with debootstrap, pip installing from a
-# folder of wheels downloaded here beforehand.
+# folder of wheels downloaded (or built) here beforehand.
 #
 #   scripts/build-image.sh [TAG]                     # default ghcr.io/raytseg/raytseg:<version>-cpu
 #   RAYTSEG_TORCH=cuda scripts/build-image.sh [TAG]  # the CUDA variant (<version>-cuda)
@@ -60,7 +60,10 @@ download_wheels() {
   wheels=.cache/wheelhouse/$variant-$(sha256sum <<<"$lock" | cut -c1-16)
   [[ -f $wheels/.complete ]] && return
   rm -rf .cache/wheelhouse/"$variant"-* && mkdir -p "$wheels"
-  python3 -m pip download -q --no-deps -d "$wheels" -r <(echo "$lock")
+  # pip wheel, not download: a package published only as an sdist (pyradiomics-bhklab, which
+  # needs a C compiler) is built here, so the build installs wheels only and needs no compiler
+  # (BUILD_PACKAGES=""). This machine is the base's Debian and Python, so its wheels fit.
+  python3 -m pip wheel -q --no-deps -w "$wheels" -r <(echo "$lock")
   # raytseg's build backend (pyproject.toml's build-system), for pip's isolated build
   python3 -m pip download -q --no-deps -d "$wheels" "setuptools>=69" wheel
   touch "$wheels/.complete"
@@ -87,7 +90,7 @@ serve_wheels
 start=$(date +%s)
 # The classic builder: BuildKit would fetch the `# syntax` frontend image from a registry.
 DOCKER_BUILDKIT=0 docker build -q --network host --build-arg BASE_IMAGE="$base" \
-  --build-arg RAYTSEG_TORCH="$variant" \
+  --build-arg RAYTSEG_TORCH="$variant" --build-arg BUILD_PACKAGES= \
   --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS="$wheels_url" -t "$tag" . >/dev/null
 seconds=$(($(date +%s) - start))
 echo "image $tag $(docker image inspect --format '{{.Size}}' "$tag") $seconds"

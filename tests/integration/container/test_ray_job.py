@@ -167,7 +167,7 @@ def test_the_rayjob_writes_outputs_and_results_to_the_bucket(
     rows = pq.read_table(io.BytesIO(written.pop("out/_results.parquet"))).to_pylist()
     assert [(r["id"], r["status"]) for r in rows] == [("case1", "ok")], rows
     assert written.pop(f"out/case1/{MARKER_NAME}")  # the item's completion marker
-    folder = cli_outputs(ct, cluster.folders["raytseg-weights"], tmp_path, ml=False)
+    folder = cli_outputs(ct, cluster.folders["raytseg-weights"], tmp_path)
     expected = {
         f"out/case1/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in folder.rglob("*.nii.gz")
     }

@@ -1,15 +1,18 @@
 """raytseg's image run as ``docker run`` runs it: ``raytseg serve`` (the image's command) with
-weights mounted read-only. Ready within the chart's budget, the same masks as ``raytseg
-segment`` outside the container, its HEALTHCHECK passing, stopped cleanly by SIGTERM with a
-request in flight answered; and the image itself: uid 1000, no weights, compilers or secrets."""
+weights mounted read-only. Ready within the chart's budget, the same masks, radiomics and 3D
+preview as ``raytseg segment`` outside the container, its HEALTHCHECK passing, stopped
+cleanly by SIGTERM with a request in flight answered; and the image itself: uid 1000, no
+weights, compilers or secrets."""
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -53,21 +56,36 @@ def mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield shared
 
 
-def cli_outputs(image: bytes, weights: Path, folder: Path, ml: bool) -> Path:
-    """``raytseg segment --fast`` on this machine, outside any container: the multilabel file
-    (``ml``) or the folder of class masks."""
+def cli_outputs(image: bytes, weights: Path, folder: Path, *flags: str) -> Path:
+    """``raytseg segment --fast`` with ``flags`` on this machine, outside any container: the
+    multilabel file (``--ml``) or the output folder."""
+    ml = "--ml" in flags
     source, out = folder / "ct.nii.gz", folder / ("cli.nii.gz" if ml else "cli")
     source.write_bytes(image)
     args = [sys.executable, "-m", "raytseg.cli", "segment", "-i", str(source), "-o", str(out), "--fast"]
     env = {"RAYTSEG_WEIGHTS": str(weights), "PATH": "/usr/bin:/bin", "HOME": str(folder)}
-    done = subprocess.run(args + ["--ml"] * ml, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*args, *flags], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
 def cli_segmentation(image: bytes, weights: Path, folder: Path) -> bytes:
     """``raytseg segment --fast --ml``'s file."""
-    return cli_outputs(image, weights, folder, ml=True).read_bytes()
+    return cli_outputs(image, weights, folder, "--ml").read_bytes()
+
+
+def assert_tools_answer_as_the_cli(url: str, ct: bytes, weights: Path, folder: Path) -> None:
+    """The image's radiomics (pyradiomics, built without a compiler in the image) and 3D
+    preview (VTK through OSMesa: no display in a container): the CLI's files, byte for byte."""
+    params = {"fast": "true", "ml": "false", "radiomics": "true", "preview": "true"}
+    answer = httpx.post(f"{url}/v1/segment", params=params, content=ct, timeout=300)
+    assert answer.status_code == 200, answer.text
+    served = zipfile.ZipFile(io.BytesIO(answer.content))
+    cli = cli_outputs(ct, weights, folder, "-r", "-p")
+    radiomics = json.loads(served.read("statistics_radiomics.json"))
+    assert any(features["shape_VoxelVolume"] > 0 for features in radiomics.values())  # masks measured
+    for name in ("statistics_radiomics.json", "preview_total.png"):
+        assert served.read(name) == (cli / name).read_bytes(), name
 
 
 def tiny_ct() -> bytes:
@@ -118,6 +136,7 @@ def test_image_serves_like_the_cli_and_stops_on_sigterm(
         answer = httpx.post(f"{url}/v1/segment", params={"fast": "true"}, content=ct, timeout=300)
         assert answer.status_code == 200, answer.text
         assert answer.content == cli_segmentation(ct, mounts / "weights", tmp_path)
+        assert_tools_answer_as_the_cli(url, ct, mounts / "weights", tmp_path)
         wait_until(lambda: health(docker, name) == "healthy", 60, "the image's HEALTHCHECK")
         with ThreadPoolExecutor(1) as pool:
             full = EXAMPLE_CT.read_bytes()
