@@ -43,8 +43,9 @@ from raytseg.config import Settings
 from raytseg.errors import InputError, LicenseError
 from raytseg.pipeline.export import check_model_grid, check_output, reads_image, write_segmentation
 from raytseg.pipeline.load import LoadLimits, load_volume
+from raytseg.pipeline.modality import Segment, admit_image
 from raytseg.pipeline.passes import Region, after_pass, finish, prepare
-from raytseg.pipeline.plan import AUTO_TASK, Pass, admit
+from raytseg.pipeline.plan import Pass
 from raytseg.pipeline.preprocess import ModelPlans, model_key
 from raytseg.pipeline.records import (
     NetworkOutput,
@@ -179,10 +180,7 @@ def _load_and_prepare(state: ItemState, job: JobSpec, plans: Plans) -> None:
         volume = job.retry.call(lambda: load_volume(source, job.limits), f"Reading {source}")
     check_output(job.config.output_options, volume)
     check_model_grid(state.options, job.config.output_options)
-    if state.options.task == AUTO_TASK:
-        state.task_choice = _task_choice(volume, job)
-    modality = volume.modality if state.task_choice is None else state.task_choice.modality
-    admitted = admit(state.options, job.settings, modality=modality)
+    admitted, state.task_choice = admit_image(state.options, job.settings, volume, _roi_segmenter(job))
     state.options, state.passes = admitted.options, admitted.passes
     state.volume, state.voxels = volume, math.prod(volume.shape)
     _prepare_pass(state, plans, region=None)
@@ -190,13 +188,16 @@ def _load_and_prepare(state: ItemState, job: JobSpec, plans: Plans) -> None:
         state.volume = _without_voxels(volume)
 
 
-def _task_choice(volume: Volume, job: JobSpec) -> TaskChoice:
-    """Task auto's choice. The ROI classifier, when the image needs it, segments here in
-    the load stage (on its CPU; the model stages serve only the tasks auto may choose)."""
-    from raytseg.pipeline.modality import task_choice
-    from raytseg.pipeline.run import default_segmenter
+def _roi_segmenter(job: JobSpec) -> Segment:
+    """Task auto's ROI classifier segments, when an image needs it, here in the load stage
+    (on its CPU; the model stages serve only the tasks auto may choose)."""
 
-    return task_choice(volume, default_segmenter("cpu", job.settings, job.config.backend).segment)
+    def segment(volume: Volume, options: SegmentOptions) -> Segmentation:
+        from raytseg.pipeline.run import default_segmenter
+
+        return default_segmenter("cpu", job.settings, job.config.backend).segment(volume, options)
+
+    return segment
 
 
 def _predict(state: ItemState, models: Models) -> None:

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from raytseg.pipeline.plan import TASK_FOR_MODALITY
+from raytseg.pipeline.plan import AUTO_TASK, TASK_FOR_MODALITY, Admitted, admit
 from raytseg.pipeline.records import SegmentOptions, TaskChoice
 from raytseg.resources import resource_path
 
 if TYPE_CHECKING:
+    from raytseg.config import Settings
     from raytseg.pipeline.records import Segmentation, Volume
 
 INTENSITY_MODELS = "modality_classifiers_2025_02_24.json"
@@ -60,6 +61,8 @@ ROI_SEGMENTATION = SegmentOptions(
 # (it answers ct for the reference MR, whose minimum is -47).
 CT_AIR_HU = -200.0
 
+Segment = Callable[["Volume", SegmentOptions], "Segmentation"]
+
 
 @dataclass(frozen=True)
 class ModalityGuess:
@@ -73,9 +76,7 @@ class ModalityGuess:
         return json.dumps({"modality": self.modality, "probability": self.probability}, indent=4).encode()
 
 
-def modality_of(
-    volume: Volume, segment: Callable[[Volume, SegmentOptions], Segmentation] | None
-) -> ModalityGuess:
+def modality_of(volume: Volume, segment: Segment | None) -> ModalityGuess:
     """The intensity classifier's answer, or with ``segment`` (a segmenter's) the ROI classifier's."""
     if segment is None:
         return classify(intensity_features(volume), INTENSITY_MODELS)
@@ -122,10 +123,22 @@ def choose_task(evidence: ModalityEvidence, roi: ModalityGuess | None = None) ->
     )
 
 
-def task_choice(volume: Volume, segment: Callable[[Volume, SegmentOptions], Segmentation]) -> TaskChoice:
+def task_choice(volume: Volume, segment: Segment) -> TaskChoice:
     """``choose_task`` for ``volume``, segmenting it for the ROI classifier when needed."""
     evidence = modality_evidence(volume)
     return choose_task(evidence, modality_of(volume, segment) if evidence.needs_roi else None)
+
+
+def admit_image(
+    options: SegmentOptions, settings: Settings, volume: Volume, segment: Segment
+) -> tuple[Admitted, TaskChoice | None]:
+    """``options`` admitted for the loaded ``volume``: task auto's choice first (``segment``
+    runs the ROI classifier's segmentation when the image needs it), else the image's own
+    modality (``total`` of an MR runs ``total_mr``). The service runs the same steps through
+    its deployments (``serve.flow``)."""
+    choice = task_choice(volume, segment) if options.task == AUTO_TASK else None
+    modality = volume.modality if choice is None else choice.modality
+    return admit(options, settings, modality=modality), choice
 
 
 def _choice(modality: str, reason: str) -> TaskChoice:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from raytseg.pipeline.plan import CropPass, Pass
+from raytseg.pipeline.plan import CropPass, Pass, Refinement
 from raytseg.pipeline.postprocess import FinalOps, postprocess, renumber
 from raytseg.pipeline.preprocess import ModelPlans, Resampling, crop_box_from_mask, preprocess
 from raytseg.pipeline.records import (
@@ -149,9 +149,9 @@ def find_region(volume: Volume, crop: CropPass, found: Segmentation) -> Region |
     mask = np.isin(found.labels, list(rois))
     if not mask.any():
         return None
-    if crop.margin_mm is None:
-        return Region(None, refine_inside=mask, refine_dilation_mm=crop.refine_mm or 0.0)
-    box = crop_box_from_mask(mask, crop.margin_mm, volume.affine)
+    if isinstance(crop.then, Refinement):
+        return Region(None, refine_inside=mask, refine_dilation_mm=crop.then.dilation_mm)
+    box = crop_box_from_mask(mask, crop.then, volume.affine)
     if crop.remove_outside is None:
         return Region(box)
     names, dilation_mm = crop.remove_outside

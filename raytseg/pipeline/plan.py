@@ -83,14 +83,14 @@ class ModelRun:
 
 @dataclass(frozen=True)
 class CropPass:
-    """Find a region with ``plan`` and crop the main pass to its bounding box; or, with
-    ``refine_mm``, keep the main pass's labels, dilated, inside that region (no crop)."""
+    """Find a region with ``plan``; then crop the main pass to its bounding box grown by
+    ``then`` (a margin in mm), or, for a ``Refinement``, keep the main pass's labels,
+    dilated, inside the region (no crop)."""
 
     plan: RunPlan
     rois: tuple[str, ...] | None  # class names of the region; None: all foreground
-    margin_mm: Spacing | None  # None: no crop (a refining pass)
+    then: Spacing | Refinement
     remove_outside: tuple[tuple[str, ...], float] | None = None  # (rois, dilation mm)
-    refine_mm: float | None = None  # a Refinement's dilation
 
 
 @dataclass(frozen=True)
@@ -313,7 +313,7 @@ def _crop_pass(task: TaskSpec, options: SegmentOptions, rois: tuple[str, ...] | 
         body = _pass_with_model("body", 300)
         body_run = replace(body.main, binarize=True)
         plan = RunPlan(body_run, None, body.output_classes, None, False)
-        return CropPass(plan=plan, rois=None, margin_mm=task.body_crop_addon_mm)
+        return CropPass(plan=plan, rois=None, then=task.body_crop_addon_mm)
     return None
 
 
@@ -327,7 +327,7 @@ def _refining_pass(refinement: Refinement, options: SegmentOptions) -> CropPass:
         )
     plan = _pass_with_model(refinement.by_task, refinement.by_dataset)
     plan = replace(plan, main=replace(plan.main, cropped_logits=options.higher_order_resampling))
-    return CropPass(plan, refinement.inside, margin_mm=None, refine_mm=refinement.dilation_mm)
+    return CropPass(plan, refinement.inside, then=refinement)
 
 
 def _region_crop(task: TaskSpec, options: SegmentOptions, rois: tuple[str, ...] | None) -> CropPass:
@@ -345,7 +345,7 @@ def _region_crop(task: TaskSpec, options: SegmentOptions, rois: tuple[str, ...] 
     if task.remove_outside is not None:
         remove = (tuple(task.remove_outside.rois), task.remove_outside.dilation_mm)
         _check_rois_known(inner, remove[0])
-    return CropPass(plan=inner, rois=crop_rois, margin_mm=margin, remove_outside=remove)
+    return CropPass(plan=inner, rois=crop_rois, then=margin, remove_outside=remove)
 
 
 def _default_crop_plan(task: TaskSpec, options: SegmentOptions, rois: tuple[str, ...]) -> RunPlan:

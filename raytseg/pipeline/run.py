@@ -22,10 +22,11 @@ import nibabel as nib
 from raytseg.config import Settings
 from raytseg.options import placed_files, split_options
 from raytseg.pipeline.load import LoadLimits, load_volume
+from raytseg.pipeline.modality import admit_image
 from raytseg.pipeline.passes import Region, after_pass, finish, prepare
-from raytseg.pipeline.plan import AUTO_TASK, Pass, admit
+from raytseg.pipeline.plan import Pass
 from raytseg.pipeline.preprocess import ModelPlans, PlansCache, model_key
-from raytseg.pipeline.records import OutputOptions, Segmentation, SegmentOptions, TaskChoice, Volume
+from raytseg.pipeline.records import OutputOptions, Segmentation, SegmentOptions, Volume
 from raytseg.tasks import ModelSpec
 from raytseg.weights.synth import warn_if_synthetic
 
@@ -73,23 +74,16 @@ class Segmenter:
 
     def segment(self, volume: Volume, options: SegmentOptions) -> Segmentation:
         """Segment one loaded image; raises errors from ``raytseg.errors``."""
-        choice = self._choose_task(volume) if options.task == AUTO_TASK else None
-        modality = volume.modality if choice is None else choice.modality
-        admitted = admit(options, self.store.settings, modality=modality)
-        if choice is None and admitted.options.task != options.task:
+        admitted, choice = admit_image(options, self.store.settings, volume, self.segment)
+        if choice is not None:
+            self._progress(f"Task auto: running {choice.task} ({choice.reason}).")
+        elif admitted.options.task != options.task:
             self._progress(f"The image is {volume.modality}: running task {admitted.options.task}.")
         warn_if_synthetic(admitted.plan.all_models, self.store)
         started = time.perf_counter()
         seg = self._run(volume, admitted.passes)
         seg.timings["total"] = time.perf_counter() - started
         return seg if choice is None else dataclasses.replace(seg, task_choice=choice)
-
-    def _choose_task(self, volume: Volume) -> TaskChoice:
-        from raytseg.pipeline.modality import task_choice
-
-        choice = task_choice(volume, self.segment)
-        self._progress(f"Task auto: running {choice.task} ({choice.reason}).")
-        return choice
 
     def model(self, spec: ModelSpec) -> Network:
         """The resident network for ``spec`` (loaded on first use)."""

@@ -8,7 +8,7 @@ import pytest
 
 from raytseg.config import Settings
 from raytseg.errors import InvalidOptionError, LicenseError, UnknownClassError, UnknownTaskError
-from raytseg.pipeline.plan import admit, candidates, check_candidates, passes, plan_run
+from raytseg.pipeline.plan import REFINEMENTS, admit, candidates, check_candidates, passes, plan_run
 from raytseg.pipeline.records import SegmentOptions
 
 
@@ -46,7 +46,7 @@ def test_roi_subset_runs_only_needed_parts_after_a_6mm_crop_pass() -> None:
     assert ids(plan.main.models) == [291, 294]
     assert plan.crop is not None
     assert ids(plan.crop.plan.main.models) == [298]
-    assert plan.crop.margin_mm == (20.0, 20.0, 20.0)  # TotalSegmentator's override
+    assert plan.crop.then == (20.0, 20.0, 20.0)  # TotalSegmentator's override
     assert plan.output_classes == {5: "liver", 90: "brain"}
 
 
@@ -78,7 +78,7 @@ def test_body_seg_binarises_a_6mm_body_pass_with_the_task_margin() -> None:
     plan = plan_run(SegmentOptions(fast=True, body_seg=True))
     assert plan.crop is not None
     assert plan.crop.plan.main.binarize
-    assert plan.crop.margin_mm == (3.0, 3.0, 3.0)
+    assert plan.crop.then == (3.0, 3.0, 3.0)
     assert plan_run(SegmentOptions(task="total_mr", body_seg=True)).crop is None  # ignored for MR
 
 
@@ -87,7 +87,7 @@ def test_teeth_nests_a_crop_pass_inside_its_crop_pass() -> None:
     assert plan.crop is not None
     assert plan.crop.plan.main.task == "craniofacial_structures"
     assert plan.crop.plan.crop is not None
-    assert plan.crop.margin_mm == (10.0, 10.0, 10.0)
+    assert plan.crop.then == (10.0, 10.0, 10.0)
 
 
 def test_fast_statistics_only_with_fast() -> None:
@@ -205,7 +205,8 @@ def test_vertebrae_pp_refined_runs_the_vertebrae_body_model_first() -> None:
     assert ids(body.plan.main.models) == [305]
     assert body.plan.main.resample_mm == (1.5, 1.5, 1.5)
     assert body.feeds is not None
-    assert (body.feeds.rois, body.feeds.margin_mm, body.feeds.refine_mm) == (("vertebrae_body",), None, 2.0)
+    assert (body.feeds.rois, body.feeds.then) == (("vertebrae_body",), REFINEMENTS["vertebrae_pp_refined"])
+    assert REFINEMENTS["vertebrae_pp_refined"].dilation_mm == 2.0
     assert ids(main.plan.main.models) == [803]
     assert (main.plan.main.task, main.plan.main.rules) == ("vertebrae_pp_refined", "vertebrae_pp")
     # -ho: the refining model's export is TotalSegmentator's cropped one too
