@@ -152,6 +152,22 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         return str(self._send("POST", "/v1/jobs", json=body, headers=headers).json()["id"])
 
+    def submit_tool_job(
+        self,
+        input_uri: str,
+        output_uri: str,
+        tool: str,
+        *,
+        normalized_intensities: bool = False,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Queue a classifier tool (``get-modality``, ``get-phase``) whose JSON answer goes to
+        ``output_uri`` (a ``.json`` location; also the record's ``answer``); returns its id."""
+        spec = {"name": tool} | ({"normalized_intensities": True} if normalized_intensities else {})
+        body = {"input_uri": input_uri, "output_uri": output_uri, "tool": spec}
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        return str(self._send("POST", "/v1/jobs", json=body, headers=headers).json()["id"])
+
     def job(self, job_id: str) -> dict[str, Any]:
         """The job's record: ``state``, ``outputs``, ``error``..."""
         return dict(self._send("GET", f"/v1/jobs/{job_id}").json())

@@ -30,6 +30,7 @@ from raytseg.pipeline.phase import BODY_SEGMENTATION, NECK_SEGMENTATION, PhaseGu
 from raytseg.pipeline.plan import AUTO_TASK, Admitted, Pass, check_candidates, for_modality
 from raytseg.pipeline.preprocess import model_key
 from raytseg.pipeline.records import OutputOptions, SegmentOptions, TaskChoice
+from raytseg.pipeline.tools import MODALITY_TOOL, PHASE_TOOL, ToolRequest
 from raytseg.serve.errors import FAILED_STATES, as_raytseg_error, startup_error
 from raytseg.serve.handoff import Delivered, Delivery, Entrypoint, Tags
 from raytseg.serve.runtime import POOL, POSTPROCESS, PREPROCESS, Catalogue, deployment_name
@@ -43,9 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# The classifier tools' names, for their requests' metric tags.
-MODALITY_TOOL = "get-modality"
-PHASE_TOOL = "get-phase"
 # How often a waiting request looks for lost nodes, and how long it then still waits.
 _NODE_CHECK_S = 5.0
 _NODE_LOSS_GRACE_S = 30.0
@@ -93,6 +91,11 @@ class Flow:
             check_model_grid(options, output)
         check_candidates(options, self._admit)
 
+    def check_tool(self, tool: ToolRequest) -> None:
+        """Refuse before any image is read a tool whose segmentations are not served here."""
+        for options in tool.segmentations:
+            self.check(options)
+
     def _admit(self, options: SegmentOptions, modality: str | None = None) -> Admitted:
         admitted = self._catalogue.admit(options, modality)
         for spec in admitted.plan.all_models:
@@ -116,7 +119,25 @@ class Flow:
         assert done.statistics is not None, "options.statistics is set"
         return done.statistics
 
-    async def modality(self, source: bytes | str, normalized: bool, entrypoint: Entrypoint) -> ModalityGuess:
+    async def answer(self, source: bytes | str, tool: ToolRequest, entrypoint: Entrypoint) -> bytes:
+        """A classifier tool's JSON answer for ``source`` (``tools.answer_of`` through the
+        deployments)."""
+        if tool.name == PHASE_TOOL:
+            return (await self._phase(source, entrypoint)).to_json()
+        return (await self._modality(source, tool.normalized_intensities, entrypoint)).to_json()
+
+    async def answer_to(
+        self, source: str, tool: ToolRequest, output: str, entrypoint: Entrypoint
+    ) -> Delivered:
+        """A tool job: its answer written to ``output``, one JSON file written whole."""
+        from raytseg.storage import write_bytes
+
+        answer = await self.answer(source, tool, entrypoint)
+        await asyncio.to_thread(write_bytes, output, answer)
+        name = output.rstrip("/").rsplit("/", 1)[-1]
+        return Delivered(answer, "application/json", name, written=(output,), task=tool.name)
+
+    async def _modality(self, source: bytes | str, normalized: bool, entrypoint: Entrypoint) -> ModalityGuess:
         """``get-modality``: the intensity classifier, or with ``normalized`` the ROI one."""
         preprocess = self._stages.preprocess
         if normalized:
@@ -132,7 +153,7 @@ class Flow:
 
         return await _guarded(classify)
 
-    async def phase(self, source: bytes | str, entrypoint: Entrypoint) -> PhaseGuess:
+    async def _phase(self, source: bytes | str, entrypoint: Entrypoint) -> PhaseGuess:
         """``get-phase``: the body's statistics, the neck's when the image holds a head, the regressors."""
         body = await self.statistics(source, BODY_SEGMENTATION, entrypoint)
         neck = await self.statistics(source, NECK_SEGMENTATION, entrypoint) if neck_needed(body) else None

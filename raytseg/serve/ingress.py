@@ -43,11 +43,10 @@ from raytseg.errors import (
     UnreadableImageError,
 )
 from raytseg.metrics import recorder
-from raytseg.pipeline.modality import ROI_SEGMENTATION
-from raytseg.pipeline.phase import BODY_SEGMENTATION
+from raytseg.pipeline.tools import MODALITY_TOOL, PHASE_TOOL, ToolRequest, check_answer_location
 from raytseg.serve.config import LimitsSpec, ServeConfig
 from raytseg.serve.errors import FAILED_STATES, as_raytseg_error, http_error, startup_error
-from raytseg.serve.flow import MODALITY_TOOL, PHASE_TOOL, Flow, StageNames, Stages
+from raytseg.serve.flow import Flow, StageNames, Stages
 from raytseg.serve.handoff import Delivery, Entrypoint
 from raytseg.serve.jobs import JobSpec, Route, job_runner, key_digest
 from raytseg.serve.runtime import Catalogue
@@ -239,25 +238,23 @@ class Ingress:
         """CT or MR? ``totalseg_get_modality``'s JSON, byte for byte: the intensity
         classifier, or with ``normalized_intensities`` (its ``-n``) the ROI-based one, which
         segments with ``total_mr`` fast (served here or 503)."""
-        with self._tracked(MODALITY_TOOL, "http"):
-            self._authorize(request)
-            if normalized_intensities:
-                self._flow.check(ROI_SEGMENTATION)
-            guess = await self._on_upload(
-                request, lambda body: self._flow.modality(body, normalized_intensities, "http")
-            )
-        return Response(guess.to_json(), media_type="application/json")
+        return await self._tool(
+            request, ToolRequest(name=MODALITY_TOOL, normalized_intensities=normalized_intensities)
+        )
 
     @api.post("/v1/phase", response_class=Response, responses=_JSON_ANSWER, openapi_extra=_IMAGE_BODY)
     async def phase(self, request: Request) -> Response:
         """The contrast phase of a CT: ``totalseg_get_phase``'s JSON, byte for byte. Segments
         with ``total`` fast, and with ``headneck_bones_vessels`` when the image holds a head
         (each served here, or 503)."""
-        with self._tracked(PHASE_TOOL, "http"):
+        return await self._tool(request, ToolRequest(name=PHASE_TOOL))
+
+    async def _tool(self, request: Request, tool: ToolRequest) -> Response:
+        with self._tracked(tool.name, "http"):
             self._authorize(request)
-            self._flow.check(BODY_SEGMENTATION)
-            guess = await self._on_upload(request, lambda body: self._flow.phase(body, "http"))
-        return Response(guess.to_json(), media_type="application/json")
+            self._flow.check_tool(tool)
+            answer = await self._on_upload(request, lambda body: self._flow.answer(body, tool, "http"))
+        return Response(answer, media_type="application/json")
 
     @api.post("/v1/jobs", status_code=202, response_model=JobStatus)
     async def submit_job(
@@ -266,7 +263,9 @@ class Ingress:
         job: Annotated[JobRequest, Body()],
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     ) -> JSONResponse:
-        """Queue a segmentation of ``input_uri``, written under ``output_uri``; poll ``/v1/jobs/{id}``.
+        """Queue a segmentation of ``input_uri``, written under ``output_uri``, or with
+        ``tool`` a classifier tool, its JSON answer written to ``output_uri``; poll
+        ``/v1/jobs/{id}``.
 
         With an ``Idempotency-Key`` header, a request sent again with the same key (after a
         lost answer, a timeout) gets the job the first one made, with ``Idempotent-Replayed:
@@ -275,21 +274,30 @@ class Ingress:
         self._authorize(request)
         self._admission.check_open()
         key = key_digest(idempotency_key)
-        options, output = job.options.segment(task=job.task), job.options.output()
-        self._flow.check(options, output=output)
-        if output.dicomweb_store is not None:  # a server the job would send data to
-            self._uris.check(output.dicomweb_store, "dicomweb_store")
-        spec = JobSpec(
-            input=self._uris.check(job.input_uri, "input_uri"),
-            output=self._uris.check(job.output_uri, "output_uri"),
-            options=options,
-            files=output,
-        )
+        spec = self._job_spec(job)
         record, replayed = await self._call_runner("submit", spec, self._route, key)
         headers = {"Location": f"/v1/jobs/{record['id']}"}
         if replayed:
             headers["Idempotent-Replayed"] = "true"
         return JSONResponse(record, status_code=202, headers=headers)
+
+    def _job_spec(self, job: JobRequest) -> JobSpec:
+        """The job as it will run, refused (4xx) if this service cannot run it or a location
+        is outside the allow-list."""
+        if job.tool is not None:
+            self._flow.check_tool(job.tool)
+            check_answer_location(job.tool, job.output_uri)
+            source, target = self._locations(job)
+            return JobSpec(input=source, output=target, tool=job.tool)
+        options, output = job.options.segment(task=job.task), job.options.output()
+        self._flow.check(options, output=output)
+        if output.dicomweb_store is not None:  # a server the job would send data to
+            self._uris.check(output.dicomweb_store, "dicomweb_store")
+        source, target = self._locations(job)
+        return JobSpec(input=source, output=target, options=options, files=output)
+
+    def _locations(self, job: JobRequest) -> tuple[str, str]:
+        return self._uris.check(job.input_uri, "input_uri"), self._uris.check(job.output_uri, "output_uri")
 
     @api.get("/v1/jobs/{job_id}", response_model=JobStatus)
     async def job_status(self, request: Request, job_id: str) -> dict[str, Any]:

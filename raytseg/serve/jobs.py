@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 import uuid
@@ -49,6 +50,7 @@ from raytseg.errors import (
 )
 from raytseg.metrics import recorder
 from raytseg.pipeline.records import OutputOptions, SegmentOptions
+from raytseg.pipeline.tools import ToolRequest
 from raytseg.serve.config import JobsSpec, ServeConfig
 from raytseg.serve.errors import as_raytseg_error
 from raytseg.serve.flow import Flow, StageNames
@@ -74,14 +76,20 @@ MAX_KEY_LENGTH = 255
 
 
 class JobSpec(BaseModel):
-    """A validated job: normalised locations and segmentation options."""
+    """A validated job: normalised locations and segmentation options, or a tool."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     input: str
     output: str
-    options: SegmentOptions
+    options: SegmentOptions = SegmentOptions()
     files: OutputOptions = OutputOptions(ml=True)
+    tool: ToolRequest | None = None  # a classifier tool instead of a segmentation
+
+    @property
+    def label(self) -> str:
+        """What the job runs: the task, or the tool's name (its metrics' task tag)."""
+        return self.options.task if self.tool is None else self.tool.name
 
 
 @dataclass(frozen=True)
@@ -112,13 +120,15 @@ class JobRecord(BaseModel):
     error: dict[str, Any] | None = None
     device: str = "cpu"  # where the app's models run, for the run report
     report: dict[str, Any] | None = None  # raytseg.pipeline.report, once succeeded
+    answer: dict[str, Any] | None = None  # a tool's JSON, once succeeded
     key: str | None = None  # the digest of the client's Idempotency-Key
 
     def public(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "state": self.state,
-            "task": self.spec.options.task,
+            "task": self.spec.label,
+            "tool": None if self.spec.tool is None else self.spec.tool.name,
             "input_uri": self.spec.input,
             "output_uri": self.spec.output,
             "created_at": self.created_at,
@@ -127,13 +137,17 @@ class JobRecord(BaseModel):
             "outputs": list(self.outputs),
             "error": self.error,
             "report": self.report,
+            "answer": self.answer,
         }
 
     def succeeded(self, delivered: Delivered) -> None:
-        """Record the outcome of a successful run, with its run report."""
+        """Record the outcome of a successful run: a tool's answer, or the run report."""
         from raytseg.pipeline.report import ReportedRun, run_report
 
         self.state, self.outputs = "succeeded", delivered.written
+        if self.spec.tool is not None:
+            self.answer = json.loads(delivered.body or b"null")
+            return
         run = ReportedRun(
             self.spec.input,
             self.spec.output,
@@ -296,7 +310,7 @@ class JobRunner:
             record.state, record.started_at = "running", time.time()
             await self._save(record)
             self._report_depth()
-            task = record.spec.options.task
+            task = record.spec.label
             try:
                 delivered = await asyncio.wait_for(self._runs(record, flow), timeout_s)
             except Exception as exc:
@@ -314,10 +328,9 @@ class JobRunner:
 
     async def _runs(self, record: JobRecord, flow: Flow) -> Delivered:
         """Segment the job, running it again after a lost replica or a full stage."""
-        delivery = Delivery(record.spec.files, record.spec.output)
         for run in range(1, _MAX_RUNS + 1):
             try:
-                return await flow.segment(record.spec.input, record.spec.options, delivery, "job")
+                return await _run_once(record.spec, flow)
             except _RETRY_ON as exc:
                 if run == _MAX_RUNS:
                     raise
@@ -328,8 +341,8 @@ class JobRunner:
 
     def _failed(self, record: JobRecord, error: RaytsegError) -> None:
         record.failed(error)
-        recorder().request(record.spec.options.task, "failed", "job")
-        recorder().error(record.spec.options.task, type(error).__name__, "job")
+        recorder().request(record.spec.label, "failed", "job")
+        recorder().error(record.spec.label, type(error).__name__, "job")
         log.warning("Job %s failed: %s", record.id, type(error).__name__)
 
     async def _record_new(self, record: JobRecord) -> None:
@@ -392,6 +405,12 @@ class JobRunner:
     def _report_depth(self) -> None:
         active = sum(not r.finished for r in self._records.values())
         recorder().queue_depth(active, "job")
+
+
+async def _run_once(spec: JobSpec, flow: Flow) -> Delivered:
+    if spec.tool is not None:
+        return await flow.answer_to(spec.input, spec.tool, spec.output, "job")
+    return await flow.segment(spec.input, spec.options, Delivery(spec.files, spec.output), "job")
 
 
 def _parsed(stored: list[bytes]) -> list[JobRecord]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raytseg.options import HttpOptions, http_model
 from raytseg.pipeline.records import SegmentOptions
+from raytseg.pipeline.tools import ToolRequest
 
 if TYPE_CHECKING:  # built at run time; their fields are the records' (checked by the tests)
     SegmentQuery = HttpOptions
@@ -39,6 +40,19 @@ class JobRequest(BaseModel):
     )
     task: str = Field(default="total", description=SegmentOptions.model_fields["task"].description)
     options: JobOptions = Field(default_factory=JobOptions)
+    tool: ToolRequest | None = Field(
+        default=None,
+        description="A classifier tool instead of a segmentation (no task or options then): its JSON "
+        "answer, TotalSegmentator's file, is written to output_uri (ending in .json).",
+    )
+
+    @model_validator(mode="after")
+    def _a_tool_takes_no_segmentation_options(self) -> JobRequest:
+        if self.tool is not None and {"task", "options"} & self.model_fields_set:
+            raise ValueError(
+                f"A {self.tool.name} job segments what the tool needs: leave out task and options."
+            )
+        return self
 
 
 class JobStatus(BaseModel):
@@ -46,7 +60,8 @@ class JobStatus(BaseModel):
 
     id: str
     state: Literal["queued", "running", "succeeded", "failed"]
-    task: str
+    task: str = Field(description="The segmentation's task, or the tool's name.")
+    tool: str | None = Field(default=None, description="The classifier tool the job runs, if any.")
     input_uri: str
     output_uri: str
     created_at: float
@@ -56,6 +71,9 @@ class JobStatus(BaseModel):
     error: dict[str, Any] | None
     report: dict[str, Any] | None = Field(
         default=None, description="Once succeeded: the run report (TotalSegmentator's --report JSON)."
+    )
+    answer: dict[str, Any] | None = Field(
+        default=None, description="Once a tool job succeeded: its JSON answer (also in outputs[0])."
     )
 
 

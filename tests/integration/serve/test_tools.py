@@ -1,4 +1,5 @@
-"""``POST /v1/modality`` and ``POST /v1/phase``: the classifier tools through the deployments.
+"""``POST /v1/modality``, ``POST /v1/phase`` and tool jobs: the classifier tools through the
+deployments.
 
 Each answer must be the JSON ``raytseg get-modality`` / ``get-phase`` write for the same
 image and weights (the in-process pipeline, itself byte-identical to TotalSegmentator's
@@ -22,6 +23,7 @@ from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.modality import ROI_SEGMENTATION, modality_of
 from raytseg.pipeline.phase import BODY_SEGMENTATION, neck_needed, phase_of
 from raytseg.pipeline.records import Segmentation, SegmentOptions, Volume
+from raytseg.pipeline.tools import ToolName, ToolRequest, answer_of
 from tests.integration.serve.conftest import TOKEN, Service, wait_for_job
 
 Segment = Callable[[Volume, SegmentOptions], Segmentation]
@@ -125,3 +127,38 @@ def test_task_auto_runs_and_reports_what_the_pipeline_chooses(
     assert record["state"] == "succeeded", record
     assert record["task"] == "auto"
     assert (record["report"]["task"], record["report"]["task_choice"]) == (choice.task, choice.to_dict())
+
+
+@pytest.mark.parametrize(("tool", "normalized"), [("get-phase", False), ("get-modality", True)])
+def test_a_tool_job_writes_and_records_the_tools_answer(
+    tool: ToolName, normalized: bool, service: Service, ct: bytes, segment: Segment
+) -> None:
+    source, target = service.jobs_dir / "in" / "tool-ct.nii.gz", service.jobs_dir / "out" / f"{tool}.json"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(ct)
+    with Client(service.url, token=TOKEN) as client:
+        job_id = client.submit_tool_job(str(source), str(target), tool, normalized_intensities=normalized)
+        record = client.wait(job_id, poll_s=0.5, timeout_s=300)
+    expected = answer_of(ToolRequest(name=tool, normalized_intensities=normalized), _volume(ct), segment)
+    assert target.read_bytes() == expected
+    assert record["answer"] == json.loads(expected)
+    assert (record["task"], record["tool"], record["report"]) == (tool, tool, None)
+    assert record["outputs"] == [record["output_uri"]]
+
+
+def test_a_tool_job_is_refused_before_it_is_queued(api: httpx.Client, service: Service) -> None:
+    folder = service.jobs_dir / "out"
+    job = {"input_uri": str(service.jobs_dir / "in" / "x.nii.gz"), "output_uri": str(folder / "phase.json")}
+    phase = {"name": "get-phase"}
+    refused = [
+        (job | {"tool": phase, "task": "total"}, "leave out task and options"),
+        (job | {"tool": phase, "options": {"fast": True}}, "leave out task and options"),
+        (job | {"tool": phase, "output_uri": str(folder / "phase")}, "ending in .json"),
+        (job | {"tool": phase | {"normalized_intensities": True}}, "of get-modality only"),
+        (job | {"tool": {"name": "get-age"}}, "tool.name"),
+        (job | {"tool": phase, "output_uri": "/elsewhere/phase.json"}, "output_uri"),
+    ]
+    for body, words in refused:
+        answer = api.post("/v1/jobs", json=body)
+        assert answer.status_code in (403, 422), (body, answer.text)
+        assert words in answer.json()["error"]["message"], (body, answer.text)

@@ -1,9 +1,10 @@
-"""The classifier tools' flow without Ray: which segmentations ``Flow.phase`` asks for, and
-what reaches the stage that predicts (the deployments are stand-ins)."""
+"""The classifier tools' flow without Ray: which segmentations ``Flow.answer`` asks for
+get-phase, and what reaches the stage that predicts (the deployments are stand-ins)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from raytseg.pipeline import phase
 from raytseg.pipeline.records import SegmentOptions
+from raytseg.pipeline.tools import PHASE_TOOL, ToolRequest
 from raytseg.serve.flow import Flow, Stages
 
 
@@ -25,11 +27,21 @@ class _Method:
         return call()
 
 
+class _Given:
+    """A stand-in answer: its JSON is what the stage was given."""
+
+    def __init__(self, *given: Any) -> None:
+        self._given = given
+
+    def to_json(self) -> bytes:
+        return json.dumps(self._given).encode()
+
+
 class _Handle:
     """A deployment handle whose ``phase`` answers what it was given."""
 
     def __init__(self) -> None:
-        self.phase = _Method(lambda body, neck: (body, neck))
+        self.phase = _Method(_Given)
 
     def options(self, **_: Any) -> _Handle:
         return self
@@ -53,7 +65,8 @@ def test_phase_segments_the_neck_only_for_a_head(
     monkeypatch.setattr(Flow, "statistics", statistics)
     handle = _Handle()
     flow = Flow(Stages(handle, handle, {}, None), catalogue=None)  # type: ignore[arg-type]
-    body, neck = asyncio.run(flow.phase(b"image", "http"))  # type: ignore[misc]
+    answer = asyncio.run(flow.answer(b"image", ToolRequest(name=PHASE_TOOL), "http"))
+    body, neck = json.loads(answer)
     expected = [phase.BODY_SEGMENTATION, phase.NECK_SEGMENTATION] if neck_asked else [phase.BODY_SEGMENTATION]
     assert asked == expected
     assert body == _stats(brain_mm3)
