@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from raytseg.config import DEVICES
 from raytseg.errors import InvalidOptionError
 from raytseg.options import add_backend_flag, add_flags, given_options
+from raytseg.pipeline.tools import TOOLS
 
 if TYPE_CHECKING:
     from raytseg.batch.config import BatchConfig
@@ -55,6 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-failures", default=_SUPPRESS, help="Failures tolerated: a count (5) or fraction (0.05, 5%%)."
     )
     p.add_argument("--retries", type=int, default=_SUPPRESS, help="Retries of an item whose worker died.")
+    p.add_argument(
+        "--tool", choices=TOOLS, default=_SUPPRESS,
+        help="A classifier tool instead of a segmentation: each item's folder gets its JSON file.",
+    )  # fmt: skip
+    p.add_argument(
+        "-n", "--normalized_intensities", action="store_true", default=_SUPPRESS,
+        help="With --tool get-modality: the ROI-based classifier (segments with total_mr fast).",
+    )  # fmt: skip
     p.add_argument("-q", "--quiet", action="store_true", help="Only the summary and failures.")
     p.add_argument("-v", "--verbose", action="store_true", help="More output, worker logs included.")
 
@@ -96,6 +105,13 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
         model["num_gpus"] = overrides.pop("num_gpus")
     if model:
         overrides["model"] = model
+    tool = {}
+    if "tool" in overrides:
+        tool["name"] = overrides.pop("tool")
+    if "normalized_intensities" in overrides:
+        tool["normalized_intensities"] = overrides.pop("normalized_intensities")
+    if tool:
+        overrides["tool"] = tool
     if not args.config and not {"input", "output"} <= overrides.keys():
         raise InvalidOptionError("batch needs --input and --output (or a --config file that sets them).")
     return BatchConfig.load(args.config, overrides)

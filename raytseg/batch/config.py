@@ -30,6 +30,7 @@ from raytseg.errors import InvalidOptionError
 from raytseg.options import refuse_placed
 from raytseg.pipeline.export import check_model_grid
 from raytseg.pipeline.records import OutputOptions, SegmentOptions
+from raytseg.pipeline.tools import ToolRequest
 
 RESULTS_NAME = "_results.parquet"
 STAGING_NAME = "_staging"
@@ -121,6 +122,11 @@ class BatchConfig(SegmentOptions, OutputOptions):
     no_progress_timeout_s: float | None = Field(
         default=3600.0, gt=0, description="Abort when no stage finishes any item for this long (None: never)."
     )
+    tool: ToolRequest | None = Field(
+        default=None,
+        description="A classifier tool instead of a segmentation (get-modality, get-phase): each item's "
+        "folder gets the tool's JSON file; no segmentation options then.",
+    )
 
     @field_validator("max_failures")
     @classmethod
@@ -130,6 +136,17 @@ class BatchConfig(SegmentOptions, OutputOptions):
         if isinstance(value, int) and value < 0:
             raise ValueError(f"a count of failures cannot be negative ({value})")
         return value
+
+    @model_validator(mode="after")
+    def _a_tool_takes_no_segmentation_options(self) -> BatchConfig:
+        asked = self.model_fields_set & (
+            SegmentOptions.model_fields.keys() | OutputOptions.model_fields.keys()
+        )
+        if self.tool is not None and asked:
+            raise ValueError(
+                f"a {self.tool.name} job segments what the tool needs: leave out {', '.join(sorted(asked))}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_device(self) -> BatchConfig:

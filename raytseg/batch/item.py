@@ -40,7 +40,7 @@ from raytseg.batch.config import BatchConfig
 from raytseg.batch.inputs import WorkItem
 from raytseg.batch.results import ItemResult
 from raytseg.config import Settings
-from raytseg.errors import InputError, LicenseError
+from raytseg.errors import InputError, InvalidOptionError, LicenseError
 from raytseg.pipeline.export import check_model_grid, check_output, reads_image, write_segmentation
 from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.modality import Segment, admit_image
@@ -55,6 +55,7 @@ from raytseg.pipeline.records import (
     TaskChoice,
     Volume,
 )
+from raytseg.pipeline.tools import ToolRequest, answer_of
 from raytseg.retry import RetryPolicy
 from raytseg.tasks import ModelSpec
 
@@ -65,9 +66,11 @@ log = logging.getLogger(__name__)
 
 
 class Models(Protocol):
-    """Resident networks by spec (``Segmenter`` is one)."""
+    """Resident networks by spec, and whole segmentations for the tools (``Segmenter`` is one)."""
 
     def model(self, spec: ModelSpec) -> Network: ...
+
+    def segment(self, volume: Volume, options: SegmentOptions) -> Segmentation: ...
 
 
 class Plans(Protocol):
@@ -96,7 +99,18 @@ class JobSpec:
         return OutputStore(self.config.staging_uri, self.retry)
 
     def options_for(self, item: WorkItem) -> SegmentOptions:
+        tool = self.config.tool
+        if tool is not None and item.task is not None:
+            raise InvalidOptionError(
+                f"Item {item.id} names task {item.task!r}, but this job runs {tool.name}, which segments "
+                "what it needs: leave the manifest's task out."
+            )
         return self.config.segment_options(item.task)
+
+    def label_for(self, item: WorkItem) -> str:
+        """What the item is asked to run: its task, or the job's tool."""
+        tool = self.config.tool
+        return (item.task or self.config.task) if tool is None else tool.name
 
     def fingerprint(self, item: WorkItem) -> str:
         """Identifies what the outputs depend on, to tell a complete item from a stale one."""
@@ -105,6 +119,8 @@ class JobSpec:
             "options": self.options_for(item).model_dump(mode="json"),
             "files": [config.ml, config.derived_masks, config.preview],
         }
+        if config.tool is not None:  # only then: segmentations keep their earlier fingerprints
+            asked["tool"] = config.tool.model_dump(mode="json")
         return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -127,10 +143,21 @@ class ItemState:
     outputs: tuple[NetworkOutput, ...] = ()
     result: ItemResult | None = None
     task_choice: TaskChoice | None = None  # what task auto chose, and why
+    tool: ToolRequest | None = None  # a tool's item: its answer instead of passes
+    answer: bytes | None = None
 
     @property
     def active(self) -> bool:
         return self.result is None
+
+    @property
+    def label(self) -> str:
+        """What the item runs: its task, or the tool's name."""
+        return self.options.task if self.tool is None else self.tool.name
+
+    @property
+    def awaits_tool(self) -> bool:
+        return self.active and self.tool is not None and self.answer is None and self.volume is not None
 
     @property
     def awaits_models(self) -> bool:
@@ -147,6 +174,7 @@ def start(item: WorkItem, job: JobSpec, plans: Plans) -> ItemState:
         options=job.options_for(item),
         fingerprint=job.fingerprint(item),
         attempt=f"{job.run_id}-{uuid.uuid4().hex[:8]}",
+        tool=job.config.tool,
     )
     _guarded(state, job, lambda: _load_and_prepare(state, job, plans))
     return state
@@ -156,11 +184,16 @@ def predict(state: ItemState, job: JobSpec, models: Models) -> None:
     """Run the current pass's networks on its prepared inputs (the model stage)."""
     if state.awaits_models:
         _guarded(state, job, lambda: _predict(state, models))
+    elif state.awaits_tool:
+        _guarded(state, job, lambda: _answer(state, models))
 
 
 def advance(state: ItemState, job: JobSpec, plans: Plans) -> None:
-    """Finish the current pass, then prepare the next one or write the outputs."""
-    if state.active and state.prepared is not None and not state.prepared.inputs:
+    """Finish the current pass, then prepare the next one or write the outputs (or write a
+    tool's answer)."""
+    if state.active and state.answer is not None:
+        _guarded(state, job, lambda: _write_answer(state, job))
+    elif state.active and state.prepared is not None and not state.prepared.inputs:
         _guarded(state, job, lambda: _advance(state, job, plans))
 
 
@@ -178,6 +211,9 @@ def _load_and_prepare(state: ItemState, job: JobSpec, plans: Plans) -> None:
     with _timed(state, "load"):
         source = state.item.input
         volume = job.retry.call(lambda: load_volume(source, job.limits), f"Reading {source}")
+    if state.tool is not None:
+        _ready_for_tool(state, state.tool, volume)
+        return
     check_output(job.config.output_options, volume)
     check_model_grid(state.options, job.config.output_options)
     admitted, state.task_choice = admit_image(state.options, job.settings, volume, _roi_segmenter(job))
@@ -186,6 +222,25 @@ def _load_and_prepare(state: ItemState, job: JobSpec, plans: Plans) -> None:
     _prepare_pass(state, plans, region=None)
     if not needs_voxels_later(state.passes, job.config):
         state.volume = _without_voxels(volume)
+
+
+def _ready_for_tool(state: ItemState, tool: ToolRequest, volume: Volume) -> None:
+    """A tool that needs no network (get-modality's intensity classifier) answers here;
+    the others in the model stage, whose networks segment what they need."""
+    state.voxels = math.prod(volume.shape)
+    if tool.segmentations:
+        state.volume = volume
+        return
+    with _timed(state, "model"):
+        state.answer = answer_of(tool, volume, None)
+
+
+def _answer(state: ItemState, models: Models) -> None:
+    assert state.tool is not None
+    assert state.volume is not None
+    with _timed(state, "model"):
+        state.answer = answer_of(state.tool, state.volume, models.segment)
+    state.volume = None
 
 
 def _roi_segmenter(job: JobSpec) -> Segment:
@@ -252,6 +307,35 @@ def _write(state: ItemState, job: JobSpec, seg: Segmentation) -> None:
     stored = [loc for loc in written if dicomweb.is_dicomweb(loc)]
     result = _ok_result(state, seg, names, stored)
     result = dataclasses.replace(result, report=_report(state, job, seg, result.outputs))
+    _commit(state, job, staged, names, result, started)
+
+
+def _write_answer(state: ItemState, job: JobSpec) -> None:
+    """The tool's JSON file, staged and committed like a segmentation's files."""
+    from raytseg.storage import join, write_bytes
+
+    assert state.tool is not None
+    assert state.answer is not None
+    name, answer, started = state.tool.file_name, state.answer, time.perf_counter()
+    staged = job.outputs().staging_dir(state.item.id, state.attempt)
+    job.retry.call(lambda: write_bytes(join(staged, name), answer), f"Writing {state.item.id}")
+    state.timings["write"] = time.perf_counter() - started
+    outputs = (join(state.item.output, name),)
+    _commit(
+        state,
+        job,
+        staged,
+        [name],
+        _result(state, status="ok", outputs=outputs, answer=answer.decode()),
+        started,
+    )
+
+
+def _commit(  # noqa: PLR0913 - the item, where its files are, and what its marker says
+    state: ItemState, job: JobSpec, staged: str, names: list[str], result: ItemResult, started: float
+) -> None:
+    """Move the staged files into the item's folder with its marker (``result``)."""
+    store = job.outputs()
     store.commit(staged, state.item.output, names, json.loads(result.to_json()))
     state.timings["write"] = time.perf_counter() - started
     state.result = dataclasses.replace(result, timings=_final_timings(state))
@@ -335,7 +419,7 @@ def _result(state: ItemState, **outcome: Any) -> ItemResult:
         id=item.id,
         input=item.input,
         output=item.output,
-        task=state.options.task,
+        task=state.label,
         voxels=state.voxels,
         timings=_final_timings(state),
         finished_at=_now(),

@@ -157,6 +157,9 @@ def _stream(todo: Sequence[WorkItem], job: JobSpec, levels: list[list[ModelSpec]
             ds = ds.map_batches(stages.ModelStage, **_model_args(job, specs, len(levels)))
             final = {"job": job, "final": level == len(levels) - 1}
             ds = ds.map_batches(stages.advance_stage, fn_kwargs=final, **cpu(job.config.write))
+        if not levels:  # a tool without networks (get-modality): answered by the read stage
+            final = {"job": job, "final": True}
+            ds = ds.map_batches(stages.advance_stage, fn_kwargs=final, **cpu(job.config.write))
     for row in ds.iter_rows():
         yield ItemResult.from_json(row["result"])
 

@@ -4,8 +4,8 @@ Columns: ``id, input, output, task, status`` (ok, failed, skipped), ``error_type
 ``error_message`` (failed items), ``outputs`` (the files written), ``voxels``, one
 ``<stage>_s`` column of seconds per stage (load, preprocess, model, postprocess, write,
 total), ``statistics`` (the statistics.json content, when asked), ``report`` (the run
-report, ``raytseg.pipeline.report``, as JSON), ``finished_at`` (UTC, ISO 8601) and
-``attempt`` (the run that wrote the outputs).
+report, ``raytseg.pipeline.report``, as JSON), ``answer`` (a tool job's JSON: ``--tool``),
+``finished_at`` (UTC, ISO 8601) and ``attempt`` (the run that wrote the outputs).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class ItemResult:
     timings: dict[str, float] = field(default_factory=dict)
     statistics: str | None = None  # JSON
     report: str | None = None  # JSON
+    answer: str | None = None  # a tool's JSON
     finished_at: str | None = None
     attempt: str | None = None
     fingerprint: str | None = None  # the options that produced the outputs
@@ -130,6 +131,7 @@ def results_table(results: Iterable[ItemResult]) -> Any:
         columns[f"{stage}_s"] = [r.timings.get(stage) for r in rows]
     columns["statistics"] = [r.statistics for r in rows]
     columns["report"] = [r.report for r in rows]
+    columns["answer"] = [r.answer for r in rows]
     columns["finished_at"] = [r.finished_at for r in rows]
     columns["attempt"] = [r.attempt for r in rows]
     return pa.table(columns, schema=_schema())
@@ -160,6 +162,7 @@ def _schema() -> Any:
         *((f"{stage}_s", pa.float64()) for stage in STAGES),
         ("statistics", text),
         ("report", text),
+        ("answer", text),
         ("finished_at", text),
         ("attempt", text),
     ]

@@ -1,7 +1,8 @@
 """TotalSegmentator's classifier tools as one request, for the entry points that run them
 without a command line of their own: jobs (``POST /v1/jobs`` with ``tool``) and batch
-(``--tool``). The CLI's ``get-modality``/``get-phase`` and the service's ``/v1/modality``
-and ``/v1/phase`` run the same functions (``modality.modality_of``, ``phase.phase_of``).
+(``--tool``: one ``ToolRequest.file_name`` per item). The CLI's ``get-modality`` and
+``get-phase`` and the service's ``/v1/modality`` and ``/v1/phase`` run the same functions
+(``modality.modality_of``, ``phase.phase_of``).
 
 A tool's answer is one JSON file, TotalSegmentator's byte for byte.
 """
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 MODALITY_TOOL: Final = "get-modality"
 PHASE_TOOL: Final = "get-phase"
 ToolName = Literal["get-modality", "get-phase"]
+TOOLS: tuple[ToolName, ...] = (MODALITY_TOOL, PHASE_TOOL)
 
 
 class ToolRequest(BaseModel):
@@ -46,6 +48,11 @@ class ToolRequest(BaseModel):
         return self
 
     @property
+    def file_name(self) -> str:
+        """Its file in an output folder (batch), named as in TotalSegmentator's README."""
+        return "contrast_phase.json" if self.name == PHASE_TOOL else "modality.json"
+
+    @property
     def segmentations(self) -> tuple[SegmentOptions, ...]:
         """The segmentations the tool always runs (served here, else refused up front);
         get-phase also segments the neck's vessels of an image that holds a head."""
@@ -54,9 +61,11 @@ class ToolRequest(BaseModel):
         return (ROI_SEGMENTATION,) if self.normalized_intensities else ()
 
 
-def answer_of(tool: ToolRequest, volume: Volume, segment: Segment) -> bytes:
-    """The tool's JSON file for ``volume``; ``segment`` runs the segmentations it needs."""
+def answer_of(tool: ToolRequest, volume: Volume, segment: Segment | None) -> bytes:
+    """The tool's JSON file for ``volume``; ``segment`` runs the segmentations it needs
+    (None: the tool needs none, ``tool.segmentations`` is empty)."""
     if tool.name == PHASE_TOOL:
+        assert segment is not None, "get-phase segments"
         return phase_of(volume, segment).to_json()
     return modality_of(volume, segment if tool.normalized_intensities else None).to_json()
 

@@ -13,6 +13,7 @@ import pytest
 from raytseg.batch import BatchConfig, run_batch
 from raytseg.batch.cli import EXIT_TOO_MANY_FAILURES
 from raytseg.cli import main as raytseg_main
+from raytseg.pipeline.tools import TOOLS, ToolRequest
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -189,3 +190,31 @@ def test_exit_code_says_whether_failures_exceed_the_limit(
     assert raytseg_main([*args, "--max-failures", "40%"]) == EXIT_TOO_MANY_FAILURES
     statuses = {row["id"]: row["status"] for row in read_table(s3_files(output)["_results.parquet"])}
     assert statuses == {"ct_small": "skipped", "corrupt": "failed"}
+
+
+def test_tool_jobs_write_each_items_answer_as_the_cli(
+    upload: Callable[..., str],
+    s3_prefix: str,
+    s3_files: Callable[[str], dict[str, bytes]],
+    inputs: Path,
+    tmp_path: Path,
+) -> None:
+    # get-modality answers in the read stage (no model stage); get-phase segments in the model stage
+    source = upload(f"{s3_prefix}/in", "ct_small.nii.gz", "corrupt.nii.gz")
+    for tool in TOOLS:
+        output, request = f"s3://{s3_prefix}/{tool}", ToolRequest(name=tool)
+        report = run_batch(
+            BatchConfig(input=source, output=output, device="cpu", tool=request, max_failures=1)
+        )
+        assert {r.id: r.status for r in report.results} == {"ct_small": "ok", "corrupt": "failed"}
+        answer = tmp_path / f"{tool}.json"
+        cli = [tool, "-i", str(inputs / "ct_small.nii.gz"), "-o", str(answer), "-d", "cpu", "-q"]
+        assert raytseg_main(cli) == 0
+        written = s3_files(output)
+        assert written[f"ct_small/{request.file_name}"] == answer.read_bytes()
+        assert not [name for name in written if name.startswith(("_staging", "corrupt/"))]
+        rows = {row["id"]: row for row in read_table(written["_results.parquet"])}
+        row = rows["ct_small"]
+        assert (row["task"], row["answer"], row["report"]) == (tool, answer.read_text(), None)
+        assert row["outputs"] == [f"{output}/ct_small/{request.file_name}"]
+        assert (rows["corrupt"]["task"], rows["corrupt"]["error_type"]) == (tool, "UnreadableImageError")

@@ -112,3 +112,17 @@ def test_save_lowres_outputs_are_checked_before_any_item() -> None:
     with pytest.raises(InvalidOptionError, match="the preview"):
         BatchConfig.load(None, {**lowres, "preview": True})
     assert BatchConfig.load(None, lowres).segment_options().save_lowres
+
+
+@pytest.mark.parametrize(
+    ("asked", "words"),
+    [
+        ({"tool": {"name": "get-phase"}, "fast": True}, "leave out fast"),
+        ({"tool": {"name": "get-modality"}, "ml": True, "task": "total"}, "leave out ml, task"),
+        ({"tool": {"name": "get-phase", "normalized_intensities": True}}, "of get-modality only"),
+        ({"tool": {"name": "get-age"}}, "tool.name"),
+    ],
+)
+def test_a_tool_job_takes_no_segmentation_options(asked: dict[str, object], words: str) -> None:
+    with pytest.raises(InvalidOptionError, match=words):
+        BatchConfig.load(None, {"input": "in", "output": "out", **asked})

@@ -19,6 +19,7 @@ from raytseg.config import Settings
 from raytseg.pipeline.export import write_segmentation
 from raytseg.pipeline.load import LoadLimits, load_volume
 from raytseg.pipeline.run import Segmenter
+from raytseg.pipeline.tools import answer_of
 
 REFERENCE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "totalseg-reference"
 CT = REFERENCE / "example_ct_sm.nii.gz"
@@ -30,6 +31,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
     root = tmp_path_factory.mktemp("weights")
     synthesize_task("total", root, fast=True, tiny=True)
+    synthesize_task("headneck_bones_vessels", root, tiny=True)  # get-phase, for an image with a head
     home = tmp_path_factory.mktemp("home")
     return Settings.from_env({"HOME": str(home), "RAYTSEG_WEIGHTS": str(root)})
 
@@ -240,3 +242,22 @@ def test_task_auto_items_run_and_report_the_segmenters_choice(tmp_path: Path) ->
         report = json.loads(result.report or "{}")
         assert (report["task"], report["task_choice"]) == (choice.task, choice.to_dict())
     assert "ROI classifier" in choice.reason  # the MR, last: its minimum is -47
+
+
+@pytest.mark.parametrize("name", ["get-modality", "get-phase"])
+def test_a_tool_item_writes_and_reports_the_tools_answer(
+    settings: Settings, segmenter: Segmenter, tmp_path: Path, name: str
+) -> None:
+    config = BatchConfig.load(None, {"input": "i", "output": str(tmp_path / "out"), "tool": {"name": name}})
+    assert config.tool is not None
+    item = WorkItem("ct", str(CT), str(tmp_path / "out" / "ct"))
+    state, _ = run_item(JobSpec(config, settings, run_id="run1"), segmenter, item)
+    result = result_of(state)
+    volume = load_volume(CT, LoadLimits.from_settings(settings))
+    expected = answer_of(config.tool, volume, segmenter.segment)
+    assert (result.status, result.error_message) == ("ok", None)
+    assert (result.task, result.answer, result.report) == (name, expected.decode(), None)
+    written = files(tmp_path / "out" / "ct")
+    assert written.pop(MARKER_NAME)
+    assert written == {config.tool.file_name: expected}
+    assert result.outputs == (f"{item.output}/{config.tool.file_name}",)

@@ -15,6 +15,11 @@ from raytseg.batch.item import JobSpec
 from raytseg.batch.results import ItemResult
 from raytseg.batch.triage import model_levels, triage
 from raytseg.config import Settings
+from raytseg.pipeline.modality import ROI_SEGMENTATION
+from raytseg.pipeline.phase import BODY_SEGMENTATION
+from raytseg.pipeline.plan import admit
+from raytseg.pipeline.records import SegmentOptions
+from raytseg.tasks import ModelSpec
 
 
 @pytest.fixture
@@ -129,3 +134,23 @@ def test_metrics_per_item(monkeypatch: pytest.MonkeyPatch) -> None:
         ("error", ("total", "UnreadableImageError", "batch")),
         ("stage", ("total", "load", 0.1, "batch")),
     ]
+
+
+def test_a_tool_job_runs_its_segmentations_and_refuses_a_row_task(tmp_path: Path, settings: Settings) -> None:
+    def tool_job(**tool: object) -> JobSpec:
+        config = BatchConfig.model_validate({"input": "in", "output": str(tmp_path / "out"), "tool": tool})
+        return JobSpec(config, settings, "run3")
+
+    def models(options: SegmentOptions) -> list[list[ModelSpec]]:
+        return [list(admit(options, settings).passes[0].plan.main.models)]
+
+    one = [item(tmp_path, "a")]
+    assert model_levels(one, tool_job(name="get-modality")) == []  # answered when read
+    # total --fast; the neck's model loads on first use, for an image with a head
+    assert model_levels(one, tool_job(name="get-phase")) == models(BODY_SEGMENTATION)
+    normalized = tool_job(name="get-modality", normalized_intensities=True)
+    assert model_levels(one, normalized) == models(ROI_SEGMENTATION)
+    todo, [failed] = triage([*one, item(tmp_path, "b", task="total")], tool_job(name="get-phase"))
+    assert [w.id for w in todo] == ["a"]
+    assert (failed.id, failed.task, failed.error_type) == ("b", "get-phase", "InvalidOptionError")
+    assert "leave the manifest's task out" in (failed.error_message or "")
