@@ -8,12 +8,21 @@ whole-object PUT, which readers see entirely or not at all.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raytseg.errors import RaytsegError, StorageError, StorageUnavailableError
+
+if TYPE_CHECKING:
+    from raytseg.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+_MOVE_THREADS = 8
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:
@@ -123,6 +132,48 @@ def make_dirs(location: str | os.PathLike[str]) -> None:
             local_path(location).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"Could not create folder {location}: {exc}") from exc
+
+
+def fs_and_path(location: str) -> tuple[Any, str]:
+    """The fsspec filesystem of ``location`` and its path there (a local path: absolute)."""
+    if is_uri(location):
+        fs, path = filesystem(location)
+        return fs, str(path)
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem(), str(local_path(location).absolute())
+
+
+def move_all(fs: Any, moves: Sequence[tuple[str, str]], retry: RetryPolicy) -> None:
+    """Move staged files into place (``fs`` paths), a few at a time: on S3 each move is a
+    copy and a delete. Repeating a move that went through is harmless (a retried or resumed
+    commit). Raises the first failure, after its retries."""
+
+    def move(src: str, dst: str) -> None:
+        retry.call(lambda: _move(fs, src, dst), f"Committing {dst}")
+
+    with ThreadPoolExecutor(max_workers=_MOVE_THREADS, thread_name_prefix="raytseg-commit") as pool:
+        for done in [pool.submit(move, src, dst) for src, dst in moves]:
+            done.result()
+
+
+def remove_tree(location: str) -> None:
+    """Delete a folder or prefix and everything under it; errors are only logged."""
+    try:
+        fs, path = fs_and_path(location)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception as exc:  # leftovers in staging are harmless: never read as outputs
+        log.warning("Could not remove %s: %s", location, exc)
+
+
+def _move(fs: Any, src: str, dst: str) -> None:
+    try:
+        fs.mv(src, dst)
+    except FileNotFoundError:
+        # A repeated move whose first try went through: the source is gone, the copy is there.
+        if not fs.exists(dst):
+            raise
 
 
 def _write_local_atomically(path: Path, data: bytes) -> None:

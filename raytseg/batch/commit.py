@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from raytseg import storage
@@ -28,7 +27,6 @@ from raytseg.retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 MARKER_NAME = "_raytseg_done.json"
-_MOVE_THREADS = 8
 
 
 def marker_location(item_dir: str) -> str:
@@ -53,8 +51,8 @@ class OutputStore:
             StorageError, OSError: a step failed after its retries; the item then has no
                 marker, so it is not complete and the next run redoes it.
         """
-        fs, final = _fs(item_dir)
-        _, source = _fs(staged)
+        fs, final = storage.fs_and_path(item_dir)
+        _, source = storage.fs_and_path(staged)
         marker_path = storage.join(final, MARKER_NAME)
         self._call(lambda: _remove(fs, [marker_path]), f"Unmarking {item_dir}")
         existing = self._call(lambda: _files_under(fs, final), f"Listing {item_dir}")
@@ -63,21 +61,22 @@ class OutputStore:
             log.info("Removing %d stale file(s) from %s", len(stale), item_dir)
             self._call(lambda: _remove(fs, stale), f"Cleaning {item_dir}")
         storage.make_dirs(item_dir)
-        self._move_all(fs, [(storage.join(source, n), storage.join(final, n)) for n in names])
+        moves = [(storage.join(source, n), storage.join(final, n)) for n in names]
+        storage.move_all(fs, moves, self.retry)  # the first failure is raised: no marker then
         data = json.dumps(marker, indent=1, sort_keys=True).encode()
         self._call(lambda: fs.pipe_file(marker_path, data), f"Marking {item_dir}")
 
     def discard(self, item_id: str, attempt: str | None = None) -> None:
         """Remove an attempt's staged files (all attempts of the item when None); best effort."""
         location = self.staging_dir(item_id, attempt) if attempt else storage.join(self.staging_root, item_id)
-        remove_tree(location)
+        storage.remove_tree(location)
 
     def read_markers(self, item_dirs: Sequence[str]) -> dict[str, dict[str, Any]]:
         """``{item_dir: marker}`` for the items that are complete."""
         found: dict[str, dict[str, Any]] = {}
         by_fs: dict[str, tuple[Any, dict[str, str]]] = {}
         for item_dir in item_dirs:
-            fs, path = _fs(item_dir)
+            fs, path = storage.fs_and_path(item_dir)
             by_fs.setdefault(_fs_key(item_dir), (fs, {}))[1][storage.join(path, MARKER_NAME)] = item_dir
         for fs, paths in by_fs.values():
             contents = self._call(
@@ -89,37 +88,8 @@ class OutputStore:
                     found[paths[path]] = marker
         return found
 
-    def _move_all(self, fs: Any, moves: list[tuple[str, str]]) -> None:
-        """Move files a few at a time: on S3 each move is a copy and a delete, 100+ per item."""
-
-        def move(src: str, dst: str) -> None:
-            self._call(lambda: _move(fs, src, dst), f"Committing {dst}")
-
-        with ThreadPoolExecutor(max_workers=_MOVE_THREADS, thread_name_prefix="raytseg-commit") as pool:
-            for done in [pool.submit(move, src, dst) for src, dst in moves]:
-                done.result()  # the first failure is raised; the marker is then never written
-
     def _call(self, fn: Any, what: str) -> Any:
         return self.retry.call(fn, what)
-
-
-def remove_tree(location: str) -> None:
-    """Delete a folder or prefix and everything under it; errors are only logged."""
-    try:
-        fs, path = _fs(location)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-    except Exception as exc:  # leftovers in staging are harmless: never read as outputs
-        log.warning("Could not remove %s: %s", location, exc)
-
-
-def _fs(location: str) -> tuple[Any, str]:
-    if storage.is_uri(location):
-        fs, path = storage.filesystem(location)
-        return fs, str(path)
-    from fsspec.implementations.local import LocalFileSystem
-
-    return LocalFileSystem(), str(storage.local_path(location).absolute())
 
 
 def _fs_key(location: str) -> str:
@@ -138,15 +108,6 @@ def _remove(fs: Any, paths: list[str]) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             fs.rm_file(path)
-
-
-def _move(fs: Any, src: str, dst: str) -> None:
-    try:
-        fs.mv(src, dst)
-    except FileNotFoundError:
-        # A retried move whose first try went through: the source is gone, the copy is there.
-        if not fs.exists(dst):
-            raise
 
 
 def _cat_existing(fs: Any, paths: list[str]) -> dict[str, bytes]:

@@ -36,7 +36,6 @@ from typing import Any
 
 from raytseg import storage
 from raytseg.batch import stages
-from raytseg.batch.commit import remove_tree
 from raytseg.batch.config import BatchConfig, failures_exceeded
 from raytseg.batch.inputs import WorkItem, work_items
 from raytseg.batch.item import JobSpec
@@ -103,7 +102,7 @@ def _finished(results: list[ItemResult], job: JobSpec, started: float) -> BatchR
     """Write the results table, drop the staging area, and sum the job up."""
     config = job.config
     _write_table(config.results_uri, results, job)
-    remove_tree(config.staging_uri)
+    storage.remove_tree(config.staging_uri)
     failed = sum(r.status == "failed" for r in results)
     return BatchReport(
         results=tuple(results),

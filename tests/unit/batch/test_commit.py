@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from raytseg import storage
-from raytseg.batch import commit as commit_module
 from raytseg.batch.commit import MARKER_NAME, OutputStore
 from raytseg.retry import RetryPolicy
 
@@ -33,7 +32,7 @@ def root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 def files_under(location: str) -> dict[str, bytes]:
-    fs, path = commit_module._fs(location)
+    fs, path = storage.fs_and_path(location)
     if not fs.exists(path):
         return {}
     fs.invalidate_cache()
@@ -71,7 +70,7 @@ def test_an_interrupted_commit_is_never_complete_and_is_repaired(
     assert store.read_markers([item])
 
     moved: list[str] = []
-    real_move = commit_module._move
+    real_move = storage._move
 
     def dies_after_one_move(fs: Any, src: str, dst: str) -> None:
         if moved:
@@ -79,7 +78,7 @@ def test_an_interrupted_commit_is_never_complete_and_is_repaired(
         moved.append(dst)
         real_move(fs, src, dst)
 
-    monkeypatch.setattr(commit_module, "_move", dies_after_one_move)
+    monkeypatch.setattr(storage, "_move", dies_after_one_move)
     second = stage(store, "case1", "run2-b", {"liver.nii.gz": b"new liver", "spleen.nii.gz": b"new spleen"})
     with pytest.raises(PermissionError):
         store.commit(second, item, ["liver.nii.gz", "spleen.nii.gz"], {"attempt": "run2-b"})
@@ -88,7 +87,7 @@ def test_an_interrupted_commit_is_never_complete_and_is_repaired(
     assert files_under(item)["liver.nii.gz"] == b"new liver"
     assert "old.nii.gz" not in files_under(item)  # stale files go before new ones arrive
 
-    monkeypatch.setattr(commit_module, "_move", real_move)
+    monkeypatch.setattr(storage, "_move", real_move)
     third = stage(store, "case1", "run3-c", {"liver.nii.gz": b"new liver", "spleen.nii.gz": b"new spleen"})
     store.commit(third, item, ["liver.nii.gz", "spleen.nii.gz"], {"attempt": "run3-c"})
     store.discard("case1")
@@ -102,9 +101,9 @@ def test_a_move_whose_reply_was_lost_is_not_redone(tmp_path: Path) -> None:
 
     fs = LocalFileSystem()
     (tmp_path / "dst").write_bytes(b"moved")
-    commit_module._move(fs, str(tmp_path / "src"), str(tmp_path / "dst"))  # source gone, copy there
+    storage._move(fs, str(tmp_path / "src"), str(tmp_path / "dst"))  # source gone, copy there
     with pytest.raises(FileNotFoundError):
-        commit_module._move(fs, str(tmp_path / "src"), str(tmp_path / "other"))
+        storage._move(fs, str(tmp_path / "src"), str(tmp_path / "other"))
 
 
 def test_transient_errors_during_commit_are_retried(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,7 +111,7 @@ def test_transient_errors_during_commit_are_retried(root: str, monkeypatch: pyte
 
     monkeypatch.setattr(retry_module.time, "sleep", lambda seconds: None)
     failures = iter([OSError("503 Slow Down"), ConnectionResetError("reset")])
-    real_move = commit_module._move
+    real_move = storage._move
 
     def flaky_move(fs: Any, src: str, dst: str) -> None:
         error = next(failures, None)
@@ -120,7 +119,7 @@ def test_transient_errors_during_commit_are_retried(root: str, monkeypatch: pyte
             raise error
         real_move(fs, src, dst)
 
-    monkeypatch.setattr(commit_module, "_move", flaky_move)
+    monkeypatch.setattr(storage, "_move", flaky_move)
     store = OutputStore(storage.join(root, "_staging"), RetryPolicy(retries=3))
     staged = stage(store, "case1", "a", FILES)
     store.commit(staged, storage.join(root, "case1"), list(FILES), {"attempt": "a"})
