@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +82,14 @@ def join(location: str, *names: str) -> str:
     """Join path components onto a path or URI with '/'."""
     base = str(location).rstrip("/")
     return "/".join([base, *names])
+
+
+def parent(location: str) -> str:
+    """The folder holding ``location`` (a path or URI)."""
+    if is_uri(location):
+        scheme, path = location.split("://", 1)
+        return f"{scheme}://{posixpath.dirname(path.rstrip('/'))}"
+    return str(local_path(location).parent)
 
 
 def read_bytes(location: str | os.PathLike[str]) -> bytes:

@@ -19,7 +19,6 @@ import gzip
 import io
 import os
 import pickle
-import posixpath
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
@@ -324,7 +323,7 @@ def write_segmentation(
     ``target`` None writes only the placed files.
     """
     named = None if target is None else _named_file(output, target)
-    folder = _parent(target) if named and target else target
+    folder = storage.parent(target) if named and target else target
     if folder is not None:
         storage.make_dirs(folder)
     written, dicom = [], []
@@ -363,17 +362,14 @@ def _without_folder(output: OutputOptions) -> OutputOptions:
     return output.model_copy(update={"output_type": kinds, "preview": False, "radiomics": False})
 
 
+def target_folder(output: OutputOptions, target: str) -> str:
+    """The folder a write to ``target`` fills: ``target``, or the folder of the file it names."""
+    return storage.parent(target) if _named_file(output, target) else target
+
+
 def _named_file(output: OutputOptions, target: str) -> str | None:
     """The output file ``target`` names, if it names one rather than a folder."""
     first = output.output_type[0]
     if first == "nifti":
         return MULTILABEL_NAME if output.ml and target.endswith((".nii", ".nii.gz")) else None
     return DICOM_NAMES[first] if target.endswith(".dcm") else None
-
-
-def _parent(location: str) -> str:
-    """The folder holding ``location`` (a path or URI)."""
-    if storage.is_uri(location):
-        scheme, path = location.split("://", 1)
-        return f"{scheme}://{posixpath.dirname(path.rstrip('/'))}"
-    return str(storage.local_path(location).parent)

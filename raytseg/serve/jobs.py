@@ -51,10 +51,12 @@ from raytseg.errors import (
 from raytseg.metrics import recorder
 from raytseg.pipeline.records import OutputOptions, SegmentOptions
 from raytseg.pipeline.tools import ToolRequest
+from raytseg.serve import jobcommit
 from raytseg.serve.config import JobsSpec, ServeConfig
 from raytseg.serve.errors import as_raytseg_error
 from raytseg.serve.flow import Flow, StageNames
 from raytseg.serve.handoff import Delivered, Delivery
+from raytseg.serve.jobcommit import Commit, Staging, moves_of, placed
 from raytseg.serve.jobstore import JobStore
 from raytseg.serve.runtime import HEAD_NODE_RESOURCE, Catalogue
 
@@ -140,14 +142,13 @@ class JobRecord(BaseModel):
             "answer": self.answer,
         }
 
-    def succeeded(self, delivered: Delivered) -> None:
-        """Record the outcome of a successful run: a tool's answer, or the run report."""
+    def outcome(self, delivered: Delivered) -> dict[str, Any]:
+        """What the record says once ``delivered`` (its files in place) is committed: the
+        outputs, and a tool's answer or the run report."""
         from raytseg.pipeline.report import ReportedRun, run_report
 
-        self.state, self.outputs = "succeeded", delivered.written
         if self.spec.tool is not None:
-            self.answer = json.loads(delivered.body or b"null")
-            return
+            return {"outputs": delivered.written, "answer": json.loads(delivered.body or b"null")}
         run = ReportedRun(
             self.spec.input,
             self.spec.output,
@@ -160,7 +161,12 @@ class JobRecord(BaseModel):
             timings={},
             task_choice=delivered.task_choice,
         )
-        self.report = run_report(run)
+        return {"outputs": delivered.written, "report": run_report(run)}
+
+    def committed(self, commit: Commit) -> None:
+        """The job succeeded with the outputs of the run ``commit`` names."""
+        self.state, self.outputs = "succeeded", commit.outputs
+        self.report, self.answer = commit.report, commit.answer
 
     def failed(self, error: RaytsegError) -> None:
         self.state = "failed"
@@ -312,11 +318,11 @@ class JobRunner:
             self._report_depth()
             task = record.spec.label
             try:
-                delivered = await asyncio.wait_for(self._runs(record, flow), timeout_s)
+                commit = await asyncio.wait_for(self._runs(record, flow), timeout_s)
             except Exception as exc:
                 self._failed(record, as_raytseg_error(exc))
             else:
-                record.succeeded(delivered)
+                record.committed(commit)
                 recorder().request(task, "ok", "job")
             finally:
                 record.finished_at = time.time()
@@ -326,11 +332,11 @@ class JobRunner:
                 self._forget_old()
                 self._report_depth()
 
-    async def _runs(self, record: JobRecord, flow: Flow) -> Delivered:
-        """Segment the job, running it again after a lost replica or a full stage."""
+    async def _runs(self, record: JobRecord, flow: Flow) -> Commit:
+        """Run the job, again after a lost replica, a full stage or a storage outage."""
         for run in range(1, _MAX_RUNS + 1):
             try:
-                return await _run_once(record.spec, flow)
+                return await self._run_once(record, flow)
             except _RETRY_ON as exc:
                 if run == _MAX_RUNS:
                     raise
@@ -338,6 +344,38 @@ class JobRunner:
                 log.warning("Job %s: %s; running it again in %.0f s", record.id, type(exc).__name__, delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last run returns or raises")
+
+    async def _run_once(self, record: JobRecord, flow: Flow) -> Commit:
+        """One run into its own staging, then its commit; or, if a run of the job was
+        committed before (an earlier actor's, or one cut short), that commit completed."""
+        held = await self._held(record.id)
+        if held is None:
+            spec = record.spec
+            staging = Staging.new(record.id, spec.output, None if spec.tool is not None else spec.files)
+            delivered = await _deliver(spec, flow, staging)
+            outcome = record.outcome(placed(staging, delivered))
+            mine = Commit(staging=staging, moves=moves_of(staging, delivered.written), **outcome)
+            held = await self._hold(record.id, mine)
+        await asyncio.to_thread(jobcommit.finish, held)
+        return held
+
+    async def _held(self, job_id: str) -> Commit | None:
+        if self._store is None:
+            return None
+        stored = await asyncio.to_thread(self._store.commit, job_id)
+        return None if stored is None else Commit.model_validate_json(stored)
+
+    async def _hold(self, job_id: str, mine: Commit) -> Commit:
+        """The job's commit: ``mine``, unless the store holds an earlier run's (whose files
+        are then the job's; this run's are dropped)."""
+        if self._store is None:
+            return mine
+        stored = await asyncio.to_thread(self._store.hold_commit, job_id, mine.model_dump_json().encode())
+        held = Commit.model_validate_json(stored)
+        if held.staging != mine.staging:
+            log.warning("Job %s: another run's outputs were committed first; this run's are dropped", job_id)
+            await asyncio.to_thread(jobcommit.drop, mine.staging)
+        return held
 
     def _failed(self, record: JobRecord, error: RaytsegError) -> None:
         record.failed(error)
@@ -407,10 +445,15 @@ class JobRunner:
         recorder().queue_depth(active, "job")
 
 
-async def _run_once(spec: JobSpec, flow: Flow) -> Delivered:
-    if spec.tool is not None:
-        return await flow.answer_to(spec.input, spec.tool, spec.output, "job")
-    return await flow.segment(spec.input, spec.options, Delivery(spec.files, spec.output), "job")
+async def _deliver(spec: JobSpec, flow: Flow, staging: Staging) -> Delivered:
+    """The job's run, its files written into ``staging`` (removed again if the run fails)."""
+    try:
+        if spec.tool is not None:
+            return await flow.answer_to(spec.input, spec.tool, staging.output, "job")
+        return await flow.segment(spec.input, spec.options, Delivery(spec.files, staging.output), "job")
+    except Exception:
+        await asyncio.to_thread(jobcommit.drop, staging)
+        raise
 
 
 def _parsed(stored: list[bytes]) -> list[JobRecord]:

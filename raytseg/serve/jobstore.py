@@ -4,6 +4,7 @@
 
     <store>/<app>/jobs/<id>.json    one record per job, rewritten whole at each change
     <store>/<app>/owners/<n>        one empty object per job actor that took the app's jobs
+    <store>/<app>/commits/<id>.json the run of a job whose outputs are committed, created once
 
 Why an object store rather than a database: every raytseg deployment has one already
 (inputs, outputs and remote weights live there), it survives whatever happens to the
@@ -17,11 +18,19 @@ only the holder of the highest number accepts, starts or commits jobs. The actor
 replaced cluster, or a job actor that Ray restarted, therefore yields to the newer one,
 which runs again whatever was queued or running.
 
+Outputs committed once: a run writes into a staging folder of its own, then creates the
+job's commit marker exclusively, naming its staging and what the record will say. Only the
+run that created it moves its files into place; a run that finds a marker drops its own
+files and completes the marker's commit instead (moves are idempotent), so an old actor
+that finishes after its successor started the job again, or a successor that finds a
+commit cut short, never commits a second set of outputs.
+
 No Ray here: the job actor (``raytseg.serve.jobs``) calls these functions in a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable
@@ -79,26 +88,51 @@ class JobStore:
 
     def record(self, job_id: str) -> bytes | None:
         """One job's record, or None if there is none."""
-
-        def read() -> bytes | None:
-            try:
-                data: bytes = self._fs.cat_file(self._path("jobs", f"{job_id}.json"))
-            except FileNotFoundError:
-                return None
-            return data
-
-        return None if not _RECORD.match(f"{job_id}.json") else self._call(read, f"reading job {job_id}")
+        return self._read("jobs", job_id, f"reading job {job_id}")
 
     def save(self, job_id: str, record: bytes) -> None:
         """Write (or replace) one job's record."""
         location = join(self.location, self.app, "jobs", f"{job_id}.json")
         self._call(lambda: write_bytes(location, record), f"recording job {job_id}")
 
+    def hold_commit(self, job_id: str, commit: bytes) -> bytes:
+        """Create the job's commit marker as ``commit`` unless it exists; the marker that
+        holds (``commit``, or the one an earlier run created)."""
+        path = self._path("commits", f"{job_id}.json")
+
+        def create() -> bytes:
+            self._fs.makedirs(self._path("commits"), exist_ok=True)  # local folders only
+            try:
+                self._fs.pipe_file(path, commit, mode="create")
+            except FileExistsError:  # an earlier run's (or this one's, whose answer was lost)
+                held: bytes = self._fs.cat_file(path)
+                return held
+            return commit
+
+        return self._call(create, f"committing job {job_id}")
+
+    def commit(self, job_id: str) -> bytes | None:
+        """The job's commit marker, or None if no run has committed it."""
+        return self._read("commits", job_id, f"reading the commit of job {job_id}")
+
     def forget(self, job_ids: list[str]) -> None:
-        """Delete these jobs' records (retention)."""
-        paths = [self._path("jobs", f"{i}.json") for i in job_ids]
+        """Delete these jobs' records and commit markers (retention)."""
+        paths = [self._path(folder, f"{i}.json") for i in job_ids for folder in ("jobs", "commits")]
         if paths:
-            self._call(lambda: self._fs.rm(paths), "deleting old job records")
+            self._call(lambda: _remove(self._fs, paths), "deleting old job records")
+
+    def _read(self, folder: str, job_id: str, what: str) -> bytes | None:
+        """``<folder>/<job_id>.json``, or None if there is none (or ``job_id`` is no job id)."""
+        name = f"{job_id}.json"
+
+        def read() -> bytes | None:
+            try:
+                data: bytes = self._fs.cat_file(self._path(folder, name))
+            except FileNotFoundError:
+                return None
+            return data
+
+        return self._call(read, what) if _RECORD.match(name) else None
 
     def _path(self, *names: str) -> str:
         return join(self._root, self.app, *names)
@@ -131,3 +165,9 @@ class JobStore:
                 f"The job store {self.location} failed while {what} ({exc}). "
                 "Check that it is reachable and writable (jobs.store)."
             ) from exc
+
+
+def _remove(fs: Any, paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)

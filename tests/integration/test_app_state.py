@@ -222,6 +222,9 @@ def test_jobs_survive_a_cluster_restart_and_a_lost_job_actor(
     records = [json.loads(data.cat_file(p)) for p in data.ls(folder, refresh=True)]
     assert sorted(r["id"] for r in records) == sorted(ids + later)
     assert all(r["state"] == "succeeded" for r in records)
+    commits = data.ls(f"{BUCKET}/records/{tmp_path.name}/raytseg/commits", refresh=True)
+    assert len(commits) == len(records)  # one committed run per job
+    assert not [key for key in data.find(f"{BUCKET}/data/out") if ".raytseg-staging" in key]
 
 
 def test_queue_limits_hold_for_the_app_across_ingress_replicas(
