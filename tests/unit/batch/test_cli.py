@@ -15,6 +15,7 @@ from raytseg.batch.config import BatchConfig
 from raytseg.batch.progress import ProgressPrinter
 from raytseg.batch.results import BatchReport, ItemResult, JobProgress
 from raytseg.errors import InvalidOptionError
+from raytseg.pipeline.tools import ToolRequest
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -58,6 +59,17 @@ def test_segment_flags_map_to_the_config() -> None:
     }
     assert (config.ml, config.derived_masks, config.device, config.overwrite) == (True, False, "cpu", True)
     assert (config.max_failures, config.model.concurrency) == (0.05, (1, 3))
+
+
+def test_tool_flags_map_to_the_config_and_refuse_segmentation_flags(tmp_path: Path) -> None:
+    config = config_from_args(parse("--input", "in", "--output", "out", "--tool", "get-modality", "-n"))
+    assert config.tool is not None
+    assert (config.tool.name, config.tool.normalized_intensities) == ("get-modality", True)
+    job = tmp_path / "job.yaml"
+    job.write_text("input: in\noutput: out\ntool: {name: get-phase}\n")
+    assert config_from_args(parse("--config", str(job))).tool == ToolRequest(name="get-phase")
+    with pytest.raises(InvalidOptionError, match="leave out fast"):
+        config_from_args(parse("--config", str(job), "--fast"))
 
 
 def test_flags_override_the_config_file(tmp_path: Path) -> None:
