@@ -8,6 +8,7 @@ whole-object PUT, which readers see entirely or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -82,6 +83,11 @@ def join(location: str, *names: str) -> str:
     """Join path components onto a path or URI with '/'."""
     base = str(location).rstrip("/")
     return "/".join([base, *names])
+
+
+def base_name(location: str) -> str:
+    """The last component of a path or URI: a file's name, or a folder's own name."""
+    return posixpath.basename(str(location).rstrip("/"))
 
 
 def parent(location: str) -> str:
@@ -164,6 +170,13 @@ def move_all(fs: Any, moves: Sequence[tuple[str, str]], retry: RetryPolicy) -> N
     with ThreadPoolExecutor(max_workers=_MOVE_THREADS, thread_name_prefix="raytseg-commit") as pool:
         for done in [pool.submit(move, src, dst) for src, dst in moves]:
             done.result()
+
+
+def remove_files(fs: Any, paths: Sequence[str]) -> None:
+    """Delete files (``fs`` paths); one already gone is no error (a repeated clean-up)."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
 
 
 def remove_tree(location: str) -> None:

@@ -15,7 +15,6 @@ the same keys with the same bytes and never duplicates anything.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -54,12 +53,12 @@ class OutputStore:
         fs, final = storage.fs_and_path(item_dir)
         _, source = storage.fs_and_path(staged)
         marker_path = storage.join(final, MARKER_NAME)
-        self._call(lambda: _remove(fs, [marker_path]), f"Unmarking {item_dir}")
+        self._call(lambda: storage.remove_files(fs, [marker_path]), f"Unmarking {item_dir}")
         existing = self._call(lambda: _files_under(fs, final), f"Listing {item_dir}")
         stale = sorted(existing - {storage.join(final, name) for name in names})
         if stale:
             log.info("Removing %d stale file(s) from %s", len(stale), item_dir)
-            self._call(lambda: _remove(fs, stale), f"Cleaning {item_dir}")
+            self._call(lambda: storage.remove_files(fs, stale), f"Cleaning {item_dir}")
         storage.make_dirs(item_dir)
         moves = [(storage.join(source, n), storage.join(final, n)) for n in names]
         storage.move_all(fs, moves, self.retry)  # the first failure is raised: no marker then
@@ -102,12 +101,6 @@ def _files_under(fs: Any, folder: str) -> set[str]:
         return {str(p) for p in fs.find(folder)}
     except FileNotFoundError:
         return set()
-
-
-def _remove(fs: Any, paths: list[str]) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(path)
 
 
 def _cat_existing(fs: Any, paths: list[str]) -> dict[str, bytes]:

@@ -30,14 +30,13 @@ No Ray here: the job actor (``raytseg.serve.jobs``) calls these functions in a t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from raytseg.retry import OUTAGE_RETRY, RetryPolicy
-from raytseg.storage import filesystem, join, storage_error, write_bytes
+from raytseg.storage import base_name, filesystem, join, remove_files, storage_error, write_bytes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,7 +118,7 @@ class JobStore:
         """Delete these jobs' records and commit markers (retention)."""
         paths = [self._path(folder, f"{i}.json") for i in job_ids for folder in ("jobs", "commits")]
         if paths:
-            self._call(lambda: _remove(self._fs, paths), "deleting old job records")
+            self._call(lambda: remove_files(self._fs, paths), "deleting old job records")
 
     def _read(self, folder: str, job_id: str, what: str) -> bytes | None:
         """``<folder>/<job_id>.json``, or None if there is none (or ``job_id`` is no job id)."""
@@ -142,7 +141,7 @@ class JobStore:
             entries = self._fs.ls(self._path(folder), detail=False, refresh=True)
         except FileNotFoundError:
             return []
-        return [str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        return [base_name(e) for e in entries]
 
     def _owners(self) -> list[int]:
         return [int(n) for n in self._names("owners") if _OWNER.match(n)]
@@ -165,9 +164,3 @@ class JobStore:
                 f"The job store {self.location} failed while {what} ({exc}). "
                 "Check that it is reachable and writable (jobs.store)."
             ) from exc
-
-
-def _remove(fs: Any, paths: list[str]) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(path)
