@@ -155,7 +155,7 @@ def _listed(source: str, output: str, retry: RetryPolicy) -> list[tuple[str, str
         log.info("Ignoring the files directly in %s: they sit beside other inputs.", source)
         found.remove("")
     # DICOM files right under an otherwise empty prefix make it one series, named after it.
-    top_name = posixpath.basename(root.rstrip("/"))
+    top_name = storage.base_name(root)
     return [(item_id_from_path(rel or top_name), _location(source, rel)) for rel in found]
 
 
@@ -243,10 +243,7 @@ def _manifest_items(manifest: str, output: str, retry: RetryPolicy) -> Iterator[
             raise BatchInputError(f"{where}: input_uri is empty. Every row needs the input's location.")
         source = _resolve(base, source)
         given_id = _text(row.get("id"))
-        if given_id:
-            item_id = check_item_id(given_id, where)
-        else:
-            item_id = item_id_from_path(posixpath.basename(source.rstrip("/")))
+        item_id = check_item_id(given_id, where) if given_id else item_id_from_path(storage.base_name(source))
         out = _text(row.get("output"))
         item_output = _resolve(output, out) if out else storage.join(output, item_id)
         yield WorkItem(item_id, source, item_output, _text(row.get("task")) or None)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from raytseg import dicomweb
+from raytseg import dicomweb, storage
 from raytseg.batch.commit import OutputStore
 from raytseg.batch.config import BatchConfig
 from raytseg.batch.inputs import WorkItem
@@ -55,7 +55,7 @@ from raytseg.pipeline.records import (
     TaskChoice,
     Volume,
 )
-from raytseg.pipeline.tools import ToolRequest, answer_of
+from raytseg.pipeline.tools import ToolRequest, answer_of, run_label
 from raytseg.retry import RetryPolicy
 from raytseg.tasks import ModelSpec
 
@@ -109,8 +109,7 @@ class JobSpec:
 
     def label_for(self, item: WorkItem) -> str:
         """What the item is asked to run: its task, or the job's tool."""
-        tool = self.config.tool
-        return (item.task or self.config.task) if tool is None else tool.name
+        return run_label(item.task or self.config.task, self.config.tool)
 
     def fingerprint(self, item: WorkItem) -> str:
         """Identifies what the outputs depend on, to tell a complete item from a stale one."""
@@ -153,7 +152,7 @@ class ItemState:
     @property
     def label(self) -> str:
         """What the item runs: its task, or the tool's name."""
-        return self.options.task if self.tool is None else self.tool.name
+        return run_label(self.options.task, self.tool)
 
     @property
     def awaits_tool(self) -> bool:
@@ -303,7 +302,7 @@ def _write(state: ItemState, job: JobSpec, seg: Segmentation) -> None:
     state.timings["write"] = time.perf_counter() - started  # the marker records it without the commit
     # Files are committed from the staging folder; instances stored on a DICOMweb server are
     # there already (the write returned once the server had accepted them).
-    names = [loc.rstrip("/").rsplit("/", 1)[-1] for loc in written if not dicomweb.is_dicomweb(loc)]
+    names = [storage.base_name(loc) for loc in written if not dicomweb.is_dicomweb(loc)]
     stored = [loc for loc in written if dicomweb.is_dicomweb(loc)]
     result = _ok_result(state, seg, names, stored)
     result = dataclasses.replace(result, report=_report(state, job, seg, result.outputs))
@@ -312,15 +311,14 @@ def _write(state: ItemState, job: JobSpec, seg: Segmentation) -> None:
 
 def _write_answer(state: ItemState, job: JobSpec) -> None:
     """The tool's JSON file, staged and committed like a segmentation's files."""
-    from raytseg.storage import join, write_bytes
-
     assert state.tool is not None
     assert state.answer is not None
     name, answer, started = state.tool.file_name, state.answer, time.perf_counter()
     staged = job.outputs().staging_dir(state.item.id, state.attempt)
-    job.retry.call(lambda: write_bytes(join(staged, name), answer), f"Writing {state.item.id}")
+    file = storage.join(staged, name)
+    job.retry.call(lambda: storage.write_bytes(file, answer), f"Writing {state.item.id}")
     state.timings["write"] = time.perf_counter() - started
-    outputs = (join(state.item.output, name),)
+    outputs = (storage.join(state.item.output, name),)
     _commit(
         state,
         job,
@@ -380,7 +378,6 @@ def _guarded(state: ItemState, job: JobSpec, step: Callable[[], None]) -> None:
 
 
 def _ok_result(state: ItemState, seg: Segmentation, names: list[str], stored: list[str]) -> ItemResult:
-    from raytseg import storage
     from raytseg.pipeline.stats import statistics_json
 
     return _result(

@@ -61,6 +61,12 @@ class ToolRequest(BaseModel):
         return (ROI_SEGMENTATION,) if self.normalized_intensities else ()
 
 
+def run_label(task: str, tool: ToolRequest | None) -> str:
+    """What a run is called in results, records and metrics' task tag: its task, or the
+    tool's name."""
+    return task if tool is None else tool.name
+
+
 def answer_of(tool: ToolRequest, volume: Volume, segment: Segment | None) -> bytes:
     """The tool's JSON file for ``volume``; ``segment`` runs the segmentations it needs
     (None: the tool needs none, ``tool.segmentations`` is empty)."""

@@ -130,12 +130,11 @@ class Flow:
         self, source: str, tool: ToolRequest, output: str, entrypoint: Entrypoint
     ) -> Delivered:
         """A tool job: its answer written to ``output``, one JSON file written whole."""
-        from raytseg.storage import write_bytes
+        from raytseg.storage import base_name, write_bytes
 
         answer = await self.answer(source, tool, entrypoint)
         await asyncio.to_thread(write_bytes, output, answer)
-        name = output.rstrip("/").rsplit("/", 1)[-1]
-        return Delivered(answer, "application/json", name, written=(output,), task=tool.name)
+        return Delivered(answer, "application/json", base_name(output), written=(output,), task=tool.name)
 
     async def _modality(self, source: bytes | str, normalized: bool, entrypoint: Entrypoint) -> ModalityGuess:
         """``get-modality``: the intensity classifier, or with ``normalized`` the ROI one."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import posixpath
 import uuid
 from typing import Any
 
@@ -48,7 +47,8 @@ class Staging(BaseModel):
         final = storage.parent(output) if files is None else target_folder(files, output)
         root = storage.join(final, STAGING_NAME, f"{job_id}-{uuid.uuid4().hex[:8]}")
         named = output != final
-        return cls(root=root, final=final, output=storage.join(root, _name(output)) if named else root)
+        inside = storage.join(root, storage.base_name(output)) if named else root
+        return cls(root=root, final=final, output=inside)
 
     def final_location(self, written: str) -> str:
         """Where a file the run wrote ends up (a location outside the staging: unchanged)."""
@@ -94,7 +94,3 @@ def drop(staging: Staging) -> None:
     if not storage.is_uri(staging.root):
         with contextlib.suppress(OSError):  # not empty: another run of this folder stages there
             storage.local_path(storage.parent(staging.root)).rmdir()
-
-
-def _name(location: str) -> str:
-    return posixpath.basename(location.rstrip("/"))

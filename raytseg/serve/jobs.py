@@ -50,7 +50,7 @@ from raytseg.errors import (
 )
 from raytseg.metrics import recorder
 from raytseg.pipeline.records import OutputOptions, SegmentOptions
-from raytseg.pipeline.tools import ToolRequest
+from raytseg.pipeline.tools import ToolRequest, run_label
 from raytseg.serve import jobcommit
 from raytseg.serve.config import JobsSpec, ServeConfig
 from raytseg.serve.errors import as_raytseg_error
@@ -91,7 +91,7 @@ class JobSpec(BaseModel):
     @property
     def label(self) -> str:
         """What the job runs: the task, or the tool's name (its metrics' task tag)."""
-        return self.options.task if self.tool is None else self.tool.name
+        return run_label(self.options.task, self.tool)
 
 
 @dataclass(frozen=True)

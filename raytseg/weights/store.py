@@ -266,7 +266,7 @@ class WeightsStore:
         remote_dataset = self._remote_dataset(fs, base, spec)
         remote_trainer = f"{remote_dataset}/{spec.trainer_folder}"
         folds = _remote_folds(fs, remote_trainer, spec)
-        local_trainer = self.root / remote_dataset.rstrip("/").rsplit("/", 1)[-1] / spec.trainer_folder
+        local_trainer = self.root / storage.base_name(remote_dataset) / spec.trainer_folder
         if not local_trainer.is_dir():
             files = [PLANS_FILE, DATASET_FILE, *(f"{fold}/{CHECKPOINT_FILE}" for fold in folds)]
             self._copy_atomically(fs, remote_trainer, files, local_trainer)
