@@ -105,8 +105,16 @@ install_runtime_venv() {
   fi
   rm -rf "$venv"
   "${PYTHON:-python3}" -m venv "$venv"
-  # The same command as the README and the Dockerfile, with the venv's python first on PATH.
-  PATH="$venv/bin:$PATH" scripts/install-runtime.sh
+  # The same command as the README and the Dockerfile, with the venv's python first on PATH,
+  # run in a copy of what the Dockerfile copies (its COPY sources): building raytseg writes
+  # build/ and raytseg.egg-info into its source folder, where scripts/setup-env.sh may be
+  # writing at the same time (scripts/test.sh runs both at once).
+  local context
+  context=$(mktemp -d)
+  # shellcheck disable=SC2046 # the sources are words: every COPY argument but the target
+  cp -r --parents $(awk '$1 == "COPY" { $1 = ""; $NF = ""; print }' Dockerfile) "$context"/
+  (cd "$context" && PATH="$venv/bin:$PATH" scripts/install-runtime.sh)
+  rm -rf "$context"
   echo "$stamp" >"$venv/.stamp"
 }
 

@@ -5,15 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .cache
 # The reference env and the CI tools (helm, prometheus, the image's install step, ...) do
-# not need .venv, so they are set up in the background (minutes saved on a fresh machine);
-# their logs are printed once they are done. The CI tools wait for setup-env: both build
-# raytseg from this folder, and setuptools writes raytseg.egg-info here.
+# not need .venv, so they are set up in the background, all three at once (minutes saved on
+# a fresh machine); their logs are printed once they are done.
 scripts/setup-reference-env.sh >.cache/setup-reference.log 2>&1 &
 reference_pid=$!
-setup_ok=1
-scripts/setup-env.sh || setup_ok=0
 scripts/setup-ci-tools.sh >.cache/setup-ci-tools.log 2>&1 &
 tools_pid=$!
+setup_ok=1
+scripts/setup-env.sh || setup_ok=0
 lint_ok=1
 if [[ $setup_ok == 1 ]]; then
   .venv/bin/ruff check raytseg tests tools bench || lint_ok=0

@@ -58,6 +58,8 @@ def test_install_step_is_the_readmes_command(steps: list[tuple[str, str]]) -> No
 def test_ci_runs_the_same_install(steps: list[tuple[str, str]]) -> None:
     setup = (REPO / "scripts" / "setup-ci-tools.sh").read_text()
     assert 'PATH="$venv/bin:$PATH" scripts/install-runtime.sh' in setup
+    # in a copy of the image's build context: the Dockerfile's COPY sources
+    assert """awk '$1 == "COPY" { $1 = ""; $NF = ""; print }' Dockerfile""" in setup
     assert "scripts/setup-ci-tools.sh" in (REPO / "scripts" / "test.sh").read_text()
 
 
