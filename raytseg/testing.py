@@ -95,9 +95,13 @@ def seg_masks(data: bytes, affine: np.ndarray, shape: tuple[int, ...]) -> dict[s
     pixels = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
     masks = {name: np.zeros(shape, dtype=bool) for name in names.values()}
     to_voxel = np.linalg.inv(affine) @ _LPS_TO_RAS
+    voxels_at: dict[tuple[float, ...], np.ndarray] = {}  # frames of one plane share it
     for frame, item in zip(pixels, ds.PerFrameFunctionalGroupsSequence, strict=True):
-        lps = _pixel_positions(ds, item.PlanePositionSequence[0].ImagePositionPatient)
-        voxels = np.rint(lps @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(int)
+        position = tuple(float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient)
+        if position not in voxels_at:
+            lps = _pixel_positions(ds, position)
+            voxels_at[position] = np.rint(lps @ to_voxel[:3, :3].T + to_voxel[:3, 3]).astype(int)
+        voxels = voxels_at[position]
         if "SegmentIdentificationSequence" in item:  # BINARY: one segment per frame
             hits = {int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber): frame > 0}
         else:  # LABELMAP: pixel values are segment numbers

@@ -87,7 +87,7 @@ def test_bucket_job_matches_segment_and_reports_every_item(
         assert not [name for name in written if name.startswith(f"{item}/")]
 
 
-def test_csv_manifest_multilabel_statistics_with_a_crop_pass(
+def test_csv_manifest_statistics_and_radiomics_with_a_crop_pass(
     s3: Any,
     upload: Callable[..., str],
     s3_prefix: str,
@@ -110,7 +110,7 @@ def test_csv_manifest_multilabel_statistics_with_a_crop_pass(
         fast=True,
         roi_subset=("kidney_left", "trachea"),  # a crop pass with the 6 mm model first
         statistics=True,
-        ml=True,
+        radiomics=True,  # reads the voxels again after the model stage
         device="cpu",
     )
     report = run_batch(config)
@@ -118,13 +118,19 @@ def test_csv_manifest_multilabel_statistics_with_a_crop_pass(
     assert [(r.id, r.status) for r in report.results] == [("case-1", "ok"), ("case-2", "ok")]
     written = s3_files(output)
     rows = {row["id"]: row for row in read_table(written["_results.parquet"])}
-    flags = ("--fast", "-rs", "kidney_left", "trachea", "-s")
+    flags = ("--fast", "-rs", "kidney_left", "trachea", "-s", "-r")
     for item, name in (("case-1", "ct_small.nii.gz"), ("case-2", "dicom_series.zip")):
-        expected = local_files(reference_outputs(name, *flags, ml=True))
-        assert sorted(expected) == ["segmentation.nii.gz", "statistics.json"]
+        expected = local_files(reference_outputs(name, *flags))
+        assert sorted(expected) == [
+            "kidney_left.nii.gz",
+            "statistics.json",
+            "statistics_radiomics.json",
+            "trachea.nii.gz",
+        ]
         assert_same_files(item_files(written, item), expected, item)
         assert json.loads(rows[item]["statistics"]) == json.loads(expected["statistics.json"])
         assert sorted(json.loads(expected["statistics.json"])) == ["kidney_left", "trachea"]
+        assert sorted(json.loads(expected["statistics_radiomics.json"])) == ["kidney_left", "trachea"]
 
 
 def test_parquet_manifest_with_per_row_task_and_output(
@@ -151,9 +157,7 @@ def test_parquet_manifest_with_per_row_task_and_output(
     pq.write_table(table, sink)
     s3.pipe_file(f"{s3_prefix}/manifest.parquet", sink.getvalue())
     output = f"s3://{s3_prefix}/out"
-    config = BatchConfig(
-        input=f"{base}/manifest.parquet", output=output, fast=True, radiomics=True, device="cpu"
-    )
+    config = BatchConfig(input=f"{base}/manifest.parquet", output=output, fast=True, device="cpu")
     report = run_batch(config)
 
     assert [(r.id, r.task, r.status, r.output) for r in report.results] == [
@@ -161,17 +165,11 @@ def test_parquet_manifest_with_per_row_task_and_output(
         ("mr_small", "total", "ok", f"{output}/mr_small"),
     ]
     written = s3_files(output)
-    body = local_files(reference_outputs("ct_small.nii.gz", "--fast", "-ta", "body", "-r"))
-    # The derived masks and radiomics need the voxels after the model stage.
-    assert {"body.nii.gz", "skin.nii.gz", "statistics_radiomics.json"} <= set(body)
-    assert sorted(json.loads(body["statistics_radiomics.json"])) == [
-        "body",
-        "body_extremities",
-        "body_trunc",
-        "skin",
-    ]
+    body = local_files(reference_outputs("ct_small.nii.gz", "--fast", "-ta", "body"))
+    # The derived masks need the voxels after the model stage.
+    assert {"body.nii.gz", "skin.nii.gz"} <= set(body)
     assert_same_files(item_files(written, "bodies/ct"), body, "ct_small (body)")
-    total = local_files(reference_outputs("mr_small.nii.gz", "--fast", "-r"))
+    total = local_files(reference_outputs("mr_small.nii.gz", "--fast"))
     assert_same_files(item_files(written, "mr_small"), total, "mr_small")
 
 

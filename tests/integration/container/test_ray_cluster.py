@@ -389,6 +389,11 @@ def scrape_configs(cluster: Cluster, monitor: dict[str, Any]) -> list[dict[str, 
     return jobs
 
 
+def _seconds(duration: str) -> float:
+    """A Prometheus duration of seconds or minutes ("5s", "1m") in seconds."""
+    return float(duration[:-1]) * {"s": 1, "m": 60}[duration[-1]]
+
+
 def test_prometheus_scrapes_the_pods_as_the_podmonitors_say(
     running: Cluster, chart: ModuleType, prometheus_binary: str, tmp_path: Path
 ) -> None:
@@ -403,7 +408,8 @@ def test_prometheus_scrapes_the_pods_as_the_podmonitors_say(
         wait_until(lambda: sum(float(s["value"][1]) for s in prometheus.query(up)) == 3, 60, "3 pods up")
         requests = f'sum(ray_raytseg_requests_total{{ray_io_cluster="{running.name}"}})'
         wait_until(lambda: prometheus.value(requests) >= 2, 60, "raytseg's counter")
-        time.sleep(31)  # two 15 s scrapes: rate() over the dashboard's 1m has two points
+        interval = max(_seconds(job["scrape_interval"]) for job in config["scrape_configs"])
+        time.sleep(2 * interval + 1)  # two more scrapes: rate() over the dashboard's 1m has two points
         variables = {**VARIABLES, "$cluster": running.name}
         dashboard = json.loads(chart.DASHBOARD.read_text())
         panels = [p for p in dashboard["panels"] if p["title"] in PANELS_WITH_DATA]
