@@ -52,7 +52,7 @@ class FakeNetwork:
         full = np.zeros(geometry.shape_before_cropping, dtype=np.uint8)
         full[tuple(slice(lo, hi) for lo, hi in geometry.bbox_used_for_cropping)] = labels
         canonical = from_network(full.transpose(self.transpose_backward))
-        return NetworkOutput(self.key, item.chunk, np.ascontiguousarray(canonical))
+        return NetworkOutput(self.key, item.chunk, np.ascontiguousarray(canonical), backend="fake")
 
 
 def fake_networks(absent: Collection[str] = ()) -> Callable[[ModelSpec, ModelPlans], FakeNetwork]:

@@ -14,7 +14,7 @@ over replicas and the batch job over Ray Data steps; none of them decides what c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +47,7 @@ class Region:
     keep_inside_dilation_mm: float = 0.0  # ... dilated by this much
     refine_inside: np.ndarray | None = None  # keep labels, dilated by ..., inside this mask
     refine_dilation_mm: float = 0.0
+    found_by: dict[str, str] = field(default_factory=dict)  # the crop pass's backends, by model
 
 
 def prepare(
@@ -102,6 +103,7 @@ def finish(  # noqa: PLR0913 - the records of one pass, plus where to resample
         task=plan.main.task,
         statistics=_statistics(volume, seg, step, model_grid),
         probabilities=_kept_probabilities(outputs, prepared),
+        backends={**region.found_by, **{out.model_key: out.backend for out in outputs}},
     )
     return renumber(answer, plan.renumbering)
 
@@ -137,8 +139,8 @@ def after_pass(
         return seg
     region = find_region(volume, step.feeds, seg)
     if region is None:
-        return empty_segmentation(volume, passes[-1])
-    return region
+        return replace(empty_segmentation(volume, passes[-1]), backends=seg.backends)
+    return replace(region, found_by=seg.backends)
 
 
 def find_region(volume: Volume, crop: CropPass, found: Segmentation) -> Region | None:

@@ -324,6 +324,7 @@ class NetworkOutput:
     chunk: int
     labels: np.ndarray  # uint8 (i, j, k) of the resampled canonical chunk; model-local ids
     probabilities: np.ndarray | None = None  # float32 (classes, z, y, x) when the input asked (-sp)
+    backend: str = "torch"  # what computed it (pipeline.backends: torch, openvino)
 
 
 @dataclass(frozen=True)
@@ -398,6 +399,7 @@ class Segmentation:
     timings: dict[str, float] = field(default_factory=dict)
     probabilities: Probabilities | None = None  # -sp
     task_choice: TaskChoice | None = None  # task=auto's decision
+    backends: dict[str, str] = field(default_factory=dict)  # model key -> what ran it, every pass
 
     def to_nifti(self, *, with_label_table: bool = True) -> nib.Nifti1Image:
         """The multilabel image; with TotalSegmentator's XML label table when asked."""

@@ -1,9 +1,10 @@
 """The run report: TotalSegmentator 2.18's ``--report`` JSON, with raytseg's additions.
 
 TotalSegmentator's keys, in its order and meaning (``python_api.build_run_report``), then
-``raytseg_version``, ``timings`` (seconds per stage), ``outputs`` (every location
-written, DICOMweb instances included) and, for task ``auto``, ``task_choice`` (the task
-chosen, the modality and the reason). ``totalsegmentator_version`` is the installed
+``raytseg_version``, ``timings`` (seconds per stage), ``backends`` (what ran each network,
+torch or openvino, by model key), ``outputs`` (every location written, DICOMweb instances
+included) and, for task ``auto``, ``task_choice`` (the task chosen, the modality and the
+reason). ``totalsegmentator_version`` is the installed
 TotalSegmentator package whose data files raytseg reads (None without one): raytseg does
 not run TotalSegmentator.
 Written by ``raytseg segment --report``, returned in a job's record, stored per item in a
@@ -12,6 +13,7 @@ batch's results table.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import posixpath
@@ -36,6 +38,7 @@ class ReportedRun:
     runtime_s: float
     timings: Mapping[str, float]
     task_choice: TaskChoice | None = None  # what task auto chose, and why
+    backends: Mapping[str, str] = dataclasses.field(default_factory=dict)  # model key -> backend
 
     @classmethod
     def of(
@@ -45,7 +48,13 @@ class ReportedRun:
         device, written, runtime_s."""
         ran = options.model_copy(update={"task": seg.task})
         return cls(
-            *request, ran, classes=seg.label_map, timings=seg.timings, task_choice=seg.task_choice, **run
+            *request,
+            ran,
+            classes=seg.label_map,
+            timings=seg.timings,
+            task_choice=seg.task_choice,
+            backends=seg.backends,
+            **run,
         )
 
 
@@ -79,6 +88,7 @@ def run_report(run: ReportedRun) -> dict[str, Any]:
         "output_files": _nifti_names(run),
         "raytseg_version": __version__,
         "timings": {stage: round(seconds, 3) for stage, seconds in run.timings.items()},
+        "backends": dict(run.backends),
         "outputs": list(run.written),
         **chosen,
     }

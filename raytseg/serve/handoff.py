@@ -96,6 +96,7 @@ class Delivered:
     task: str = ""  # the task that ran, and the classes it reports (for a job's run report)
     classes: dict[int, str] = dataclasses.field(default_factory=dict)
     task_choice: TaskChoice | None = None  # what task auto chose, and why
+    backends: dict[str, str] = dataclasses.field(default_factory=dict)  # what ran each network
 
 
 def own_arrays(record: T) -> T:

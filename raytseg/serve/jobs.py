@@ -160,6 +160,7 @@ class JobRecord(BaseModel):
             runtime_s=time.time() - (self.started_at or self.created_at),
             timings={},
             task_choice=delivered.task_choice,
+            backends=delivered.backends,
         )
         return {"outputs": delivered.written, "report": run_report(run)}
 

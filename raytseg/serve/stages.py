@@ -177,7 +177,14 @@ def _deliver(seg: Segmentation, volume: Volume, delivery: Delivery) -> Delivered
     if delivery.output is not None:
         written = write_segmentation(seg, volume, delivery.output, delivery.files)
         return Delivered(
-            None, "application/json", "", tuple(written), seg.statistics, seg.task, dict(seg.label_map)
+            None,
+            "application/json",
+            "",
+            tuple(written),
+            seg.statistics,
+            seg.task,
+            dict(seg.label_map),
+            backends=seg.backends,
         )
     files = list(output_files(seg, volume, delivery.files))
     if len(files) == 1 and files[0][0] in SINGLE_FILE_TYPES:

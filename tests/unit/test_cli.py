@@ -51,6 +51,7 @@ def test_segment_writes_every_class_statistics_and_preview(tmp_path: Path) -> No
     assert run["output_files"] == masks
     assert len(run["outputs"]) == 117 + 2  # the masks, statistics.json, the preview
     assert set(run["timings"]) == {"preprocess", "model", "postprocess", "total"}
+    assert list(run["backends"].values()) == ["torch"]  # auto on a CPU
     assert {"statistics.json", "preview_total.png", "liver.nii.gz"} <= names
     liver = nib.load(out / "liver.nii.gz")
     assert liver.shape == nib.load(CT).shape
@@ -346,10 +347,12 @@ def test_v1_order_per_class_files_are_totalsegmentator_1s_classes(tmp_path: Path
 def test_backend_openvino_from_the_cli_and_the_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("openvino")
     monkeypatch.setenv("RAYTSEG_CACHE_DIR", str(tmp_path / "cache"))
-    out = tmp_path / "ov.nii.gz"
+    out, report = tmp_path / "ov.nii.gz", tmp_path / "report.json"
     args = ["-i", str(CT), "-o", str(out), "--fast", "--ml", "-d", "cpu", "-q", "--backend", "openvino"]
-    assert main(["segment", *args]) == 0
+    assert main(["segment", *args, "-rp", str(report)]) == 0
     assert len(list((tmp_path / "cache" / "openvino").iterdir())) == 1  # converted once, cached
+    [(model, backend)] = json.loads(report.read_text())["backends"].items()
+    assert (model.split("/")[0], backend) == ("297", "openvino")
     ours = np.asarray(nib.load(out).dataobj)
     api = raytseg.segment(str(CT), fast=True, device="cpu", backend="openvino")
     assert isinstance(api, nib.Nifti1Image)

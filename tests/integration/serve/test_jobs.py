@@ -46,6 +46,7 @@ def test_job_writes_a_local_output(
     run = record["report"]
     assert (run["task"], run["device"], run["fast"], run["num_classes"]) == ("total", "cpu", True, 117)
     assert (run["input"], run["output"], run["outputs"]) == (str(job_input), str(out), record["outputs"])
+    assert list(run["backends"].values()) == ["torch"]  # the model replica's
     assert (out / "segmentation.nii.gz").read_bytes() == reference(
         ct, SegmentOptions(task="total", fast=True)
     )

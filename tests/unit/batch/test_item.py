@@ -241,6 +241,7 @@ def test_task_auto_items_run_and_report_the_segmenters_choice(tmp_path: Path) ->
         assert (result.status, result.task) == ("ok", choice.task), result.error_message
         report = json.loads(result.report or "{}")
         assert (report["task"], report["task_choice"]) == (choice.task, choice.to_dict())
+        assert set(report["backends"].values()) == {"torch"}  # the model stage's, by model
     assert "ROI classifier" in choice.reason  # the MR, last: its minimum is -47
 
 

@@ -20,11 +20,14 @@ def _volume() -> Volume:
     return Volume(np.asarray(image.dataobj), AFFINE, image.header)
 
 
+CROP_BACKENDS = {"298/nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres": "openvino"}
+
+
 def _found(step: Pass, labels: np.ndarray) -> Segmentation:
     """A crop pass's output with these labels."""
     header = nib.Nifti1Image(labels, AFFINE).header
     classes = dict(step.plan.output_classes)
-    return Segmentation(labels, AFFINE, header, classes, step.plan.main.task)
+    return Segmentation(labels, AFFINE, header, classes, step.plan.main.task, backends=CROP_BACKENDS)
 
 
 def _roi_request() -> tuple[Pass, ...]:
@@ -48,6 +51,7 @@ def test_a_crop_pass_gives_the_box_of_its_rois_plus_the_margin() -> None:
     labels[0:2, 0:2, 0:2] = liver + 1  # another class: not part of the region
     following = after_pass(_volume(), steps, 0, _found(crop, labels))
     assert isinstance(following, Region)
+    assert following.found_by == CROP_BACKENDS  # the main pass's segmentation reports them too
     margin = round(20 / 1.5)  # the default crop margin, 20 mm, in 1.5 mm voxels
     assert following.box == (
         (max(10 - margin, 0), min(20 + margin, SHAPE[0])),
@@ -66,6 +70,7 @@ def test_an_empty_crop_region_answers_zeros_for_the_main_pass() -> None:
     main = steps[-1]
     assert following.task == main.plan.main.task
     assert following.label_map == dict(main.plan.output_classes)  # the roi_subset classes
+    assert following.backends == CROP_BACKENDS  # the only networks that ran
     assert following.statistics is not None  # the request asked for statistics
     assert set(following.statistics) == {"liver"}
 
