@@ -165,7 +165,7 @@ class LoadedModel:
         except RuntimeError as exc:
             raise ModelError(f"Model {self.key} failed: {exc}") from exc
         labels = np.ascontiguousarray(from_network(seg).astype(np.uint8, copy=False))
-        return NetworkOutput(self.key, item.chunk, labels, probabilities, self.backend)
+        return NetworkOutput(self.key, item.chunk, labels, probabilities, backend=self.backend)
 
     def _lean_logits(self, data: torch.Tensor) -> torch.Tensor:
         from raytseg.pipeline import sliding_window

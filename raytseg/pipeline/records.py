@@ -324,7 +324,9 @@ class NetworkOutput:
     chunk: int
     labels: np.ndarray  # uint8 (i, j, k) of the resampled canonical chunk; model-local ids
     probabilities: np.ndarray | None = None  # float32 (classes, z, y, x) when the input asked (-sp)
-    backend: str = "torch"  # what computed it (pipeline.backends: torch, openvino)
+    # What computed it (pipeline.backends: torch, openvino); no default, so that a new
+    # network kind cannot be reported as torch by omission.
+    backend: str = field(kw_only=True)
 
 
 @dataclass(frozen=True)
