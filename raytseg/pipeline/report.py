@@ -4,9 +4,8 @@ TotalSegmentator's keys, in its order and meaning (``python_api.build_run_report
 ``raytseg_version``, ``timings`` (seconds per stage), ``backends`` (what ran each network,
 torch or openvino, by model key), ``outputs`` (every location written, DICOMweb instances
 included) and, for task ``auto``, ``task_choice`` (the task chosen, the modality and the
-reason). ``totalsegmentator_version`` is the installed
-TotalSegmentator package whose data files raytseg reads (None without one): raytseg does
-not run TotalSegmentator.
+reason). ``totalsegmentator_version`` is the installed TotalSegmentator package whose data
+files raytseg reads (None without one): raytseg does not run TotalSegmentator.
 Written by ``raytseg segment --report``, returned in a job's record, stored per item in a
 batch's results table.
 """
