@@ -4,7 +4,9 @@ On the realistic CT (``make_realistic_ct.py``: 469 x 388 x 224 at 0.78 x 0.78 x 
 realistic-size synthetic ``total --fast`` weights, all on this machine's CPUs:
 
 - bare network: the model stage alone (``LoadedModel.predict``: sliding window + argmax),
-  and nnU-Net's own ``predict_sliding_window_return_logits``, on the preprocessed input;
+  and the sliding window alone on the preprocessed input (torch: nnU-Net's own
+  ``predict_sliding_window_return_logits``; openvino: the lean window with the converted
+  network);
 - in-process: ``load_volume(bytes)`` + ``Segmenter.segment`` + ``multilabel_nifti_bytes``,
   i.e. everything the service does for a request except HTTP and Ray;
 - service: ``POST /v1/segment?fast=true`` on a local Ray (one replica per deployment,
@@ -16,6 +18,10 @@ the service idle during the in-process runs, so a change in the machine's load (
 shared) affects all three alike. The service's per-call times come from Serve's access logs.
 
     .venv/bin/python bench/serve_bench.py [--repeat 3] [--per-client 2] [--json out.json]
+        [--backend torch|openvino]
+
+``--backend`` runs the in-process pipeline and the model replica with that backend
+(openvino's converted models are cached in ``bench/out/backend-cache``, as backend_bench).
 
 Prints JSON and a Markdown table. Takes ~10 min on 2 cores.
 """
@@ -68,7 +74,7 @@ def timed(fn: Any, repeat: int) -> list[float]:
 class InProcess:
     """The pipeline in this process, and the bare network on its preprocessed input."""
 
-    def __init__(self, data: bytes, weights: Path) -> None:
+    def __init__(self, data: bytes, weights: Path, backend: str) -> None:
         from raytseg.config import Settings
         from raytseg.pipeline.load import LoadLimits, load_volume
         from raytseg.pipeline.model import configure_torch, select_device
@@ -79,7 +85,7 @@ class InProcess:
         from raytseg.weights.store import WeightsStore
 
         settings = Settings.from_env({**os.environ, "RAYTSEG_WEIGHTS": str(weights)})
-        self.segmenter = Segmenter(WeightsStore(settings), select_device("cpu"))
+        self.segmenter = Segmenter(WeightsStore(settings), select_device("cpu"), backend=backend)
         configure_torch(self.segmenter.device)
         self.data, self.options = data, SegmentOptions(fast=True)
         self.limits = LoadLimits.from_settings(settings)
@@ -101,17 +107,24 @@ class InProcess:
         """The model stage alone: sliding window + argmax (``LoadedModel.predict``)."""
         self.model.predict(self.item)
 
-    def nnunet_window(self) -> None:
-        """nnU-Net's own sliding window (logits only), as core_bench measures it."""
+    def window(self) -> None:
+        """The sliding window alone (logits only), as core_bench and backend_bench measure it."""
         import torch
 
-        predictor = self.model._predictor
+        from raytseg.pipeline import sliding_window
+
+        predictor, openvino = self.model._predictor, self.model._openvino
         predictor.tile_step_size = self.item.step_size
+        data = torch.from_numpy(self.item.data)
         with torch.inference_mode():
-            predictor.predict_sliding_window_return_logits(torch.from_numpy(self.item.data))
+            if openvino is None:
+                predictor.predict_sliding_window_return_logits(data)
+                return
+            with openvino.session() as features:
+                sliding_window.predict_logits(predictor, data, features)
 
 
-def bench_config(weights: Path, **changes: Any) -> Any:
+def bench_config(weights: Path, backend: str = "torch", **changes: Any) -> Any:
     """One replica per deployment, models on the CPU; ``changes`` replace top-level keys."""
     from raytseg.serve.config import load_config
 
@@ -121,7 +134,7 @@ def bench_config(weights: Path, **changes: Any) -> Any:
             "device": "cpu",
             "weights": str(weights),
             "tasks": {"total": {"modes": ["fast"]}},
-            "models": {**one, "num_gpus": 0, "num_cpus": 1},
+            "models": {**one, "num_gpus": 0, "num_cpus": 1, "backend": backend},
             "pool": {"enabled": False, "num_gpus": 0},
             "preprocess": {**one, "num_cpus": 1},
             "postprocess": {**one, "num_cpus": 1},
@@ -133,14 +146,15 @@ def bench_config(weights: Path, **changes: Any) -> Any:
     )
 
 
-def measure(data: bytes, weights: Path, repeat: int, per_client: int) -> dict[str, Any]:
+def measure(data: bytes, weights: Path, backend: str, repeat: int, per_client: int) -> dict[str, Any]:
     """Latencies interleaved (bare, in-process, service, bare, ...) so load changes hit all three."""
     from raytseg.serve.local import start_local, stop_local
 
-    local = InProcess(data, weights)
+    local = InProcess(data, weights, backend)
     reference = local.pipeline()  # warm
     ray_dir = Path(tempfile.mkdtemp(prefix="rsb", dir="/tmp"))  # short: socket paths are limited
-    started = start_local(bench_config(weights), num_cpus=4, log_to_driver=False, _temp_dir=str(ray_dir))
+    config = bench_config(weights, backend)
+    started = start_local(config, num_cpus=4, log_to_driver=False, _temp_dir=str(ray_dir))
     try:
         with httpx.Client(base_url=started.url, timeout=1800) as client:
             ids: list[str] = []
@@ -153,11 +167,11 @@ def measure(data: bytes, weights: Path, repeat: int, per_client: int) -> dict[st
 
             identical = request() == reference  # also warms every replica
             ids.clear()
-            runs: dict[str, list[float]] = {"model_stage_s": [], "nnunet_window_s": [], "pipeline_s": []}
+            runs: dict[str, list[float]] = {"model_stage_s": [], "window_s": [], "pipeline_s": []}
             runs["latency_s"] = []
             for _ in range(repeat):
                 runs["model_stage_s"] += timed(local.model_stage, 1)
-                runs["nnunet_window_s"] += timed(local.nnunet_window, 1)
+                runs["window_s"] += timed(local.window, 1)
                 runs["pipeline_s"] += timed(local.pipeline, 1)
                 runs["latency_s"] += timed(request, 1)
         calls = _replica_calls(ray_dir, ids)
@@ -211,7 +225,7 @@ def _throughput(url: str, data: bytes, clients: int, per_client: int) -> dict[st
 
 def table(results: dict[str, Any]) -> str:
     stage = statistics.median(results["model_stage_s"])
-    window = statistics.median(results["nnunet_window_s"])
+    window = statistics.median(results["window_s"])
     network = min(stage, window)
     pipeline = statistics.median(results["pipeline_s"])
     served = statistics.median(results["latency_s"])
@@ -221,7 +235,7 @@ def table(results: dict[str, Any]) -> str:
         "| measurement | median s | vs bare network | vs in-process |",
         "|---|---|---|---|",
         f"| bare network (model stage) | {stage:.2f} | | |",
-        f"| bare network (nnU-Net sliding window) | {window:.2f} | | |",
+        f"| bare network (sliding window only) | {window:.2f} | | |",
         f"| in-process pipeline | {pipeline:.2f} | {pipeline / network:.2f}x | 1.00x |",
         f"| service, warm, end to end | {served:.2f} | {served / network:.2f}x | {served / pipeline:.2f}x |",
         "",
@@ -241,12 +255,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--per-client", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--backend", choices=("torch", "openvino"), default="torch")
     args = parser.parse_args()
     data = make(OUT / "realistic_ct.nii.gz").read_bytes()
     weights = weights_dir()
+    os.environ["RAYTSEG_CACHE_DIR"] = str(OUT / "backend-cache")  # this process and Ray's workers
     load_before = os.getloadavg()
     results = {
-        **measure(data, weights, args.repeat, args.per_client),
+        **measure(data, weights, args.backend, args.repeat, args.per_client),
+        "backend": args.backend,
         "cpus": os.cpu_count(),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),

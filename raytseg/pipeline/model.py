@@ -138,14 +138,13 @@ class LoadedModel:
             return
         patch = predictor.configuration_manager.patch_size
         self._openvino = conversion.compile(predictor.network, patch, checkpoints)
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self._predictor.network.parameters())
+        _drop_converted_weights(predictor)
 
     def on_device(self) -> bool:
-        """True when every weight of the network sits on ``self.device`` (a replica health check)."""
-        return all(p.device == self.device for p in self._predictor.network.parameters())
+        """True when every weight the network computes with sits on ``self.device`` (a
+        replica health check); weights that openvino computes instead are on no device."""
+        weights = self._predictor.network.parameters()
+        return all(p.device == self.device for p in weights if not p.is_meta)
 
     def predict(self, item: NetworkInput) -> NetworkOutput:
         """Sliding-window prediction of one input; returns labels in canonical voxel order."""
@@ -245,6 +244,17 @@ def _export_with_probabilities(
         return_probabilities=True,
     )
     return seg, np.asarray(probabilities)
+
+
+def _drop_converted_weights(predictor: Any) -> None:
+    """Free the torch weights of what the converted network computes: all but the decoder's
+    output layer, which the lean window applies itself. They are a second copy beside
+    OpenVINO's (0.12 GB for each model of ``total``). Moved to the meta device, they keep
+    their shapes and take no memory."""
+    network = predictor.network
+    for module in (network.encoder, network.decoder.stages, network.decoder.transpconvs):
+        module.to("meta")
+    predictor.list_of_parameters = [network.state_dict()]  # the old views held the weights
 
 
 def _read_checkpoints(files: ModelFiles) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,12 @@ CPU = torch.device("cpu")
 def test_openvino_logits_are_torchs_within_float_rounding(tmp_path: Path) -> None:
     converted = load_fast_model(tmp_path / "weights", tiny=True, conversion=Conversion(tmp_path / "cache"))
     assert converted.backend == "openvino"
-    predictor, openvino = converted._predictor, converted._openvino
+    openvino = converted._openvino
     assert openvino is not None
     data = torch.randn((1, 45, 70, 33), generator=torch.Generator().manual_seed(0))
-    theirs = sliding_window.predict_logits(predictor, data)
+    theirs = sliding_window.predict_logits(load_fast_model(tmp_path / "weights", tiny=True)._predictor, data)
     with openvino.session() as features:
-        ours = sliding_window.predict_logits(predictor, data, features)
+        ours = sliding_window.predict_logits(converted._predictor, data, features)
     assert ours.dtype == theirs.dtype == torch.half
     difference = (ours.float() - theirs.float()).abs()
     # fp32 convolutions summed in another order; a few voxels of this tiny network's
@@ -39,6 +40,19 @@ def test_openvino_logits_are_torchs_within_float_rounding(tmp_path: Path) -> Non
     assert (difference > 1e-2).float().mean().item() < 1e-4
     same = (ours.argmax(0) == theirs.argmax(0)).float().mean().item()
     assert same >= 0.999, f"{same:.4%} of the voxels keep their label"
+
+
+def test_a_converted_model_keeps_only_the_torch_weights_it_computes_with(tmp_path: Path) -> None:
+    converted = load_fast_model(tmp_path / "weights", tiny=True, conversion=Conversion(tmp_path / "cache"))
+    network = converted._predictor.network
+    kept = {name for name, p in network.named_parameters() if not p.is_meta}
+    assert kept
+    assert all(name.startswith("decoder.seg_layers.") for name in kept)
+    # nnU-Net's list of weights holds no copy of the dropped ones either
+    [weights] = converted._predictor.list_of_parameters
+    assert {name for name, t in weights.items() if not t.is_meta} >= kept
+    assert all(t.is_meta for name, t in weights.items() if name.startswith(("encoder.", "decoder.stages.")))
+    assert converted.on_device()  # the health check looks at the weights it computes with
 
 
 def test_a_conversion_is_cached_and_reused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -109,23 +123,38 @@ def test_a_cpu_config_takes_openvino_per_deployment() -> None:
     assert batch.backend == "openvino"
 
 
-def test_openvinos_buffers_are_released_when_the_last_session_ends() -> None:
-    class Compiled:
-        released = 0
+class _Compiled:
+    def create_infer_request(self) -> object:
+        return _Request(self)
 
-        def create_infer_request(self) -> object:
-            return object()
 
-        def release_memory(self) -> None:
-            self.released += 1
+class _Request:
+    def __init__(self, compiled: _Compiled) -> None:
+        self.compiled = compiled  # as OpenVINO's requests keep their compiled network alive
 
-    compiled = Compiled()
-    network = OpenVinoFeatures(compiled)
+
+class _Core:
+    def __init__(self) -> None:
+        self.compiled: list[weakref.ref[_Compiled]] = []
+
+    def compile_model(self, model: object, device: str, config: object) -> _Compiled:
+        compiled = _Compiled()
+        self.compiled.append(weakref.ref(compiled))
+        return compiled
+
+
+def test_the_compiled_network_lives_only_while_a_session_is_open() -> None:
+    core = _Core()
+    network = OpenVinoFeatures(core, object(), {})
     with network.session():
         with network.session():
             pass
-        assert compiled.released == 0  # another predict is still running
-    assert compiled.released == 1
+        [alive] = core.compiled  # both sessions share one compiled network
+        assert alive() is not None  # another predict is still running
+    assert alive() is None  # its buffers and repacked weights are gone
+    with network.session():
+        assert len(core.compiled) == 2  # compiled again for the next window
+    assert core.compiled[1]() is None
 
 
 def test_a_damaged_cached_model_is_converted_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
