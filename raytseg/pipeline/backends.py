@@ -128,8 +128,8 @@ class OpenVinoFeatures:
     its intermediate buffers between inferences (0.95 GB for the 3 mm model), where torch
     frees its activations, and its repacked weights until the compiled network goes (0.4 GB
     for a 1.5 mm model of ``total``, 1.6 GB for the four ``total`` parts that wait while one
-    runs). The price is about 0.2 s per window: compiling takes 0.05-0.09 s, and the first
-    tile repacks the weights (releasing only the buffers cost 0.3-0.4 s of that too).
+    runs). The price, measured against releasing only the buffers: 1.7 % of a window's
+    time (1.1 s of a 1.5 mm model's 66 s; BENCHMARKS.md).
     """
 
     def __init__(self, core: Any, model: Any, config: dict[str, Any]) -> None:
